@@ -1,0 +1,1 @@
+"""Triton kernels of saliq (installed as saliq.kernels): one module per op family."""

@@ -1,0 +1,242 @@
+"""saliq ops: torch.library custom ops with fake (meta) implementations and registered autograd.
+
+Public functions validate their inputs in one place (`validate.py`), then call the `saliq::*` custom ops,
+whose implementations dispatch to a backend (`backends.py`). docs/OPS.md states each contract.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, validate
+from .backends import use_backend  # noqa: F401  (public: saliq.ops.use_backend)
+from .packing import PackedWeight
+from .spec import QuantSpec
+
+_EMPTY = (0,)
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+def _empty_like_device(ref: Tensor) -> Tensor:
+    return ref.new_empty(_EMPTY)
+
+
+# ---------------------------------------------------------------- fake_quant_lwc
+@torch.library.custom_op("saliq::fake_quant_lwc", mutates_args=())
+def _fake_quant_lwc(W: Tensor, hi: Tensor, lo: Tensor, S: Optional[Tensor], delta: Optional[Tensor],
+                    bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    impl = backends.resolve("fake_quant_lwc_fwd", W.device.type, W)
+    return impl(W, hi, lo, S, delta, bits, group_size, symmetric)
+
+
+@_fake_quant_lwc.register_fake
+def _(W, hi, lo, S, delta, bits, group_size, symmetric):
+    return torch.empty_like(W), W.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("saliq::fake_quant_lwc_bwd", mutates_args=())
+def _fake_quant_lwc_bwd(grad_what: Tensor, grad_reg: Tensor, W: Tensor, hi: Tensor, lo: Tensor,
+                        S: Optional[Tensor], delta: Optional[Tensor], bits: int, group_size: int,
+                        symmetric: bool, need_dW: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = backends.resolve("fake_quant_lwc_bwd", W.device.type, W)
+    dW, dhi, dlo, ddelta = impl(grad_what.contiguous(), grad_reg, W, hi, lo, S, delta, bits, group_size,
+                                symmetric, need_dW)
+    return (_empty_like_device(W) if dW is None else dW, dhi, dlo,
+            _empty_like_device(W) if ddelta is None else ddelta)
+
+
+@_fake_quant_lwc_bwd.register_fake
+def _(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric, need_dW):
+    dW = torch.empty_like(W) if need_dW else W.new_empty(_EMPTY)
+    ddelta = torch.empty_like(delta) if (delta is not None) else W.new_empty(_EMPTY)
+    return dW, torch.empty_like(hi), torch.empty_like(lo), ddelta
+
+
+def _fq_setup(ctx, inputs, output):
+    W, hi, lo, S, delta, bits, group_size, symmetric = inputs
+    ctx.save_for_backward(W, hi, lo, S, delta)
+    ctx.attrs = (bits, group_size, symmetric)
+    ctx.need_dW = ctx.needs_input_grad[0]
+
+
+def _fq_backward(ctx, grad_what, grad_reg):
+    W, hi, lo, S, delta = ctx.saved_tensors
+    dW, dhi, dlo, ddelta = _fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, *ctx.attrs,
+                                               ctx.need_dW)
+    return (dW if ctx.need_dW else None, dhi, dlo, None,
+            ddelta if delta is not None else None, None, None, None)
+
+
+_fake_quant_lwc.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+def fake_quant_lwc(W: Tensor, hi: Tensor, lo: Tensor, spec: QuantSpec, S: Optional[Tensor] = None,
+                   delta: Optional[Tensor] = None):
+    """LWC fake quantization (ARCHITECTURE.md 1.1) with straight-through gradients.
+
+    W [N, K] (fp32/fp16/bf16), hi, lo [N, G] fp32 clipping logits. Returns What [N, K] in W.dtype; when
+    the saliency S [N, K] is given, returns (What, reg) with reg = sum S (What + delta - W)^2 (fp32 scalar,
+    delta [N, K] optional: the LoRA update for the "after_lora" penalty) computed in the same pass.
+    Gradients flow to hi, lo, delta, and to W when W requires grad.
+    """
+    validate.fake_quant_args(W, hi, lo, spec, S, delta)
+    if delta is not None and S is None:
+        raise ValueError("delta is only used by the saliency term: pass S as well, or drop delta")
+    what, reg = _fake_quant_lwc(W, hi, lo, S, delta, spec.bits, spec.group_size, spec.symmetric)
+    return what if S is None else (what, reg)
+
+
+# ---------------------------------------------------------------- saliency_sq_error
+@torch.library.custom_op("saliq::saliency_sq_error", mutates_args=())
+def _saliency_sq_error(A: Tensor, B: Tensor, S: Optional[Tensor], need_grad: bool) -> tuple[Tensor, Tensor]:
+    impl = backends.resolve("saliency_sq_error", A.device.type, A)
+    loss, grad = impl(A, B, S, need_grad)
+    return loss, (A.new_empty(_EMPTY) if grad is None else grad)
+
+
+@_saliency_sq_error.register_fake
+def _(A, B, S, need_grad):
+    return A.new_empty((), dtype=torch.float32), (torch.empty_like(A) if need_grad else A.new_empty(_EMPTY))
+
+
+def _sse_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+
+
+def _sse_backward(ctx, grad_loss, _grad_of_grad):
+    (grad_a,) = ctx.saved_tensors
+    if grad_a.numel() == 0:
+        raise RuntimeError("saliency_sq_error was called without need_grad; its backward is unavailable")
+    dA = grad_a * grad_loss.to(grad_a.dtype)
+    return dA.to(ctx.dtypes[0]), (-dA).to(ctx.dtypes[1]), None, None
+
+
+_saliency_sq_error.register_autograd(_sse_backward, setup_context=_sse_setup)
+
+
+def saliency_sq_error(A: Tensor, B: Tensor, S: Optional[Tensor] = None) -> Tensor:
+    """sum S (A - B)^2 as an fp32 scalar (S None: plain sum of squares); deterministic.
+
+    Differentiable in A and B; the gradient 2 S (A - B) is written in the forward pass when needed.
+    """
+    validate.sq_error_args(A, B, S)
+    need_grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
+    loss, _ = _saliency_sq_error(A.contiguous(), B.contiguous(), None if S is None else S.contiguous(),
+                                 need_grad)
+    return loss
+
+
+def mse(A: Tensor, B: Tensor) -> Tensor:
+    """Mean squared error through the deterministic saliency_sq_error reduction."""
+    return saliency_sq_error(A, B) / A.numel()
+
+
+# ---------------------------------------------------------------- packed ops
+@torch.library.custom_op("saliq::dequantize", mutates_args=())
+def _dequantize(qweight: Tensor, qweight_hi: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                group_size: int, in_features: int) -> Tensor:
+    impl = backends.resolve("dequantize", qweight.device.type, qweight)
+    return impl(qweight, qweight_hi, scales, zeros, bits, group_size, in_features)
+
+
+@_dequantize.register_fake
+def _(qweight, qweight_hi, scales, zeros, bits, group_size, in_features):
+    return scales.new_empty((qweight.shape[1], in_features))
+
+
+@torch.library.custom_op("saliq::packed_matmul", mutates_args=())
+def _packed_matmul(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                   group_size: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
+    impl = backends.resolve("packed_matmul", x.device.type, x, bits, group_size, in_features)
+    return impl(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
+
+
+@_packed_matmul.register_fake
+def _(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias):
+    return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+def _pm_setup(ctx, inputs, output):
+    x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias = inputs
+    ctx.save_for_backward(qweight, qweight_hi, scales, zeros)
+    ctx.attrs = (bits, group_size, in_features)
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+
+
+def _pm_backward(ctx, grad_y):
+    qweight, qweight_hi, scales, zeros = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        W = _dequantize(qweight, qweight_hi, scales, zeros, *ctx.attrs)
+        dx = (grad_y.float() @ W.float()).to(ctx.x_dtype)
+    dbias = grad_y.sum(0) if (ctx.has_bias and ctx.needs_input_grad[8]) else None
+    return dx, None, None, None, None, None, None, None, dbias
+
+
+_packed_matmul.register_autograd(_pm_backward, setup_context=_pm_setup)
+
+
+def dequantize(packed: PackedWeight) -> Tensor:
+    """Packed weight -> W [N, K] in the scales' dtype."""
+    validate.packed_args(packed)
+    return _dequantize(packed.qweight, packed.qweight_hi, packed.scales, packed.zeros, packed.bits,
+                       packed.group_size, packed.in_features)
+
+
+def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None,
+                  lora_A: Optional[Tensor] = None, lora_B: Optional[Tensor] = None,
+                  lora_scale: float = 0.0) -> Tensor:
+    """y = x What^T + lora_scale (x A^T) B^T + bias for x [..., K]; What from the packed weight.
+
+    x: fp32/fp16/bf16 on the packed weight's device; output in x.dtype. Differentiable in x, bias, lora_A,
+    lora_B (the packed weight is frozen).
+    """
+    validate.packed_linear_args(x, packed, bias, lora_A, lora_B)
+    x2 = x.reshape(-1, packed.in_features).contiguous()
+    y = _packed_matmul(x2, packed.qweight, packed.qweight_hi, packed.scales, packed.zeros, packed.bits,
+                       packed.group_size, packed.in_features, bias)
+    if lora_A is not None:
+        y = y + lora_scale * ((x2 @ lora_A.t()) @ lora_B.t())
+    return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+@torch.library.custom_op("saliq::pack", mutates_args=())
+def _pack(q: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    return backends.resolve("pack", q.device.type, q)(q, bits)
+
+
+@_pack.register_fake
+def _(q, bits):
+    from .packing import packed_rows, plane_widths
+    rows = packed_rows(q.shape[1], plane_widths(bits)[0])
+    hi_shape = (packed_rows(q.shape[1], 1), q.shape[0]) if bits == 3 else _EMPTY
+    return q.new_empty((rows, q.shape[0]), dtype=torch.int32), q.new_empty(hi_shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("saliq::unpack", mutates_args=())
+def _unpack(qweight: Tensor, qweight_hi: Tensor, bits: int, in_features: int) -> Tensor:
+    return backends.resolve("unpack", qweight.device.type, qweight)(qweight, qweight_hi, bits, in_features)
+
+
+@_unpack.register_fake
+def _(qweight, qweight_hi, bits, in_features):
+    return qweight.new_empty((qweight.shape[1], in_features), dtype=torch.uint8)
+
+
+def pack(q: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Integers q [N, K] in [0, 2**bits - 1] -> (qweight, qweight_hi) in format v1 (docs/FORMAT.md)."""
+    validate.pack_args(q, bits)
+    return _pack(q.contiguous(), bits)
+
+
+def unpack(qweight: Tensor, qweight_hi: Tensor, bits: int, in_features: int) -> Tensor:
+    """Inverse of pack: -> uint8 [N, in_features]."""
+    validate.unpack_args(qweight, qweight_hi, bits, in_features)
+    return _unpack(qweight, qweight_hi, bits, in_features)

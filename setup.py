@@ -1,0 +1,15 @@
+"""Build of saliq._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit is present.
+
+The .cu files include no torch headers (extern "C" launchers), so they are compiled with nvcc for sm_80 and
+sm_90a into a static library that links against any torch build, CPU wheel included.
+"""
+from setuptools import setup
+
+from build_ext_config import cmdclass, ext_modules
+
+setup(
+    packages=["saliq", "saliq.kernels"],
+    package_dir={"saliq": "saliq", "saliq.kernels": "kernels"},
+    ext_modules=ext_modules(),
+    cmdclass=cmdclass(),
+)

@@ -1,0 +1,98 @@
+"""FakeQuantLinear (calibration) and QuantLinear (inference)."""
+import pytest
+import torch
+
+from conftest import rel_err
+from saliq import ref
+from saliq.nn import FakeQuantLinear, QuantLinear
+from saliq.spec import QuantSpec
+
+
+def _trained_fake_quant(spec, lora_rank=8, bias=True, dtype=torch.float32):
+    lin = torch.nn.Linear(128, 37, bias=bias).to(dtype)
+    fq = FakeQuantLinear.from_linear(lin, spec, lora_rank=lora_rank, lora_alpha=16)
+    with torch.no_grad():  # as after calibration: moved logits, non-zero LoRA B
+        fq.hi.normal_(2.0, 1.0)
+        fq.lo.normal_(2.0, 1.0)
+        if lora_rank:
+            fq.lora_B.normal_(0, 0.01)
+    return lin, fq
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+def test_to_quant_linear_matches_fake_quant(bits, group_size):
+    _, fq = _trained_fake_quant(QuantSpec(bits, group_size))
+    x = torch.randn(4, 128)
+    ql = fq.to_quant_linear()
+    assert rel_err(ql(x), fq(x).detach()) < 1e-6
+
+
+def test_fake_quant_linear_forward_definition():
+    _, fq = _trained_fake_quant(QuantSpec(2, 32))
+    x = torch.randn(3, 128)
+    what = ref.fake_quant_lwc_fwd(fq.weight, fq.hi.detach(), fq.lo.detach(), None, None, 2, 32, False)[0]
+    want = x @ what.t() + fq.bias + (16 / 8) * (x @ fq.lora_A.t()) @ fq.lora_B.t()
+    assert rel_err(fq(x), want) < 1e-6
+
+
+def test_training_moves_only_logits_and_lora():
+    lin, fq = _trained_fake_quant(QuantSpec(2, 32))
+    trainable = {n for n, p in fq.named_parameters() if p.requires_grad}
+    assert trainable == {"hi", "lo", "lora_A", "lora_B"}
+    fq(torch.randn(2, 128)).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fq.parameters())
+    assert torch.equal(fq.weight, lin.weight.detach())
+
+
+@pytest.mark.parametrize("after_lora", [False, True])
+def test_penalty_fused_with_forward(after_lora):
+    _, fq = _trained_fake_quant(QuantSpec(3, 64))
+    S = torch.rand(37, 128)
+    fq.set_saliency(S, after_lora=after_lora)
+    fq(torch.randn(2, 128))
+    what = fq.quantized_weight().detach()
+    weff = what + (fq.lora_scale * fq.lora_B @ fq.lora_A).detach() if after_lora else what
+    want = (S * (weff - fq.weight) ** 2).sum()
+    assert rel_err(fq.penalty.detach(), want) < 1e-6
+    assert rel_err(fq.compute_penalty().detach(), want) < 1e-6
+    fq.penalty.backward()
+    assert fq.hi.grad.abs().sum() > 0
+    assert (fq.lora_B.grad is not None and fq.lora_B.grad.abs().sum() > 0) == after_lora
+
+
+def test_penalty_requires_saliency():
+    _, fq = _trained_fake_quant(QuantSpec(2, 32))
+    with pytest.raises(RuntimeError, match="set_saliency"):
+        fq.compute_penalty()
+    with pytest.raises(ValueError, match=r"S has shape \(3, 3\)"):
+        fq.set_saliency(torch.rand(3, 3))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtn_quant_linear_close_to_linear_and_state_dict_round_trip(bits):
+    lin = torch.nn.Linear(256, 33)
+    ql = QuantLinear.from_linear(lin, QuantSpec(bits, 64))
+    x = torch.randn(5, 256)
+    err = rel_err(ql(x).detach(), lin(x).detach())
+    assert err < {2: 0.6, 3: 0.3, 4: 0.15}[bits]
+    fresh = QuantLinear.empty(256, 33, QuantSpec(bits, 64), bias=True, dtype=torch.float32)
+    fresh.load_state_dict(ql.state_dict())
+    assert torch.equal(fresh(x), ql(x))
+    assert set(ql.state_dict()) <= {"qweight", "qweight_hi", "scales", "zeros", "bias"}
+
+
+def test_quant_linear_half_precision_and_size():
+    lin = torch.nn.Linear(512, 64).half()
+    ql = QuantLinear.from_linear(lin, QuantSpec(2, 64))
+    assert ql.scales.dtype == torch.float16
+    x = torch.randn(3, 512, dtype=torch.float16)
+    dense = x.float() @ ql.dequantized_weight().float().t() + lin.bias.float()
+    assert rel_err(ql(x), dense) < 2e-3
+    packed_bytes = ql.packed.nbytes()
+    assert packed_bytes == 512 * 64 // 4 + 8 * 64 * 4
+
+
+def test_lora_rank_validation():
+    with pytest.raises(ValueError, match="lora_rank=-1"):
+        FakeQuantLinear.from_linear(torch.nn.Linear(64, 8), QuantSpec(2, 32), lora_rank=-1)
