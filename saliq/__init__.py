@@ -2,3 +2,13 @@
 from .spec import QuantSpec  # noqa: F401
 
 __version__ = "0.1.0"
+__all__ = ["QuantSpec", "save", "load"]
+
+
+def __getattr__(name):
+    # save / load pull in transformers: import them only when asked for
+    if name in ("save", "load"):
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'saliq' has no attribute {name!r}")
