@@ -1,4 +1,6 @@
 """saliq: saliency-aware ultra-low-bit (2/3/4-bit) quantization of LLaMA-family models."""
+import torch  # noqa: F401  (loads libtorch, which saliq._C links against)
+
 from .spec import QuantSpec  # noqa: F401
 
 __version__ = "0.1.0"

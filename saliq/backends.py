@@ -99,7 +99,8 @@ def load_optional_backends() -> dict[str, str]:
 
 
 def resolve(op: str, device_type: str, *args) -> Callable:
-    """The implementation of `op` to run for tensors on `device_type`."""
+    """The implementation of `op` to run for tensors on `device_type`; `args` are the op's full arguments
+    (a chooser may time candidates on them)."""
     load_optional_backends()
     name = forced()
     if name is not None:

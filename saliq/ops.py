@@ -30,7 +30,8 @@ def _empty_like_device(ref: Tensor) -> Tensor:
 @torch.library.custom_op("saliq::fake_quant_lwc", mutates_args=())
 def _fake_quant_lwc(W: Tensor, hi: Tensor, lo: Tensor, S: Optional[Tensor], delta: Optional[Tensor],
                     bits: int, group_size: int, symmetric: bool) -> tuple[Tensor, Tensor]:
-    impl = backends.resolve("fake_quant_lwc_fwd", W.device.type, W)
+    impl = backends.resolve("fake_quant_lwc_fwd", W.device.type, W, hi, lo, S, delta, bits, group_size,
+                            symmetric)
     return impl(W, hi, lo, S, delta, bits, group_size, symmetric)
 
 
@@ -43,7 +44,8 @@ def _(W, hi, lo, S, delta, bits, group_size, symmetric):
 def _fake_quant_lwc_bwd(grad_what: Tensor, grad_reg: Tensor, W: Tensor, hi: Tensor, lo: Tensor,
                         S: Optional[Tensor], delta: Optional[Tensor], bits: int, group_size: int,
                         symmetric: bool, need_dW: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = backends.resolve("fake_quant_lwc_bwd", W.device.type, W)
+    impl = backends.resolve("fake_quant_lwc_bwd", W.device.type, grad_what, grad_reg, W, hi, lo, S, delta,
+                            bits, group_size, symmetric, need_dW)
     dW, dhi, dlo, ddelta = impl(grad_what.contiguous(), grad_reg, W, hi, lo, S, delta, bits, group_size,
                                 symmetric, need_dW)
     return (_empty_like_device(W) if dW is None else dW, dhi, dlo,
@@ -94,7 +96,7 @@ def fake_quant_lwc(W: Tensor, hi: Tensor, lo: Tensor, spec: QuantSpec, S: Option
 # ---------------------------------------------------------------- saliency_sq_error
 @torch.library.custom_op("saliq::saliency_sq_error", mutates_args=())
 def _saliency_sq_error(A: Tensor, B: Tensor, S: Optional[Tensor], need_grad: bool) -> tuple[Tensor, Tensor]:
-    impl = backends.resolve("saliency_sq_error", A.device.type, A)
+    impl = backends.resolve("saliency_sq_error", A.device.type, A, B, S, need_grad)
     loss, grad = impl(A, B, S, need_grad)
     return loss, (A.new_empty(_EMPTY) if grad is None else grad)
 
@@ -141,7 +143,8 @@ def mse(A: Tensor, B: Tensor) -> Tensor:
 @torch.library.custom_op("saliq::dequantize", mutates_args=())
 def _dequantize(qweight: Tensor, qweight_hi: Tensor, scales: Tensor, zeros: Tensor, bits: int,
                 group_size: int, in_features: int) -> Tensor:
-    impl = backends.resolve("dequantize", qweight.device.type, qweight)
+    impl = backends.resolve("dequantize", qweight.device.type, qweight, qweight_hi, scales, zeros, bits,
+                            group_size, in_features)
     return impl(qweight, qweight_hi, scales, zeros, bits, group_size, in_features)
 
 
@@ -153,7 +156,8 @@ def _(qweight, qweight_hi, scales, zeros, bits, group_size, in_features):
 @torch.library.custom_op("saliq::packed_matmul", mutates_args=())
 def _packed_matmul(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales: Tensor, zeros: Tensor, bits: int,
                    group_size: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
-    impl = backends.resolve("packed_matmul", x.device.type, x, bits, group_size, in_features)
+    impl = backends.resolve("packed_matmul", x.device.type, x, qweight, qweight_hi, scales, zeros, bits,
+                            group_size, in_features, bias)
     return impl(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
 
 
@@ -209,7 +213,7 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
 
 @torch.library.custom_op("saliq::pack", mutates_args=())
 def _pack(q: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    return backends.resolve("pack", q.device.type, q)(q, bits)
+    return backends.resolve("pack", q.device.type, q, bits)(q, bits)
 
 
 @_pack.register_fake
@@ -222,7 +226,8 @@ def _(q, bits):
 
 @torch.library.custom_op("saliq::unpack", mutates_args=())
 def _unpack(qweight: Tensor, qweight_hi: Tensor, bits: int, in_features: int) -> Tensor:
-    return backends.resolve("unpack", qweight.device.type, qweight)(qweight, qweight_hi, bits, in_features)
+    impl = backends.resolve("unpack", qweight.device.type, qweight, qweight_hi, bits, in_features)
+    return impl(qweight, qweight_hi, bits, in_features)
 
 
 @_unpack.register_fake

@@ -162,7 +162,7 @@ def test_chooser_picks_backend_by_shape(monkeypatch):
 
     monkeypatch.setitem(backends._impls["cpp"], "packed_matmul", fake_cpp)
     monkeypatch.setitem(backends._choosers, ("packed_matmul", "cpu"),
-                        lambda x, *a: "cpp" if x.shape[0] == 1 else "ref")
+                        lambda x, *rest: "cpp" if x.shape[0] == 1 else "ref")
     p = _packed()
     ops.packed_linear(torch.randn(1, 64), p)
     ops.packed_linear(torch.randn(4, 64), p)
