@@ -1,0 +1,152 @@
+"""Helpers of the Triton benchmarks and the GPU report: device set-up, timing, the device's measured copy
+bandwidth and fp16 matmul rate, byte floors, the eager ApiQ-style composite, and result files.
+
+Importing this module selects the Triton interpreter when there is no GPU (before any kernel is imported).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if HAS_GPU else "cpu"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# LLaMA-2-7B linear shapes as [out_features N, in_features K]: q/k/v/o, down, gate/up
+LLAMA2_7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+
+
+def sync() -> None:
+    if HAS_GPU:
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30, flush_l2: bool = True) -> float:
+    """Median milliseconds of fn(). On a GPU: CUDA events, with the L2 cache flushed before each run so a
+    memory-bound kernel is timed reading from DRAM; on the CPU: a wall clock (the interpreter: meaningless
+    for speed, useful for smoke runs only)."""
+    if not HAS_GPU:
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda") if flush_l2 else None
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + bytes written per second), GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), flush_l2=False)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def fp16_matmul_tflops(n: int = 8192) -> float:
+    """Measured dense fp16 matmul rate (fp32 accumulation), TFLOP/s."""
+    dtype = torch.float16 if HAS_GPU else torch.float32
+    n = n if HAS_GPU else 256
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    ms = time_ms(lambda: a @ b, flush_l2=False)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if HAS_GPU else f"cpu-{platform.machine()}-interpreter"
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# ---------------------------------------------------------------- inputs
+def random_packed(n: int, k: int, bits: int, group_size: int, dtype=torch.float16):
+    """A random PackedWeight (zero points partly outside [0, Q], as LWC produces them)."""
+    from saliq import packing
+    from saliq.spec import QuantSpec
+
+    g = k if group_size == -1 else group_size
+    q = torch.randint(0, 2**bits, (n, k), device=DEVICE)
+    s = torch.rand(n, k // g, device=DEVICE) * 0.02 + 0.001
+    z = torch.randint(-1, 2**bits + 1, (n, k // g), device=DEVICE).float()
+    return packing.pack_weight(q, s, z, QuantSpec(bits=bits, group_size=group_size), dtype=dtype)
+
+
+def lwc_inputs(n: int, k: int, group_size: int, dtype=torch.float16):
+    g = k if group_size == -1 else group_size
+    W = (torch.randn(n, k, device=DEVICE) * 0.02).to(dtype)
+    hi = torch.full((n, k // g), 4.0, device=DEVICE) + torch.randn(n, k // g, device=DEVICE) * 0.5
+    lo = torch.full((n, k // g), 4.0, device=DEVICE) + torch.randn(n, k // g, device=DEVICE) * 0.5
+    S = torch.rand(n, k, device=DEVICE).to(dtype)
+    return W, hi, lo, S
+
+
+# ---------------------------------------------------------------- the eager composite ApiQ / OmniQuant write
+def _round_ste(x):
+    return (x.round() - x).detach() + x
+
+
+def apiq_fake_quant(W, hi, lo, bits: int, group_size: int, S: Optional[torch.Tensor] = None):
+    """LWC fake quantization as ApiQ / OmniQuant write it (round_ste and autograd), plus the saliency
+    penalty sum S (What - W)^2 when S is given. Returns (What, reg)."""
+    n, k = W.shape
+    g = k if group_size == -1 else group_size
+    x = W.reshape(-1, g)
+    xmax = torch.sigmoid(hi.reshape(-1, 1)) * x.amax(-1, keepdim=True)
+    xmin = torch.sigmoid(lo.reshape(-1, 1)) * x.amin(-1, keepdim=True)
+    scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=1e-5, max=1e4)
+    zero = (-xmin / scale).clamp(min=-1e4, max=1e4).round()
+    q = (_round_ste(x / scale) + zero).clamp(0, 2**bits - 1)
+    what = ((q - zero) * scale).reshape(n, k)
+    reg = None if S is None else (S * (what - W) ** 2).sum()
+    return what, reg
+
+
+# ---------------------------------------------------------------- results
+def write_results(records: list[dict], meta: dict, table: str, stem: Optional[str] = None,
+                  directory: Optional[Path] = None) -> tuple[Path, Path]:
+    """<directory, default benchmarks/results>/<date>-<device>.json and .md."""
+    directory = Path(directory) if directory is not None else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    stem = stem or f"{date}-{re.sub(r'[^A-Za-z0-9]+', '-', meta.get('device', 'device')).strip('-').lower()}"
+    jpath, mpath = directory / f"{stem}.json", directory / f"{stem}.md"
+    jpath.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    mpath.write_text(table)
+    return jpath, mpath
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,136 @@
+"""Launch-configuration choice with a per-GPU cache, so users pay autotuning once per GPU model and shape.
+
+`choose(op, key, candidates, run, device)` returns one of `candidates` (dicts of launch meta-parameters):
+- under the Triton interpreter, on a non-CUDA device, or with SALIQ_AUTOTUNE=0: the first candidate (the
+  default), since timing the interpreter measures nothing and multi-config autotuning needs a GPU driver;
+- otherwise the cached winner for (device name, op, key), or, on a miss, the fastest candidate measured with
+  CUDA events on the caller's own arguments, then written to the cache.
+
+The cache is one JSON file per GPU model under $SALIQ_CACHE/triton-configs (default ~/.cache/saliq), keyed by
+op and shape bucket; entries carry the Triton version so an upgrade re-tunes. Keys must be built from shape
+buckets (see `m_bucket`) so the number of entries stays small.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import triton
+
+from .common import is_interpreter
+
+_lock = threading.Lock()
+_memory: dict[str, dict] = {}  # device name -> {key: config}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SALIQ_CACHE") or os.path.join("~", ".cache", "saliq")
+    return Path(base).expanduser() / "triton-configs"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("SALIQ_AUTOTUNE", "1") != "0"
+
+
+def m_bucket(m: int) -> int:
+    """Rows bucket of a matmul: exact up to 16 (decode), then the next power of two, capped at 8192."""
+    if m <= 16:
+        return max(m, 1)
+    return min(triton.next_power_of_2(m), 8192)
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _file(dev_name: str) -> Path:
+    return cache_dir() / (re.sub(r"[^A-Za-z0-9_.-]+", "_", dev_name) + ".json")
+
+
+def _load(dev_name: str) -> dict:
+    if dev_name not in _memory:
+        entries = {}
+        try:
+            data = json.loads(_file(dev_name).read_text())
+            if data.get("triton") == triton.__version__:
+                entries = dict(data.get("entries", {}))
+        except (OSError, ValueError):
+            pass  # no cache yet, or an unreadable one: tune again
+        _memory[dev_name] = entries
+    return _memory[dev_name]
+
+
+def _save(dev_name: str) -> None:
+    path = _file(dev_name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"device": dev_name, "triton": triton.__version__, "entries": _memory[dev_name]},
+                          indent=1, sort_keys=True)
+        # write then rename: concurrent processes never read a half-written file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home still works, it just tunes again next start
+
+
+def lookup(op: str, key: Sequence, device) -> Optional[dict]:
+    with _lock:
+        return _load(device_name(device)).get(_key(op, key))
+
+
+def record(op: str, key: Sequence, config: dict, device) -> None:
+    dev = device_name(device)
+    with _lock:
+        _load(dev)[_key(op, key)] = config
+        _save(dev)
+
+
+def _key(op: str, key: Sequence) -> str:
+    return op + "|" + ",".join(str(k) for k in key)
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> float:
+    """Median time of fn() in milliseconds, measured with CUDA events (the caller's stream)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def choose(op: str, key: Sequence, candidates: Sequence[dict], run: Callable[[dict], object], device) -> dict:
+    """The launch configuration for `op` at `key` (see the module docstring)."""
+    device = torch.device(device)
+    if is_interpreter() or device.type != "cuda" or not autotune_enabled() or len(candidates) == 1:
+        return candidates[0]
+    cached = lookup(op, key, device)
+    if cached is not None and cached in candidates:
+        return cached
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            ms = cuda_time_ms(lambda: run(cfg))
+        except Exception:  # a config that does not compile or fit on this GPU (shared memory, registers)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    record(op, key, best, device)
+    return best

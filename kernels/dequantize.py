@@ -1,0 +1,94 @@
+"""Dequantization of packed format v1 (docs/FORMAT.md) to W [N, K]: saliq.ref.dequantize.
+
+`_dequant_tile` is the decode shared with the matmul kernels: it turns a [BLOCK_K, BLOCK_N] tile of the
+packed layout (K along the packed words, N contiguous) into fp32 (q - z) * s, exactly as the reference.
+3-bit reads the 2-bit plane through the same code as 2-bit, plus one bit from the 1-bit plane.
+
+Work split of the dequantize kernel: a 2-D grid of [BLOCK_K, BLOCK_N] tiles; each program reads its
+packed words once (coalesced along N) and writes its tile of W transposed into the [N, K] output.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autotune
+from .common import alloc, is_interpreter
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qh_ptr, sc_ptr, zr_ptr, k0, offs_k, offs_n, mask_k, mask_n, N,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    mask = mask_k[:, None] & mask_n[None, :]
+    col = offs_n[None, :]
+    if BITS == 4:
+        word = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + col, mask=mask, other=0)
+        q = (word >> ((offs_k % 8) * 4)[:, None]) & 15
+    else:
+        # 2-bit plane (also the low plane of 3-bit); the arithmetic shift of a negative word is fine:
+        # the mask keeps only the wanted bits
+        word = tl.load(qw_ptr + (offs_k // 16)[:, None] * N + col, mask=mask, other=0)
+        q = (word >> ((offs_k % 16) * 2)[:, None]) & 3
+        if BITS == 3:
+            hword = tl.load(qh_ptr + (offs_k // 32)[:, None] * N + col, mask=mask, other=0)
+            q = q | (((hword >> (offs_k % 32)[:, None]) & 1) << 2)
+    if GROUP % BLOCK_K == 0:
+        # the tile lies inside one group (tiles start at multiples of BLOCK_K): one row of scales
+        grp = k0 // GROUP
+        s = tl.load(sc_ptr + grp * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(zr_ptr + grp * N + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    else:
+        grp = (offs_k // GROUP)[:, None] * N + col
+        s = tl.load(sc_ptr + grp, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(zr_ptr + grp, mask=mask, other=0).to(tl.float32)
+    return (q.to(tl.float32) - z) * s
+
+
+@triton.jit
+def _dequantize_kernel(qw_ptr, qh_ptr, sc_ptr, zr_ptr, w_ptr, N, K,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    w = _dequant_tile(qw_ptr, qh_ptr, sc_ptr, zr_ptr, k0, offs_k, offs_n, mask_k, mask_n, N, BITS, GROUP,
+                      BLOCK_K)
+    out = w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
+    tl.store(out, w.to(w_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
+
+
+def _candidates() -> list[dict]:
+    if is_interpreter():
+        return [dict(BLOCK_K=64, BLOCK_N=64, num_warps=4)]
+    return [dict(BLOCK_K=64, BLOCK_N=64, num_warps=4), dict(BLOCK_K=128, BLOCK_N=64, num_warps=4),
+            dict(BLOCK_K=64, BLOCK_N=128, num_warps=8), dict(BLOCK_K=32, BLOCK_N=128, num_warps=4)]
+
+
+def dequantize_into(out: torch.Tensor, qweight, qweight_hi, scales, zeros, bits: int, group_size: int,
+                    in_features: int) -> torch.Tensor:
+    """Write W [N, K] into `out` (any float dtype, contiguous); returns out."""
+    K = in_features
+    N = qweight.shape[1]
+    group = K if group_size == -1 else group_size
+    qh = qweight_hi if bits == 3 else qweight  # placeholder: the 1-bit plane is only read for 3-bit
+
+    def run(cfg):
+        grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
+        _dequantize_kernel[grid](qweight, qh, scales, zeros, out, N, K, BITS=bits, GROUP=group,
+                                 BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+
+    key = (bits, group_size, N, K, str(out.dtype).replace("torch.", ""))
+    run(autotune.choose("dequantize", key, _candidates(), run, out.device))
+    return out
+
+
+def dequantize(qweight: torch.Tensor, qweight_hi: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """Triton saliq.ref.dequantize: packed format v1 -> W [N, K] in scales.dtype."""
+    out = alloc((qweight.shape[1], in_features), scales.dtype, qweight.device)
+    return dequantize_into(out, qweight.contiguous(), qweight_hi.contiguous(), scales.contiguous(),
+                           zeros.contiguous(), bits, group_size, in_features)

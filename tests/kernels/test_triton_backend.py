@@ -1,0 +1,97 @@
+"""The triton backend's registration, its measured dispatch and the per-GPU launch-configuration cache."""
+import importlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU", allow_module_level=True)
+
+from saliq import backends  # noqa: E402
+from saliq.kernels import autotune  # noqa: E402
+
+OPS = ("fake_quant_lwc_fwd", "fake_quant_lwc_bwd", "saliency_sq_error", "packed_matmul", "dequantize")
+
+
+def test_registered_for_every_kernel_op():
+    assert "saliq.triton_backend" not in backends.load_optional_backends()
+    for op in OPS:
+        assert "triton" in backends.available(op, DEVICE), op
+    if DEVICE == "cuda":
+        for op in OPS:
+            assert backends.resolve(op, "cuda", torch.empty(1, device="cuda")) is backends._impls["triton"][op]
+
+
+def test_import_error_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.delitem(sys.modules, "saliq.triton_backend", raising=False)
+    with pytest.raises(ImportError):
+        importlib.import_module("saliq.triton_backend")
+
+
+def test_chooser_defaults_to_triton():
+    import saliq.triton_backend as tb
+
+    choose = tb._make_chooser("packed_matmul")
+    assert choose(torch.empty(3, 64), 2, 64, 64) in ("triton", "ref")
+
+
+def test_config_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("SALIQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "_memory", {})
+    cfg = {"BLOCK_M": 16, "kind": "gemm", "num_warps": 4}
+    autotune.record("packed_matmul", (2, 64, 4096, 11008, "float16", 16), cfg, "cpu")
+    files = list((tmp_path / "triton-configs").glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["triton"] and list(data["entries"].values()) == [cfg]
+    monkeypatch.setattr(autotune, "_memory", {})  # a fresh process reads it back from disk
+    assert autotune.lookup("packed_matmul", (2, 64, 4096, 11008, "float16", 16), "cpu") == cfg
+    assert autotune.lookup("packed_matmul", (2, 64, 4096, 11008, "float16", 32), "cpu") is None
+
+
+def test_choose_without_gpu_takes_the_default(monkeypatch):
+    calls = []
+    cands = [{"a": 1}, {"a": 2}]
+    if DEVICE == "cpu":
+        assert autotune.choose("x", (1,), cands, calls.append, "cpu") == cands[0]
+        assert calls == []  # nothing is timed under the interpreter
+    monkeypatch.setenv("SALIQ_AUTOTUNE", "0")
+    assert autotune.choose("x", (1,), cands, calls.append, DEVICE) == cands[0]
+
+
+def test_m_bucket():
+    assert [autotune.m_bucket(m) for m in (0, 1, 3, 16, 17, 100, 4096, 100000)] == \
+        [1, 1, 3, 16, 32, 128, 4096, 8192]
+
+
+def test_poisoned_outputs(monkeypatch):
+    from saliq.kernels import common
+
+    monkeypatch.setenv("SALIQ_POISON_OUTPUTS", "1")
+    assert torch.isnan(common.alloc((3, 5), torch.float16, DEVICE)).all()
+    monkeypatch.setenv("SALIQ_POISON_OUTPUTS", "0")
+    assert common.alloc((3, 5), torch.float32, DEVICE).shape == (3, 5)
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_writes_the_cache(tmp_path, monkeypatch):
+    from saliq.kernels import packed_matmul as pm
+    from saliq import packing
+    from saliq.spec import QuantSpec
+
+    monkeypatch.setenv("SALIQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("SALIQ_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "_memory", {})
+    q = torch.randint(0, 4, (256, 512), device="cuda")
+    p = packing.pack_weight(q, torch.rand(256, 8, device="cuda"), torch.ones(256, 8, device="cuda"),
+                            QuantSpec(bits=2, group_size=64), dtype=torch.float16)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    pm.packed_matmul(x, p.qweight, p.qweight_hi, p.scales, p.zeros, 2, 64, 512, None)
+    data = json.loads(next((tmp_path / "triton-configs").glob("*.json")).read_text())
+    assert any(k.startswith("packed_matmul|") for k in data["entries"])
