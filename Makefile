@@ -16,18 +16,25 @@ TRITON := triton==3.7.1
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+BUILT  := $(VENV)/.saliq-built
+CSRC   := $(shell find csrc -type f)
+export MAX_JOBS ?= 2
+
 $(STAMP): $(PY) pyproject.toml setup.py build_ext_config.py
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q $(TRITON)
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(BUILT)
 
 install: $(STAMP)
 
-# rebuild saliq._C in place after editing csrc/
-build: install
+# the editable install builds saliq._C; rebuild it in place only when csrc/ changes
+$(BUILT): $(STAMP) $(CSRC)
 	$(PY) setup.py -q build_ext --inplace
+	touch $(BUILT)
+
+build: $(BUILT)
 
 # Triton runs under its interpreter where there is no GPU
 test: build
@@ -41,8 +48,9 @@ test-fast: build
 demo: build
 	$(VENV)/bin/saliq demo
 
+# CPU timings: passive OpenMP waiting keeps a busy machine from stalling every multi-threaded call
 bench: build
-	$(PY) -m pytest benchmarks -q --benchmark-enable
+	OMP_WAIT_POLICY=passive $(PY) -m pytest benchmarks -q -o python_files='bench_*.py' --benchmark-enable
 
 gpu-report: build
 	$(PY) benchmarks/gpu_report.py

@@ -1,0 +1,157 @@
+"""CPU packed_linear (cpp backend) against fp32 and bf16 F.linear, measured in the same run.
+
+Cases: 2- and 3-bit, group 64, M = 1 and 8, weights [N, K] = [4096, 4096] and [11008, 4096] (in 4096 ->
+out 11008, the LLaMA-7B up/gate projection). saliq runs with fp32 activations and scales ("fp32", exact
+fp32 arithmetic) and with bf16 activations and scales ("bf16"). The bytes floor of each case and the
+machine's copy bandwidth (measured first) give effective GB/s and % of bandwidth; at the end the speedups
+over F.linear are printed and written to benchmarks/results/.
+
+    python -m pytest benchmarks/bench_cpu_packed_linear.py --benchmark-enable -q
+    SALIQ_BENCH_THREADS=1 python -m pytest ...   # pin both sides to one thread
+
+On a machine shared with other multi-threaded jobs, run with OMP_WAIT_POLICY=passive: with libgomp's default
+spin-waiting, every parallel region (saliq's and F.linear's alike) can stall for a scheduler time slice.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saliq import packing
+from saliq.spec import QuantSpec
+
+cpp = pytest.importorskip("saliq.cpp_backend", reason="saliq._C is not built")
+
+SHAPES = [(4096, 4096), (11008, 4096)]  # (N out_features, K in_features)
+BITS = [2, 3]
+MS = [1, 8]
+GROUP = 64
+PROVIDERS = ["saliq_fp32", "saliq_bf16", "linear_fp32", "linear_bf16"]
+RESULTS: dict = {}
+# Threads for both saliq and the baselines (0: torch default). The ratios use the best round of each case:
+# on a shared machine, preemption only ever adds time.
+BENCH_THREADS = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
+_cache: dict = {}
+
+
+def copy_bandwidth_gbs() -> float:
+    """Read + write GB/s of a 256 MiB tensor copy (best of 5): the bandwidth ceiling of a weight-streaming op."""
+    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def weights(n, k, bits):
+    key = (n, k, bits)
+    if key not in _cache:
+        g = torch.Generator().manual_seed(n + k + bits)
+        spec = QuantSpec(bits=bits, group_size=GROUP)
+        q = torch.randint(0, 1 << bits, (n, k), generator=g)
+        scales = torch.rand(n, k // GROUP, generator=g) * 0.01 + 0.005
+        zeros = torch.randint(0, 1 << bits, (n, k // GROUP), generator=g).float()
+        packed = {dt: packing.pack_weight(q, scales, zeros, spec, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+        W = torch.randn(n, k, generator=g) * 0.02
+        _cache.clear()  # keep one shape's weights alive at a time
+        _cache[key] = (packed, {torch.float32: W, torch.bfloat16: W.to(torch.bfloat16)})
+    return _cache[key]
+
+
+def bytes_moved(provider, n, k, bits, m):
+    if provider.startswith("linear"):
+        return n * k * (4 if provider.endswith("fp32") else 2)
+    scale_bytes = 4 if provider.endswith("fp32") else 2
+    return n * k * bits // 8 + (n * k // GROUP) * (scale_bytes + 2)
+
+
+def _print_uncaptured(request, text):
+    """Print the summary table past pytest's output capture."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        print("\n" + text)
+        return
+    with capman.global_and_fixture_disabled():
+        print("\n" + text, flush=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request):
+    threads = torch.get_num_threads()
+    if BENCH_THREADS:
+        torch.set_num_threads(BENCH_THREADS)
+    RESULTS["copy_gbs"] = copy_bandwidth_gbs()
+    try:
+        yield
+    finally:
+        measured_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and v is not None}
+    if not cases:
+        return
+    lines = [f"CPU packed_linear, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+             f"{measured_threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+             f"cpu path {cpp.cpu_isa()}, copy bandwidth "
+             f"{RESULTS['copy_gbs']:.1f} GB/s", "",
+             "| N x K | bits | M | saliq fp32 ms | saliq bf16 ms | F.linear fp32 ms | F.linear bf16 ms | "
+             "fp32 speedup | bf16 speedup | saliq fp32 GB/s (% copy) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, k in SHAPES:
+        for bits in BITS:
+            for m in MS:
+                t = {p: cases.get((p, n, k, bits, m)) for p in PROVIDERS}
+                if any(v is None for v in t.values()):
+                    continue
+                gbs = bytes_moved("saliq_fp32", n, k, bits, m) / t["saliq_fp32"] / 1e9
+                lines.append(
+                    f"| {n} x {k} | {bits} | {m} | {t['saliq_fp32'] * 1e3:.3f} | {t['saliq_bf16'] * 1e3:.3f} | "
+                    f"{t['linear_fp32'] * 1e3:.3f} | {t['linear_bf16'] * 1e3:.3f} | "
+                    f"{t['linear_fp32'] / t['saliq_fp32']:.1f}x | {t['linear_bf16'] / t['saliq_bf16']:.1f}x | "
+                    f"{gbs:.1f} ({100 * gbs / RESULTS['copy_gbs']:.0f}%) |")
+    text = "\n".join(lines)
+    _print_uncaptured(request, text)
+    out_dir = os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "cpu_packed_linear.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out_dir, "cpu_packed_linear.json"), "w") as f:
+        json.dump({"date": str(datetime.date.today()), "threads": measured_threads,
+                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu_path": cpp.cpu_isa(),
+                   "copy_gbs": RESULTS["copy_gbs"],
+                   "cases": [dict(zip(("provider", "N", "K", "bits", "M"), key), seconds=v) for key, v in cases.items()]},
+                  f, indent=1)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_packed_linear(benchmark, n, k, bits, m, provider):
+    packed, dense = weights(n, k, bits)
+    dtype = torch.float32 if provider.endswith("fp32") else torch.bfloat16
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    if provider.startswith("saliq"):
+        p = packed[dtype]
+        args = (x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, GROUP, k, None)
+        fn = lambda: cpp.packed_matmul(*args)  # noqa: E731
+    else:
+        if bits != BITS[0]:  # the dense baseline does not depend on bits: measure it once per shape and M
+            RESULTS[(provider, n, k, bits, m)] = RESULTS.get((provider, n, k, BITS[0], m))
+            pytest.skip("dense baseline measured with bits=2")
+        W = dense[dtype]
+        fn = lambda: F.linear(x, W)  # noqa: E731
+    benchmark.group = f"{n}x{k} M={m} bits={bits}"
+    benchmark.extra_info["bytes"] = bytes_moved(provider, n, k, bits, m)
+    benchmark.pedantic(fn, rounds=30 if m == 1 else 10, iterations=1, warmup_rounds=3)
+    if benchmark.stats is not None:
+        RESULTS[(provider, n, k, bits, m)] = benchmark.stats.stats.min

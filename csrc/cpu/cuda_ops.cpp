@@ -1,0 +1,169 @@
+// CUDA ops as tensors: argument checks, output allocation on the input's device, dtype conversion to the
+// kernels' fp32 where needed, then the extern "C" launchers of csrc/cuda on the given stream. Every launcher
+// error becomes a Python RuntimeError carrying the CUDA error string.
+#include "cpu/cuda_ops.h"
+
+#ifdef SALIQ_WITH_CUDA
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include "cpu/ops.h"
+#include "cuda/launchers.h"
+
+namespace saliq {
+
+namespace {
+
+void check_cuda(int err, const char* what) {
+  TORCH_CHECK(err == 0, "saliq cuda backend: ", what, " failed: ", saliq_cuda_error_string(err), " (CUDA error ",
+              err, ")");
+}
+
+int dtype_code(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return SALIQ_F32;
+    case at::kHalf: return SALIQ_F16;
+    case at::kBFloat16: return SALIQ_BF16;
+    default: TORCH_CHECK_VALUE(false, name, " must be float32, float16 or bfloat16, got ", t);
+  }
+  return 0;
+}
+
+void check_on_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got device ", t.device());
+}
+
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+const float* opt_f32(const std::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = f32(*t);
+  return keep.data_ptr<float>();
+}
+
+}  // namespace
+
+int64_t cuda_device_count() {
+  int count = 0;
+  return saliq_cuda_device_count(&count) == 0 ? count : 0;
+}
+
+void cuda_check_device() {
+  int count = 0;
+  const int err = saliq_cuda_device_count(&count);
+  TORCH_CHECK(err == 0, "saliq cuda backend: no usable CUDA device: ", saliq_cuda_error_string(err),
+              " (CUDA error ", err, ")");
+  TORCH_CHECK(count > 0, "saliq cuda backend: no CUDA device is visible");
+}
+
+at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                              const at::Tensor& scales_in, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                              int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream) {
+  check_packed(qweight, qweight_hi, scales_in, zeros, bits, group_size, in_features);
+  check_on_cuda(x_in, "x");
+  check_on_cuda(qweight, "qweight");
+  const int64_t g = group_len_of(group_size, in_features, "packed_matmul");
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == in_features, "x must be [M, ", in_features, "], got ",
+                    x_in.sizes());
+  const int64_t M = x_in.size(0), N = qweight.size(1);
+  TORCH_CHECK_VALUE(M <= 8, "the cuda packed GEMV serves M <= 8, got M=", M);
+  const int dt = dtype_code(x_in.scalar_type(), "x");
+  // x as fp32, zero-padded to whole 32-element words (the kernel reads whole packed words)
+  const int64_t k_padded = (in_features + 31) / 32 * 32;
+  at::Tensor x = at::zeros({M, k_padded}, x_in.options().dtype(at::kFloat));
+  x.narrow(1, 0, in_features).copy_(x_in);
+  const at::Tensor scales = scales_in.to(x_in.scalar_type()).contiguous();
+  at::Tensor bias_t;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
+    bias_t = bias->to(x_in.scalar_type()).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+  const int split_k = saliq_cuda_packed_gemv_split_k(M, in_features, N, g);
+  at::Tensor workspace = split_k > 1 ? at::empty({split_k, M, N}, x.options().dtype(at::kFloat)) : at::Tensor();
+  check_cuda(saliq_cuda_packed_gemv(x.data_ptr<float>(), dt, M, in_features, N, g, (int)bits, qweight.data_ptr<int32_t>(),
+                                    bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr, scales.data_ptr(),
+                                    zeros.data_ptr<int16_t>(), bias.has_value() ? bias_t.data_ptr() : nullptr,
+                                    y.data_ptr(), split_k > 1 ? workspace.data_ptr<float>() : nullptr, split_k,
+                                    (intptr_t)stream),
+             "packed_gemv");
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_lwc_fwd_cuda(const at::Tensor& W, const at::Tensor& hi,
+                                                           const at::Tensor& lo, const std::optional<at::Tensor>& S,
+                                                           const std::optional<at::Tensor>& delta, int64_t bits,
+                                                           int64_t group_size, bool symmetric, int64_t stream) {
+  check_bits(bits);
+  check_on_cuda(W, "W");
+  TORCH_CHECK_VALUE(W.dim() == 2, "W must be 2-D, got ", W.sizes());
+  const int64_t N = W.size(0), K = W.size(1), g = group_len_of(group_size, K, "fake_quant_lwc");
+  TORCH_CHECK_VALUE(hi.sizes() == at::IntArrayRef({N, K / g}) && lo.sizes() == hi.sizes(), "hi and lo must be [", N,
+                    ", ", K / g, "]");
+  at::Tensor w = f32(W), h = f32(hi), l = f32(lo), s_keep, d_keep;
+  const float* sp = opt_f32(S, s_keep);
+  const float* dp = opt_f32(delta, d_keep);
+  at::Tensor what = at::empty({N, K}, w.options());
+  at::Tensor partials = at::empty({std::max<int64_t>(N * (K / g), 1)}, w.options());
+  at::Tensor reg = at::empty({}, w.options());
+  check_cuda(saliq_cuda_fake_quant_fwd(w.data_ptr<float>(), h.data_ptr<float>(), l.data_ptr<float>(), sp, dp, N, K, g,
+                                       (int)bits, symmetric ? 1 : 0, what.data_ptr<float>(),
+                                       partials.data_ptr<float>(), reg.data_ptr<float>(), (intptr_t)stream),
+             "fake_quant_lwc_fwd");
+  return {what.to(W.scalar_type()), reg};
+}
+
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, std::optional<at::Tensor>> fake_quant_lwc_bwd_cuda(
+    const at::Tensor& grad_what, const at::Tensor& grad_reg, const at::Tensor& W, const at::Tensor& hi,
+    const at::Tensor& lo, const std::optional<at::Tensor>& S, const std::optional<at::Tensor>& delta, int64_t bits,
+    int64_t group_size, bool symmetric, bool need_dW, int64_t stream) {
+  check_bits(bits);
+  check_on_cuda(W, "W");
+  TORCH_CHECK_VALUE(W.dim() == 2 && grad_what.sizes() == W.sizes(), "grad_what must have the shape of W");
+  const int64_t N = W.size(0), K = W.size(1), g = group_len_of(group_size, K, "fake_quant_lwc");
+  at::Tensor w = f32(W), h = f32(hi), l = f32(lo), gw = f32(grad_what), gr = f32(grad_reg.reshape({})), s_keep,
+             d_keep;
+  const float* sp = opt_f32(S, s_keep);
+  const float* dp = opt_f32(delta, d_keep);
+  const auto opts = w.options();
+  at::Tensor dW = need_dW ? at::empty({N, K}, opts) : at::Tensor();
+  const bool want_ddelta = delta.has_value() && S.has_value();
+  at::Tensor ddelta = want_ddelta ? at::empty({N, K}, opts) : at::Tensor();
+  at::Tensor dhi = at::empty(hi.sizes(), opts), dlo = at::empty(lo.sizes(), opts);
+  check_cuda(saliq_cuda_fake_quant_bwd(gw.data_ptr<float>(), gr.data_ptr<float>(), w.data_ptr<float>(),
+                                       h.data_ptr<float>(), l.data_ptr<float>(), sp, dp, N, K, g, (int)bits,
+                                       symmetric ? 1 : 0, need_dW ? dW.data_ptr<float>() : nullptr,
+                                       dhi.data_ptr<float>(), dlo.data_ptr<float>(),
+                                       want_ddelta ? ddelta.data_ptr<float>() : nullptr, (intptr_t)stream),
+             "fake_quant_lwc_bwd");
+  std::optional<at::Tensor> dW_out, ddelta_out;
+  if (need_dW) dW_out = dW.to(W.scalar_type());
+  if (delta.has_value()) ddelta_out = want_ddelta ? ddelta.to(delta->scalar_type()) : at::zeros_like(*delta);
+  return {dW_out, dhi.to(hi.scalar_type()), dlo.to(lo.scalar_type()), ddelta_out};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> saliency_sq_error_cuda(const at::Tensor& A, const at::Tensor& B,
+                                                                         const std::optional<at::Tensor>& S,
+                                                                         bool need_grad, int64_t stream) {
+  check_on_cuda(A, "A");
+  TORCH_CHECK_VALUE(A.sizes() == B.sizes(), "B must have the shape of A ", A.sizes(), ", got ", B.sizes());
+  at::Tensor a = f32(A), b = f32(B), s_keep;
+  const float* sp = opt_f32(S, s_keep);
+  const int64_t n = a.numel();
+  at::Tensor grad = need_grad ? at::empty(A.sizes(), a.options()) : at::Tensor();
+  at::Tensor partials = at::empty({std::max<int64_t>(saliq_cuda_sq_error_partials(n), 1)}, a.options());
+  at::Tensor loss = at::empty({}, a.options());
+  check_cuda(saliq_cuda_sq_error(a.data_ptr<float>(), b.data_ptr<float>(), sp, n,
+                                 need_grad ? grad.data_ptr<float>() : nullptr, partials.data_ptr<float>(),
+                                 loss.data_ptr<float>(), (intptr_t)stream),
+             "saliency_sq_error");
+  std::optional<at::Tensor> grad_out;
+  if (need_grad) grad_out = grad.to(A.scalar_type());
+  return {loss, grad_out};
+}
+
+}  // namespace saliq
+
+#endif  // SALIQ_WITH_CUDA

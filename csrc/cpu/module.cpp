@@ -1,0 +1,46 @@
+// Python bindings of saliq._C: the CPU ops (ops.h), the SIMD path controls, and the CUDA ops when the
+// CUDA objects were built (cuda_ops.h, macro SALIQ_WITH_CUDA).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu/cpu_features.h"
+#include "cpu/cuda_ops.h"
+#include "cpu/ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "saliq C++ / CUDA kernels";
+  m.def("pack", &saliq::pack_cpu, "pack integers [N, K] into format v1 (CPU)");
+  m.def("unpack", &saliq::unpack_cpu, "format v1 -> uint8 [N, K] (CPU)");
+  m.def("dequantize", &saliq::dequantize_cpu, "format v1 -> W [N, K] in the scales' dtype (CPU)");
+  m.def("packed_matmul", &saliq::packed_matmul_cpu, "x W^T + bias with W in format v1 (CPU)");
+  m.def("packed_matmul_gemv_max_m", &saliq::packed_matmul_gemv_max_m);
+  m.def("set_packed_matmul_gemv_max_m", &saliq::set_packed_matmul_gemv_max_m,
+        "largest M served by the GEMV kernels (above: dequantized tiles + at::mm)");
+  m.def("fake_quant_lwc_fwd", &saliq::fake_quant_lwc_fwd_cpu, "LWC fake quantization forward (CPU)");
+  m.def("fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cpu, "LWC fake quantization backward (CPU)");
+  m.def("saliency_sq_error", &saliq::saliency_sq_error_cpu, "sum S (A - B)^2 and its gradient (CPU)");
+
+  m.def("cpu_isa", [] { return std::string(saliq::isa_name(saliq::active_isa())); },
+        "SIMD path in use: avx512, avx2 or portable");
+  m.def("cpu_isa_detected", [] { return std::string(saliq::isa_name(saliq::detected_isa())); });
+  m.def("set_cpu_isa_cap", [](const std::string& name) {
+    saliq::CpuIsa cap = saliq::CpuIsa::Avx512;
+    if (name == "portable") cap = saliq::CpuIsa::Portable;
+    else if (name == "avx2") cap = saliq::CpuIsa::Avx2;
+    else TORCH_CHECK_VALUE(name == "avx512", "cpu isa cap must be portable, avx2 or avx512, got ", name);
+    saliq::set_isa_cap(cap);
+  }, "cap the SIMD path (for tests): portable, avx2 or avx512");
+
+  m.attr("with_cuda") = py::bool_(saliq::kWithCuda);
+#ifdef SALIQ_WITH_CUDA
+  m.def("cuda_device_count", &saliq::cuda_device_count, "CUDA devices visible (0 with no driver / GPU)");
+  m.def("cuda_check_device", &saliq::cuda_check_device, "raise a clear error when no usable GPU is present");
+  m.def("cuda_packed_matmul", &saliq::packed_matmul_cuda);
+  m.def("cuda_fake_quant_lwc_fwd", &saliq::fake_quant_lwc_fwd_cuda);
+  m.def("cuda_fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cuda);
+  m.def("cuda_saliency_sq_error", &saliq::saliency_sq_error_cuda);
+#endif
+}

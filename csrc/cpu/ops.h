@@ -1,0 +1,41 @@
+// Tensor-level entry points of saliq._C (CPU), one per op of saliq/ref.py and saliq/packing.py, with the
+// same arguments and results. Bound to Python in module.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace saliq {
+
+std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& q, int64_t bits);
+at::Tensor unpack_cpu(const at::Tensor& qweight, const at::Tensor& qweight_hi, int64_t bits, int64_t in_features);
+at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features);
+at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                             const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                             int64_t in_features, const std::optional<at::Tensor>& bias);
+// Largest M that packed_matmul_cpu serves with the GEMV kernels (above it: dequantized tiles + at::mm).
+int64_t packed_matmul_gemv_max_m();
+void set_packed_matmul_gemv_max_m(int64_t m);
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_lwc_fwd_cpu(const at::Tensor& W, const at::Tensor& hi,
+                                                          const at::Tensor& lo, const std::optional<at::Tensor>& S,
+                                                          const std::optional<at::Tensor>& delta, int64_t bits,
+                                                          int64_t group_size, bool symmetric);
+std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, std::optional<at::Tensor>> fake_quant_lwc_bwd_cpu(
+    const at::Tensor& grad_what, const at::Tensor& grad_reg, const at::Tensor& W, const at::Tensor& hi,
+    const at::Tensor& lo, const std::optional<at::Tensor>& S, const std::optional<at::Tensor>& delta, int64_t bits,
+    int64_t group_size, bool symmetric, bool need_dW);
+std::tuple<at::Tensor, std::optional<at::Tensor>> saliency_sq_error_cpu(const at::Tensor& A, const at::Tensor& B,
+                                                                        const std::optional<at::Tensor>& S,
+                                                                        bool need_grad);
+
+// Shared argument checks (packing_ops.cpp).
+void check_bits(int64_t bits);
+int64_t group_len_of(int64_t group_size, int64_t in_features, const char* where);
+void check_packed(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+                  const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features);
+
+}  // namespace saliq

@@ -1,0 +1,173 @@
+// AVX-512 small-M packed matmul.
+// M <= 4, 2- and 3-bit: table lookup instead of unpack-and-multiply, one row of x at a time. For each
+// pair of inputs (k, k+1) a 16-entry table T[c0 + 4 c1] = c0 x[k] + c1 x[k+1] is built once per call; a
+// packed 2-bit word shifted right by 4j holds the pair's two codes in its low 4 bits, which is exactly the
+// index vpermps reads, so one shift + one permute + one add handle 2 inputs x 16 columns (exact fp32 products, fp32 sums). The
+// 3-bit plane adds, per 4 inputs, a table of 4 (sum of bit_i x[k+i]) indexed by 4 bits of the hi word.
+// Other cases: bf16 activations on AVX512_BF16 CPUs -> packed_gemv_avx512_bf16.cpp; else the shared FMA
+// kernel (packed_gemv_fma.h) over 16-lane vectors.
+// Work split: blocks of 64 columns (LUT) or 32 columns (FMA), handed out dynamically to OpenMP threads
+// (each block is computed by one thread, so results do not depend on the schedule).
+#include <immintrin.h>
+#include <stdint.h>
+
+#include <vector>
+
+#include "cpu/packed_gemv.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+
+namespace {
+
+struct VecAvx512 {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static I set1_i(int v) { return _mm512_set1_epi32(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static I load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static I srl(I a, int s) { return _mm512_srli_epi32(a, s); }
+  static I sll(I a, int s) { return _mm512_slli_epi32(a, s); }
+  static I and_i(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_i(I a, I b) { return _mm512_or_si512(a, b); }
+  static F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F load_zeros(const int16_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  }
+  static F load_scales(const void* base, saliq::ScaleType type, int64_t idx) {
+    if (type == saliq::ScaleType::F32) return _mm512_loadu_ps(static_cast<const float*>(base) + idx);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + idx));
+    if (type == saliq::ScaleType::F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+};
+
+}  // namespace
+
+#include "cpu/packed_gemv_fma.h"
+
+namespace {
+
+constexpr int kLutVectors = 4;  // 64 columns per block
+
+// pair_tables: [k_padded / 2][16]; hi_tables (3-bit): [k_padded / 4][16] (entries past 15 unused).
+void build_tables(const float* x, int64_t k_padded, int bits, float* pair_tables, float* hi_tables) {
+  for (int64_t pr = 0; pr < k_padded / 2; ++pr) {
+    const float x0 = x[2 * pr], x1 = x[2 * pr + 1];
+    for (int c = 0; c < 16; ++c) pair_tables[pr * 16 + c] = (float)(c & 3) * x0 + (float)(c >> 2) * x1;
+  }
+  if (bits != 3) return;
+  for (int64_t qd = 0; qd < k_padded / 4; ++qd) {
+    const float* xq = x + 4 * qd;
+    for (int c = 0; c < 16; ++c) {
+      float v = 0.0f;
+      for (int i = 0; i < 4; ++i)
+        if (c & (1 << i)) v += xq[i];
+      hi_tables[qd * 16 + c] = 4.0f * v;
+    }
+  }
+}
+
+template <int BITS>
+void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_tables, const float* hi_tables) {
+  constexpr int NV = kLutVectors;
+  __m512 yacc[NV];
+  for (int v = 0; v < NV; ++v) yacc[v] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m512 acc[NV], acc_b[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = acc_b[v] = _mm512_setzero_ps();
+    const int64_t r_begin = g * p.group_len / 16;
+    const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      __m512i w[NV];
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(p.qweight + r * p.N + n0 + v * 16);
+      const float* t = pair_tables + r * 8 * 16;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m512 table = _mm512_loadu_ps(t + j * 16);
+        for (int v = 0; v < NV; ++v) {
+          // even j into acc, odd j into acc_b: two independent add chains per vector
+          const __m512 val = _mm512_permutexvar_ps(_mm512_srli_epi32(w[v], 4 * j), table);
+          if (j & 1) acc_b[v] = _mm512_add_ps(acc_b[v], val);
+          else acc[v] = _mm512_add_ps(acc[v], val);
+        }
+      }
+      if (BITS == 3 && (r & 1) == 0) {  // one hi word covers two 2-bit word rows (32 inputs)
+        const int64_t r_hi = r >> 1;
+        const int64_t quads = (r + 1 < r_end) ? 8 : 4;
+        __m512i h[NV];
+        for (int v = 0; v < NV; ++v) h[v] = _mm512_loadu_si512(p.qweight_hi + r_hi * p.N + n0 + v * 16);
+        const float* th = hi_tables + r_hi * 8 * 16;
+        for (int j = 0; j < quads; ++j) {
+          const __m512 table = _mm512_loadu_ps(th + j * 16);
+          for (int v = 0; v < NV; ++v) {
+            const __m512 val = _mm512_permutexvar_ps(_mm512_srli_epi32(h[v], 4 * j), table);
+            if (j & 1) acc_b[v] = _mm512_add_ps(acc_b[v], val);
+            else acc[v] = _mm512_add_ps(acc[v], val);
+          }
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int64_t idx = g * p.N + n0 + v * 16;
+      const __m512 s = VecAvx512::load_scales(p.scales, p.scale_type, idx);
+      const __m512 z = VecAvx512::load_zeros(p.zeros + idx);
+      const __m512 xs = _mm512_set1_ps(p.x_group_sum[g]);
+      yacc[v] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, _mm512_add_ps(acc[v], acc_b[v])), yacc[v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __m512 b = p.bias ? _mm512_loadu_ps(p.bias + n0 + v * 16) : _mm512_setzero_ps();
+    _mm512_storeu_ps(p.y + n0 + v * 16, _mm512_add_ps(yacc[v], b));
+  }
+}
+
+int64_t lut_gemv(const saliq::PackedGemvProblem& p) {
+  std::vector<float> pair_tables(p.k_padded / 2 * 16);
+  std::vector<float> hi_tables(p.bits == 3 ? p.k_padded / 4 * 16 : 0);
+  build_tables(p.x, p.k_padded, p.bits, pair_tables.data(), hi_tables.data());
+  constexpr int64_t kBlock = 16 * kLutVectors;
+  const int64_t blocks = p.N / kBlock;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (p.bits == 3) lut_block<3>(p, b * kBlock, pair_tables.data(), hi_tables.data());
+    else lut_block<2>(p, b * kBlock, pair_tables.data(), hi_tables.data());
+  }
+  return blocks * kBlock;
+}
+
+}  // namespace
+
+namespace saliq {
+
+int64_t packed_gemv_avx512(const PackedGemvProblem& p) {
+  // The table lookup serves one row of x at a time; up to kLutMaxM rows it beats the shared-unpack FMA
+  // kernel even though it streams the weights once per row (measured, docs/NOTES_cpp.md).
+  constexpr int64_t kLutMaxM = 4;
+  if (p.M <= kLutMaxM && p.bits != 4 && p.N >= 16 * kLutVectors) {
+    int64_t done = 0;
+    for (int64_t m = 0; m < p.M; ++m) {
+      PackedGemvProblem row = p;
+      row.M = 1;
+      row.x = p.x + m * p.k_padded;
+      row.x_group_sum = p.x_group_sum + m * p.G;
+      row.y = p.y + m * p.N;
+      done = lut_gemv(row);
+    }
+    if (done < p.N) packed_gemv_portable(p, done, p.N);  // tail columns, all rows
+    return p.N;
+  }
+  if (p.x_is_bf16 && has_avx512_bf16()) return packed_gemv_avx512_bf16(p);
+  return fma_gemv<VecAvx512, 2>(p);
+}
+
+}  // namespace saliq
+
+#pragma GCC pop_options

@@ -1,0 +1,159 @@
+// Packed format v1 on the CPU: pack, unpack and dequantize (bit-exact with saliq/packing.py and
+// saliq/ref.py dequantize), plus the argument checks every packed op shares.
+// Work split: OpenMP over word rows (pack) or over blocks of 16 output rows n (unpack, dequantize).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+
+#include "common/quant_math.h"
+#include "cpu/ops.h"
+
+namespace saliq {
+
+void check_bits(int64_t bits) {
+  TORCH_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4, "bits=", bits, " is not supported; allowed: (2, 3, 4)");
+}
+
+int64_t group_len_of(int64_t group_size, int64_t in_features, const char* where) {
+  TORCH_CHECK_VALUE(in_features > 0, where, ": in_features=", in_features, " must be positive");
+  TORCH_CHECK_VALUE(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, where,
+                    ": group_size=", group_size, " is not supported; allowed: (32, 64, 128, -1)");
+  const int64_t g = group_size == -1 ? in_features : group_size;
+  TORCH_CHECK_VALUE(in_features % g == 0, where, ": group_size=", group_size, " does not divide in_features=",
+                    in_features);
+  return g;
+}
+
+void check_packed(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+                  const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features) {
+  check_bits(bits);
+  const int64_t g = group_len_of(group_size, in_features, "packed weight");
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "qweight must be a 2-D int32 tensor");
+  const int64_t n = qweight.size(1);
+  TORCH_CHECK_VALUE(qweight.size(0) == packed_rows(in_features, low_plane_width((int)bits)), "qweight has ",
+                    qweight.size(0), " rows; ", bits, "-bit in_features=", in_features, " needs ",
+                    packed_rows(in_features, low_plane_width((int)bits)));
+  if (bits == 3) {
+    TORCH_CHECK_VALUE(qweight_hi.dim() == 2 && qweight_hi.scalar_type() == at::kInt &&
+                          qweight_hi.size(0) == packed_rows(in_features, 1) && qweight_hi.size(1) == n,
+                      "qweight_hi must be int32 [", packed_rows(in_features, 1), ", ", n, "], got ",
+                      qweight_hi.sizes());
+    TORCH_CHECK_VALUE(qweight_hi.is_contiguous(), "qweight_hi must be contiguous");
+  }
+  const int64_t groups = in_features / g;
+  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == groups && scales.size(1) == n, "scales must be [",
+                    groups, ", ", n, "], got ", scales.sizes());
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf ||
+                        scales.scalar_type() == at::kBFloat16,
+                    "scales must be float32, float16 or bfloat16, got ", scales.scalar_type());
+  TORCH_CHECK_VALUE(zeros.scalar_type() == at::kShort && zeros.sizes() == scales.sizes(),
+                    "zeros must be int16 with the shape of scales ", scales.sizes(), ", got ", zeros.scalar_type(),
+                    " ", zeros.sizes());
+  TORCH_CHECK_VALUE(qweight.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous(),
+                    "qweight, scales and zeros must be contiguous");
+}
+
+namespace {
+
+void pack_plane(const int32_t* q, int64_t n, int64_t k, int width, int shift, int32_t* out) {
+  const int per = 32 / width;
+  const int64_t rows = packed_rows(k, width);
+  const uint32_t mask = (1u << width) - 1u;
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        uint32_t word = 0;
+        const int64_t kend = std::min<int64_t>(k, (r + 1) * per);
+        for (int64_t kk = r * per; kk < kend; ++kk)
+          word |= (((uint32_t)q[j * k + kk] >> shift) & mask) << ((kk - r * per) * width);
+        out[r * n + j] = (int32_t)word;
+      }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& q_in, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK_VALUE(q_in.dim() == 2, "q must be 2-D [out_features, in_features], got shape ", q_in.sizes());
+  TORCH_CHECK_VALUE(!q_in.is_floating_point() && q_in.scalar_type() != at::kBool, "q must hold integers, got dtype ",
+                    q_in.scalar_type());
+  TORCH_CHECK_VALUE(q_in.device().is_cpu(), "q must be a CPU tensor");
+  const int64_t qmax = (1 << bits) - 1;
+  if (q_in.numel()) {
+    const int64_t lo = q_in.min().item<int64_t>(), hi = q_in.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= qmax, "q holds values in [", lo, ", ", hi, "]; ", bits, "-bit allows [0, ",
+                      qmax, "]");
+  }
+  const at::Tensor q = q_in.to(at::kInt).contiguous();
+  const int64_t n = q.size(0), k = q.size(1);
+  const int low = low_plane_width((int)bits);
+  at::Tensor qweight = at::empty({packed_rows(k, low), n}, q.options().dtype(at::kInt));
+  pack_plane(q.data_ptr<int32_t>(), n, k, low, 0, qweight.data_ptr<int32_t>());
+  at::Tensor qweight_hi;
+  if (bits == 3) {
+    qweight_hi = at::empty({packed_rows(k, 1), n}, q.options().dtype(at::kInt));
+    pack_plane(q.data_ptr<int32_t>(), n, k, 1, 2, qweight_hi.data_ptr<int32_t>());
+  } else {
+    qweight_hi = at::empty({0}, q.options().dtype(at::kInt));
+  }
+  return {qweight, qweight_hi};
+}
+
+// Calls fn(n, k, q) for every element of rows [n0, n1); the inner loops walk packed words along N.
+template <class Fn>
+static void for_each_code(const int32_t* qw, const int32_t* qh, int bits, int64_t n_total, int64_t k_total,
+                          int64_t n0, int64_t n1, Fn&& fn) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < k_total; ++k) fn(n, k, code_at(qw, qh, bits, k, n, n_total));
+}
+
+at::Tensor unpack_cpu(const at::Tensor& qweight, const at::Tensor& qweight_hi, int64_t bits, int64_t in_features) {
+  check_bits(bits);
+  TORCH_CHECK_VALUE(in_features > 0, "in_features=", in_features, " must be positive");
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "qweight must be a 2-D int32 tensor");
+  TORCH_CHECK_VALUE(qweight.size(0) >= packed_rows(in_features, low_plane_width((int)bits)), "qweight has ",
+                    qweight.size(0), " rows, too few for in_features=", in_features);
+  const at::Tensor qw = qweight.contiguous();
+  const int64_t n = qw.size(1);
+  at::Tensor qh = qweight_hi;
+  if (bits == 3) {
+    TORCH_CHECK_VALUE(qweight_hi.dim() == 2 && qweight_hi.size(1) == n &&
+                          qweight_hi.size(0) >= packed_rows(in_features, 1),
+                      "qweight_hi must be int32 [", packed_rows(in_features, 1), ", ", n, "]");
+    qh = qweight_hi.contiguous();
+  }
+  at::Tensor out = at::empty({n, in_features}, qw.options().dtype(at::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int32_t* qwp = qw.data_ptr<int32_t>();
+  const int32_t* qhp = bits == 3 ? qh.data_ptr<int32_t>() : nullptr;
+  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    for_each_code(qwp, qhp, (int)bits, n, in_features, n0, n1,
+                  [&](int64_t j, int64_t k, uint32_t q) { o[j * in_features + k] = (uint8_t)q; });
+  });
+  return out;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features) {
+  check_packed(qweight, qweight_hi, scales, zeros, bits, group_size, in_features);
+  const int64_t g = group_len_of(group_size, in_features, "dequantize");
+  const int64_t n = qweight.size(1);
+  at::Tensor out = at::empty({n, in_features}, scales.options());
+  const int32_t* qwp = qweight.data_ptr<int32_t>();
+  const int32_t* qhp = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;
+  const int16_t* zp = zeros.data_ptr<int16_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "dequantize_cpu", [&] {
+    const scalar_t* sp = scales.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+      for_each_code(qwp, qhp, (int)bits, n, in_features, n0, n1, [&](int64_t j, int64_t k, uint32_t q) {
+        const int64_t idx = (k / g) * n + j;
+        o[j * in_features + k] = (scalar_t)dequant_value(q, (float)zp[idx], (float)sp[idx]);
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace saliq

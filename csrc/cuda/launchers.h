@@ -1,0 +1,47 @@
+// extern "C" launchers of the CUDA kernels: device pointers, sizes and a stream (cudaStream_t passed as an
+// integer, the caller's current stream). No torch and no CUDA headers, so any C++ code can include it.
+// Every function returns a cudaError_t value (0 = success); saliq_cuda_error_string describes it.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Data types of activations / scales / outputs.
+enum SaliqDtype { SALIQ_F32 = 0, SALIQ_F16 = 1, SALIQ_BF16 = 2 };
+
+int saliq_cuda_device_count(int* count);
+const char* saliq_cuda_error_string(int error);
+
+// y[M, N] = x[M, K] W^T + bias for M <= 8, W in packed format v1. x: fp32 [M, k_padded], k_padded = K
+// rounded up to a multiple of 32, zero past K. scales [G, N], bias [N] and y [M, N] share `dtype`.
+// workspace: fp32 [split_k, M, N] when split_k > 1 (partial sums reduced in a fixed order), else unused.
+int saliq_cuda_packed_gemv(const float* x, int dtype, int64_t M, int64_t K, int64_t N, int64_t group_len, int bits,
+                           const int32_t* qweight, const int32_t* qweight_hi, const void* scales,
+                           const int16_t* zeros, const void* bias, void* y, float* workspace, int split_k,
+                           intptr_t stream);
+// Split-K factor the GEMV launcher would like for this shape (1 = none).
+int saliq_cuda_packed_gemv_split_k(int64_t M, int64_t K, int64_t N, int64_t group_len);
+
+// LWC fake quantization on fp32 buffers (the C++ side converts fp16 / bf16). W, S, delta, what: [N, K];
+// hi, lo: [N, G]. reg_partials: fp32 [N * G] scratch; reg: fp32 scalar (sum S (What + delta - W)^2, 0 if S null).
+int saliq_cuda_fake_quant_fwd(const float* W, const float* hi, const float* lo, const float* S, const float* delta,
+                              int64_t N, int64_t K, int64_t group_len, int bits, int symmetric, float* what,
+                              float* reg_partials, float* reg, intptr_t stream);
+// dW / ddelta may be null (not computed).
+int saliq_cuda_fake_quant_bwd(const float* grad_what, const float* grad_reg, const float* W, const float* hi,
+                              const float* lo, const float* S, const float* delta, int64_t N, int64_t K,
+                              int64_t group_len, int bits, int symmetric, float* dW, float* dhi, float* dlo,
+                              float* ddelta, intptr_t stream);
+
+// loss = sum S (A - B)^2 over n fp32 elements (S may be null); grad = 2 S (A - B) when non-null.
+// partials: fp32 scratch of saliq_cuda_sq_error_partials(n) elements.
+int64_t saliq_cuda_sq_error_partials(int64_t n);
+int saliq_cuda_sq_error(const float* A, const float* B, const float* S, int64_t n, float* grad, float* partials,
+                        float* loss, intptr_t stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,130 @@
+"""The `cpp` backend (CPU C++ kernels in saliq._C) and, when saliq._C was built with CUDA, the `cuda` backend.
+
+Importing this module registers them in `saliq.backends`; an ImportError (saliq._C not built) leaves them
+unavailable. Each function has the signature of the same-named function in saliq/ref.py or saliq/packing.py.
+
+CPU SIMD paths are chosen at run time (AVX-512 > AVX2/FMA > portable); `set_cpu_isa("avx2")` or the
+environment variable SALIQ_CPU_ISA caps the choice, `cpu_isa()` reports the path in use.
+The `cuda` functions raise RuntimeError with the CUDA error string when no usable GPU is present.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends, ref
+
+try:
+    from . import _C
+except ImportError as exc:  # the extension was not built: the backends stay unavailable
+    raise ImportError(
+        f"saliq._C is not built ({exc}); run `pip install --no-build-isolation -e .` or "
+        "`python setup.py build_ext --inplace`") from exc
+
+WITH_CUDA: bool = bool(_C.with_cuda)
+CUDA_GEMV_MAX_M = 8
+
+
+def cpu_isa() -> str:
+    """SIMD path the CPU kernels use: 'avx512', 'avx2' or 'portable'."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Cap the CPU SIMD path ('portable', 'avx2' or 'avx512'); the CPU's own support still applies."""
+    _C.set_cpu_isa_cap(name)
+
+
+# ---------------------------------------------------------------- cpp (CPU)
+def pack(q, bits):
+    return _C.pack(q, bits)
+
+
+def unpack(qweight, qweight_hi, bits, in_features):
+    return _C.unpack(qweight, qweight_hi, bits, in_features)
+
+
+def dequantize(qweight, qweight_hi, scales, zeros, bits, group_size, in_features):
+    return _C.dequantize(qweight, qweight_hi, scales, zeros, bits, group_size, in_features)
+
+
+def packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features,
+                  bias: Optional[torch.Tensor]):
+    return _C.packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
+
+
+def fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric):
+    return _C.fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric)
+
+
+def fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric, need_dW):
+    return _C.fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric, need_dW)
+
+
+def saliency_sq_error(A, B, S, need_grad):
+    return _C.saliency_sq_error(A, B, S, need_grad)
+
+
+for _op, _fn in (("pack", pack), ("unpack", unpack), ("dequantize", dequantize), ("packed_matmul", packed_matmul),
+                 ("fake_quant_lwc_fwd", fake_quant_lwc_fwd), ("fake_quant_lwc_bwd", fake_quant_lwc_bwd),
+                 ("saliency_sq_error", saliency_sq_error)):
+    backends.register("cpp", _op, _fn)
+
+
+# ---------------------------------------------------------------- cuda
+def cuda_device_count() -> int:
+    """CUDA devices the saliq CUDA kernels can see (0 without a driver or GPU, or when not built)."""
+    return int(_C.cuda_device_count()) if WITH_CUDA else 0
+
+
+_cuda_checked = False
+
+
+def _cuda_ready(t: torch.Tensor) -> int:
+    """Raise a clear error unless a GPU is usable and t is on it; returns the current stream as an integer."""
+    if not WITH_CUDA:
+        raise RuntimeError("saliq._C was built without CUDA (no CUDA toolkit at build time): the cuda backend "
+                           "is unavailable; rebuild with nvcc on PATH or CUDA_HOME set")
+    global _cuda_checked
+    if not _cuda_checked:
+        _C.cuda_check_device()  # RuntimeError naming the CUDA error (no driver, no device, ...)
+        _cuda_checked = True
+    if t.device.type != "cuda":
+        raise RuntimeError(f"the cuda backend needs CUDA tensors, got a tensor on {t.device}")
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features,
+                       bias: Optional[torch.Tensor]):
+    stream = _cuda_ready(x)
+    if x.shape[0] > CUDA_GEMV_MAX_M:  # prefill sizes: the hand-written kernel is a decode GEMV
+        return ref.packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
+    with torch.cuda.device(x.device):
+        return _C.cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias,
+                                     stream)
+
+
+def cuda_fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric):
+    stream = _cuda_ready(W)
+    with torch.cuda.device(W.device):
+        return _C.cuda_fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric, stream)
+
+
+def cuda_fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric, need_dW):
+    stream = _cuda_ready(W)
+    with torch.cuda.device(W.device):
+        return _C.cuda_fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric,
+                                          need_dW, stream)
+
+
+def cuda_saliency_sq_error(A, B, S, need_grad):
+    stream = _cuda_ready(A)
+    with torch.cuda.device(A.device):
+        return _C.cuda_saliency_sq_error(A, B, S, need_grad, stream)
+
+
+if WITH_CUDA:
+    for _op, _fn in (("packed_matmul", cuda_packed_matmul), ("fake_quant_lwc_fwd", cuda_fake_quant_lwc_fwd),
+                     ("fake_quant_lwc_bwd", cuda_fake_quant_lwc_bwd), ("saliency_sq_error", cuda_saliency_sq_error)):
+        backends.register("cuda", _op, _fn)

@@ -1,0 +1,82 @@
+"""The CUDA part of saliq._C: built for sm_80 and sm_90a when a toolkit is present; importable without a GPU;
+a clear error when a cuda op is called with no usable GPU."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+cpp = pytest.importorskip("saliq.cpp_backend", reason="saliq._C is not built")
+
+
+def _load_build_config():
+    """build_ext_config.py from the repository root (not an installed module)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build_ext_config.py")
+    spec = importlib.util.spec_from_file_location("build_ext_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_ext_config = _load_build_config()
+
+TOOLKIT = build_ext_config.find_cuda_toolkit()
+needs_toolkit = pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (nvcc) on this machine")
+
+
+def find_cuobjdump():
+    candidates = [os.path.join(TOOLKIT["root"], "bin", "cuobjdump")] if TOOLKIT else []
+    candidates.append(shutil.which("cuobjdump"))
+    try:  # Triton's wheel ships one
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@needs_toolkit
+def test_extension_was_built_with_cuda():
+    assert cpp.WITH_CUDA, "a CUDA toolkit is present but saliq._C was built without CUDA: rebuild"
+
+
+@needs_toolkit
+def test_cuda_code_for_sm80_and_sm90a():
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to inspect the binary")
+    listing = subprocess.run([tool, "--list-elf", cpp._C.__file__], capture_output=True, text=True, check=True).stdout
+    for arch in build_ext_config.CUDA_ARCHS:
+        assert f".{arch}." in listing, f"no {arch} cubin in {cpp._C.__file__}:\n{listing}"
+    kernels = subprocess.run([tool, "--dump-resource-usage", cpp._C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    for name in ("packed_gemv_kernel", "fake_quant_fwd_kernel", "fake_quant_bwd_kernel", "sq_error_kernel"):
+        assert name in kernels, f"kernel {name} missing from the built cubins"
+
+
+@needs_toolkit
+def test_cuda_backend_registered():
+    from saliq import backends
+
+    for op in ("packed_matmul", "fake_quant_lwc_fwd", "fake_quant_lwc_bwd", "saliency_sq_error"):
+        assert "cuda" in backends._impls and op in backends._impls["cuda"], op
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_cuda_ops_without_gpu_raise_clear_error():
+    assert cpp.cuda_device_count() == 0
+    W = torch.randn(4, 32)
+    hi = lo = torch.zeros(4, 1)
+    expected = "CUDA" if cpp.WITH_CUDA else "without CUDA"
+    with pytest.raises(RuntimeError, match=expected):
+        cpp.cuda_fake_quant_lwc_fwd(W, hi, lo, None, None, 2, 32, False)
+    with pytest.raises(RuntimeError, match=expected):
+        cpp.cuda_saliency_sq_error(W, W, None, False)
+    with pytest.raises(RuntimeError, match=expected):
+        cpp.cuda_packed_matmul(torch.randn(1, 32), torch.zeros(2, 4, dtype=torch.int32),
+                               torch.empty(0, dtype=torch.int32), torch.ones(1, 4), torch.zeros(1, 4, dtype=torch.int16),
+                               2, 32, 32, None)

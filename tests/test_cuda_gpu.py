@@ -1,0 +1,101 @@
+"""The cuda backend (hand-written CUDA kernels in saliq._C) against saliq/ref.py on a GPU."""
+import pytest
+import torch
+
+from saliq import packing, ref
+from saliq.spec import QuantSpec
+
+cpp = pytest.importorskip("saliq.cpp_backend", reason="saliq._C is not built")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not cpp.WITH_CUDA, reason="saliq._C was built without CUDA"),
+]
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def assert_close_rel(out, expected, tol, what=""):
+    assert out.shape == expected.shape and out.dtype == expected.dtype, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (an unwritten element?)"
+    err = float((out.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30))
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
+
+
+def poison():
+    """Fill the caching allocator's free blocks with NaN, so unwritten output elements show up."""
+    for n in (1 << 12, 1 << 16, 1 << 20, 1 << 22):
+        torch.full((n,), float("nan"), device="cuda")
+
+
+def random_packed(n, k, bits, group_size, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits=bits, group_size=group_size)
+    groups = spec.num_groups(k)
+    q = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scales = (torch.rand(n, groups, generator=g) + 0.5) * 0.02
+    zeros = torch.randint(-3, (1 << bits) + 3, (n, groups), generator=g).float()
+    p = packing.pack_weight(q, scales, zeros, spec, dtype=dtype)
+    return {k_: v.cuda() for k_, v in p.tensors().items()}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,k", [(32, 96), (64, 4096), (128, 256), (-1, 100)])
+@pytest.mark.parametrize("n", [37, 256, 4096])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_gemv_matches_ref(bits, group_size, k, n, m, dtype):
+    p = random_packed(n, k, bits, group_size, dtype, seed=bits + n)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype) if m != 3 else None
+    args = (x, p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], bits, group_size, k, bias)
+    poison()
+    out = cpp.cuda_packed_matmul(*args)
+    assert_close_rel(out, ref.packed_matmul(*args), TOL[dtype], "y")
+    assert torch.equal(out, cpp.cuda_packed_matmul(*args)), "not deterministic"
+
+
+@pytest.mark.parametrize("bits,group_size,k", [(2, 32, 96), (3, 64, 192), (4, 128, 256), (2, -1, 100)])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("saliency", ["none", "S", "S+delta"])
+def test_fake_quant_matches_ref(bits, group_size, k, symmetric, dtype, saliency):
+    n = 37
+    W = torch.randn(n, k, device="cuda").to(dtype)
+    groups = k // (k if group_size == -1 else group_size)
+    hi, lo = (torch.randn(n, groups, device="cuda") * 2 + 2 for _ in range(2))
+    S = torch.rand(n, k, device="cuda").add_(0.1).to(dtype) if saliency != "none" else None
+    delta = (torch.randn(n, k, device="cuda") * 0.01).to(dtype) if saliency == "S+delta" else None
+    poison()
+    what, reg = cpp.cuda_fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric)
+    what_ref, reg_ref = ref.fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric)
+    assert_close_rel(what, what_ref, TOL[dtype], "What")
+    if S is not None:
+        assert_close_rel(reg, reg_ref, 1e-5, "reg")
+    grad_what = torch.randn(n, k, device="cuda").to(dtype)
+    grad_reg = torch.tensor(0.7, device="cuda")
+    for need_dW in (False, True):
+        poison()
+        got = cpp.cuda_fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric,
+                                          need_dW)
+        exp = ref.fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric, need_dW)
+        for name, a, b in zip(("dW", "dhi", "dlo", "ddelta"), got, exp):
+            if b is None:
+                assert a is None, name
+            else:
+                assert_close_rel(a, b, max(TOL[dtype], 1e-5), name)
+
+
+@pytest.mark.parametrize("with_s", [False, True])
+@pytest.mark.parametrize("numel", [1, 1000, 3_000_001])
+def test_sq_error_matches_ref_and_is_deterministic(with_s, numel):
+    A, B = torch.randn(numel, device="cuda"), torch.randn(numel, device="cuda")
+    S = torch.rand(numel, device="cuda") if with_s else None
+    poison()
+    loss, grad = cpp.cuda_saliency_sq_error(A, B, S, True)
+    loss_ref, grad_ref = ref.saliency_sq_error(A, B, S, True)
+    assert_close_rel(loss, loss_ref, 1e-5, "loss")
+    assert_close_rel(grad, grad_ref, 1e-5, "grad")
+    assert torch.equal(loss, cpp.cuda_saliency_sq_error(A, B, S, False)[0])
