@@ -21,7 +21,7 @@ CSRC   := $(shell find csrc -type f)
 export MAX_JOBS ?= 2
 
 $(STAMP): $(PY) pyproject.toml setup.py build_ext_config.py
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q --upgrade "setuptools>=68" wheel
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q $(TRITON)
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
