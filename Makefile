@@ -21,7 +21,7 @@ CSRC   := $(shell find csrc -type f)
 export MAX_JOBS ?= 2
 
 $(STAMP): $(PY) pyproject.toml setup.py build_ext_config.py
-	$(PIP) install -q --upgrade "setuptools>=68" wheel
+	$(PIP) install -q --upgrade "setuptools>=77" wheel
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q $(TRITON)
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
@@ -30,7 +30,7 @@ $(STAMP): $(PY) pyproject.toml setup.py build_ext_config.py
 install: $(STAMP)
 
 # the editable install builds saliq._C; rebuild it in place only when csrc/ changes
-$(BUILT): $(STAMP) $(CSRC)
+$(BUILT): $(CSRC) | $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	touch $(BUILT)
 

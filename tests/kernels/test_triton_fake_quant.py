@@ -1,27 +1,13 @@
 """Triton LWC fake quantization against saliq.ref and against the autograd of an ApiQ-style composite."""
-import os
-
 import pytest
 import torch
+from triton_setup import DEVICE, DTYPES, hermetic_kernels  # noqa: F401  (skips without Triton)
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU", allow_module_level=True)
-
-from composite import omniquant_fake_quant  # noqa: E402
-from conftest import TOLERANCE, assert_close, rel_err  # noqa: E402
-from saliq import ops, ref  # noqa: E402
-from saliq.kernels import fake_quant as fq  # noqa: E402
-from saliq.spec import QuantSpec  # noqa: E402
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _hermetic(monkeypatch):
-    monkeypatch.setenv("SALIQ_POISON_OUTPUTS", "1")  # NaN-filled outputs: an unwritten element fails
-    monkeypatch.setenv("SALIQ_AUTOTUNE", "0")  # default configurations; no timing, no cache writes
+from composite import omniquant_fake_quant
+from conftest import TOLERANCE, assert_close, rel_err
+from saliq import ops, ref
+from saliq.kernels import fake_quant as fq
+from saliq.spec import QuantSpec
 
 
 def _inputs(n, k, group_size, dtype, ties=False):

@@ -1,27 +1,13 @@
 """Triton packed matmul / packed linear / dequantize against saliq.ref, for every regime of the kernel."""
-import os
-
 import pytest
 import torch
+from triton_setup import DEVICE, DTYPES, hermetic_kernels  # noqa: F401  (skips without Triton)
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU", allow_module_level=True)
-
-from conftest import assert_close  # noqa: E402
-from saliq import ops, packing, ref  # noqa: E402
-from saliq.kernels import dequantize as dq  # noqa: E402
-from saliq.kernels import packed_matmul as pm  # noqa: E402
-from saliq.spec import QuantSpec  # noqa: E402
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _hermetic(monkeypatch):
-    monkeypatch.setenv("SALIQ_POISON_OUTPUTS", "1")  # NaN-filled outputs: an unwritten element fails
-    monkeypatch.setenv("SALIQ_AUTOTUNE", "0")  # default configurations; no timing, no cache writes
+from conftest import assert_close
+from saliq import ops, packing, ref
+from saliq.kernels import dequantize as dq
+from saliq.kernels import packed_matmul as pm
+from saliq.spec import QuantSpec
 
 
 def _packed(n, k, bits, group_size, dtype):

@@ -1,25 +1,11 @@
 """Triton saliency-weighted squared error and MSE against saliq.ref: values, fused gradients, determinism."""
-import os
-
 import pytest
 import torch
+from triton_setup import DEVICE, DTYPES, hermetic_kernels  # noqa: F401  (skips without Triton)
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU", allow_module_level=True)
-
-from conftest import assert_close, rel_err  # noqa: E402
-from saliq import ops, ref  # noqa: E402
-from saliq.kernels import common, sq_error  # noqa: E402
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _hermetic(monkeypatch):
-    monkeypatch.setenv("SALIQ_POISON_OUTPUTS", "1")  # NaN-filled outputs: an unwritten element fails
-    monkeypatch.setenv("SALIQ_AUTOTUNE", "0")  # default configurations; no timing, no cache writes
+from conftest import assert_close, rel_err
+from saliq import ops, ref
+from saliq.kernels import common, sq_error
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
