@@ -126,6 +126,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantLinear":
         """Round-to-nearest quantization of an nn.Linear."""
         W = linear.weight.detach()
+        spec.group_len(W.shape[1])  # a group size that does not divide in_features: a clear error here
         q, s, z = ref.rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric)
         return cls(pack_weight(q, s, z, spec, dtype=W.dtype), linear.bias, spec=spec)
 

@@ -96,3 +96,8 @@ def test_quant_linear_half_precision_and_size():
 def test_lora_rank_validation():
     with pytest.raises(ValueError, match="lora_rank=-1"):
         FakeQuantLinear.from_linear(torch.nn.Linear(64, 8), QuantSpec(2, 32), lora_rank=-1)
+
+
+def test_from_linear_rejects_group_that_does_not_divide():
+    with pytest.raises(ValueError, match="group_size=64 does not divide in_features=96"):
+        QuantLinear.from_linear(torch.nn.Linear(96, 8), QuantSpec(2, 64))

@@ -1,0 +1,431 @@
+"""Block-wise calibration (ARCHITECTURE.md 1.3): ApiQ-bw with saliency-aware regularisation.
+
+Each decoder block in turn: its linears become FakeQuantLinear (frozen W, LWC logits, LoRA), trained with
+AdamW on
+    L = lambda_loss * [MSE(F_fp(X_fp), F_q(X_q)) + MSE(F_fp(X_q), F_q(X_q))] + lambda_reg * m_i * sum_l P_l,
+    P_l = sum S_l (Weff_l - W_l)^2,
+then packed into QuantLinear layers, and the activations move on: X_fp <- F_fp(X_fp), X_q <- F_q(X_q).
+
+Stages (lambda_loss, lambda_reg): opt = (1, 0), wpt = (0, lambda), mixed = (1, lambda); a schedule is a list
+such as [("wpt", 2), ("opt", 2)]. After every block the state (finished blocks, activations, log, RNG) is
+checkpointed atomically into `work_dir`; the same call with the same settings resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import hf, ops
+from . import saliency as saliency_mod
+from .nn import FakeQuantLinear, QuantLinear
+from .spec import QuantSpec
+
+METHODS = ("rtn", "apiq", "saliq")
+STAGES = {"opt": (1.0, 0.0), "wpt": (0.0, 1.0), "mixed": (1.0, 1.0)}  # (lambda_loss, uses lambda_reg)
+LOSS_NORMS = ("none", "channel", "outlier")
+PROGRESS = "progress.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf; finished blocks stay checkpointed in the work dir."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """The work dir holds a run with other settings."""
+
+
+@dataclass
+class CalibConfig:
+    """Every setting of a calibration run (all of them are part of the resume fingerprint)."""
+
+    method: str = "saliq"
+    bits: int = 2
+    group_size: int = 64
+    symmetric: bool = False
+    schedule: list = field(default_factory=list)  # [(stage, epochs)]; empty: the method's default
+    epochs: int = 2  # used by the default schedules
+    lora_rank: int = 64
+    lora_alpha: float = 16.0
+    init_logit: float = 4.0
+    lr_clip: float = 5e-3
+    lr_lora: float = 5e-4
+    weight_decay: float = 0.1
+    lambda_reg: float = 0.1
+    block_multipliers: list = field(default_factory=list)  # m_i per block; empty: all 1
+    after_lora: bool = False
+    saliency_norm: str = "relative"
+    loss_norm: str = "none"
+    aug_loss: bool = True
+    batch_size: int = 1
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not supported; allowed: {METHODS}")
+        self.spec  # validates bits / group size
+        if not self.schedule:
+            self.schedule = default_schedule(self.method, self.epochs)
+        self.schedule = [(str(s), int(e)) for s, e in self.schedule]
+        for stage, ep in self.schedule:
+            if stage not in STAGES:
+                raise ValueError(f"schedule stage {stage!r} is not supported; allowed: {tuple(STAGES)}")
+            if ep < 0:
+                raise ValueError(f"schedule stage {stage!r} has epochs={ep}; it must be >= 0")
+        if self.method == "apiq" and any(s != "opt" for s, _ in self.schedule):
+            raise ValueError("method 'apiq' uses stage 'opt' only; use method 'saliq' for wpt / mixed stages")
+        if self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss_norm={self.loss_norm!r} is not supported; allowed: {LOSS_NORMS}")
+        if self.saliency_norm not in saliency_mod.NORMALISATIONS:
+            raise ValueError(f"saliency_norm={self.saliency_norm!r} is not supported; allowed: "
+                             f"{saliency_mod.NORMALISATIONS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    @property
+    def uses_saliency(self) -> bool:
+        return self.method == "saliq" and self.lambda_reg != 0 and any(
+            s in ("wpt", "mixed") and e > 0 for s, e in self.schedule)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_schedule(method: str, epochs: int) -> list:
+    """apiq: opt x epochs. saliq: mixed x epochs (the loss and the saliency penalty together, chosen by
+    measurement on the testbed: docs/NOTES.md, "Calibration")."""
+    if method == "apiq":
+        return [("opt", epochs)]
+    if method == "saliq":
+        return [("mixed", epochs)]
+    return []
+
+
+@dataclass
+class CalibResult:
+    log: list  # one dict per block and epoch
+    block_seconds: list
+    peak_memory_bytes: int
+    seconds: float
+    resumed_from: int = 0
+
+    def summary(self) -> str:
+        if not self.block_seconds:
+            return f"calibration: {self.seconds:.1f} s"
+        per = sum(self.block_seconds) / len(self.block_seconds)
+        return (f"calibration: {len(self.block_seconds)} blocks, {self.seconds:.1f} s total, "
+                f"{per:.2f} s per block (min {min(self.block_seconds):.2f}, max {max(self.block_seconds):.2f}), "
+                f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB")
+
+
+# ---------------------------------------------------------------- entry point
+def check_spec_fits(model: nn.Module, spec: QuantSpec):
+    """Fail before any work when the group size does not tile some layer's input dimension."""
+    for block in hf.decoder_blocks(model):
+        for lin in hf.block_linears(block).values():
+            spec.group_len(lin.in_features)  # raises ValueError naming the group sizes that would fit
+
+
+def quantize_rtn(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Round-to-nearest: every block linear becomes a QuantLinear, in place."""
+    for block in hf.decoder_blocks(model):
+        for name, lin in hf.block_linears(block).items():
+            hf.set_submodule(block, name, QuantLinear.from_linear(lin, spec))
+    return model
+
+
+def calibrate(model: nn.Module, samples: torch.Tensor, config: CalibConfig, work_dir=None,
+              saliency: dict | None = None, device=None, amp: bool = True, offload_activations: bool = False,
+              progress: bool = True, log_path=None, stop_after_block: int | None = None) -> CalibResult:
+    """Quantize `model` in place (block linears -> QuantLinear) with `config` on int64 `samples` [n, L].
+
+    work_dir: checkpoint folder (resume happens automatically when it holds a run with the same settings).
+    saliency: {qualified linear name: raw Fisher [N, K]}; computed from `samples` when the method needs it.
+    device: where blocks train (default: the model's device); the model stays where it is and each block
+    moves there in turn. amp: bf16 autocast on CUDA. offload_activations: keep X_fp / X_q on the CPU.
+    stop_after_block: return after that block (used to test resume).
+    """
+    start = time.perf_counter()
+    check_spec_fits(model, config.spec)
+    if config.method == "rtn":
+        quantize_rtn(model, config.spec)
+        return CalibResult([], [], _peak_memory(device), time.perf_counter() - start)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if config.uses_saliency and saliency is None:
+        saliency = saliency_mod.compute_saliency(model, samples, device=device, progress=progress)
+    trainer = _BlockTrainer(model, samples, config, work_dir, saliency, device, amp, offload_activations,
+                            progress, log_path)
+    return trainer.run(start, stop_after_block)
+
+
+# ---------------------------------------------------------------- the trainer
+class _BlockTrainer:
+    def __init__(self, model, samples, config, work_dir, saliency, device, amp, offload, progress, log_path):
+        self.model, self.samples, self.cfg = model, samples, config
+        self.blocks = hf.decoder_blocks(model)
+        self.prefix = hf.blocks_prefix(model)
+        self.saliency = saliency
+        self.device = device
+        self.amp = amp and device.type == "cuda"
+        self.act_device = torch.device("cpu") if offload else device
+        self.progress = progress
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.log_path = Path(log_path) if log_path is not None else (
+            self.work_dir / "calibration_log.jsonl" if self.work_dir is not None else None)
+        mult = list(config.block_multipliers) or [1.0] * len(self.blocks)
+        if len(mult) != len(self.blocks):
+            raise ValueError(f"block_multipliers has {len(mult)} values; the model has {len(self.blocks)} blocks")
+        self.mult = [float(m) for m in mult]
+        self.fingerprint = self._fingerprint()
+
+    # ----- driver
+    def run(self, start, stop_after_block):
+        log, block_seconds, first = [], [], 0
+        x_fp = x_q = None
+        state = self._load_progress()
+        if state is not None:
+            first, log, block_seconds = state["next_block"], state["log"], state["block_seconds"]
+            torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+            x_fp, x_q = self._restore(first)
+        if x_fp is None:
+            x, self.kwargs = hf.capture_block_inputs(self.model, self.samples)
+            x_fp = x.to(self.act_device, torch.float32)
+            x_q = x_fp.clone()
+        else:
+            _, self.kwargs = hf.capture_block_inputs(self.model, self.samples[:1])
+        self.kwargs = hf.kwargs_to(self.kwargs, self.device)
+        self._rewrite_log(log)
+
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self.blocks), initial=first, desc="calibrate", unit="block")
+        for i in range(first, len(self.blocks)):
+            t0 = time.perf_counter()
+            x_fp, x_q, entries = self._calibrate_block(i, x_fp, x_q, bar)
+            block_seconds.append(time.perf_counter() - t0)
+            log.extend(entries)
+            self._append_log(entries)
+            self._save_progress(i, x_fp, x_q, log, block_seconds)
+            if bar is not None:
+                bar.update(1)
+            if stop_after_block is not None and i >= stop_after_block:
+                break
+        if bar is not None:
+            bar.close()
+        return CalibResult(log, block_seconds, _peak_memory(self.device), time.perf_counter() - start, first)
+
+    # ----- one block
+    def _calibrate_block(self, i, x_fp, x_q, bar):
+        cfg = self.cfg
+        block = self.blocks[i]
+        home = next(block.parameters()).device
+        block.to(self.device)
+        y_fp, y_aug = self._targets(block, x_fp, x_q)
+        scale = self._channel_scale(y_fp)
+
+        torch.manual_seed(cfg.seed * 1000 + i)  # LoRA init: identical whether resumed or not
+        fq = {}
+        for name, lin in hf.block_linears(block).items():
+            fq[name] = FakeQuantLinear.from_linear(lin, cfg.spec, lora_rank=cfg.lora_rank,
+                                                   lora_alpha=cfg.lora_alpha, init_logit=cfg.init_logit)
+            hf.set_submodule(block, name, fq[name])
+        sal = self._block_saliency(i, fq) if cfg.uses_saliency else {}
+        opt = torch.optim.AdamW([
+            {"params": [p for m in fq.values() for p in (m.hi, m.lo)], "lr": cfg.lr_clip},
+            {"params": [p for m in fq.values() for p in (m.lora_A, m.lora_B) if p is not None], "lr": cfg.lr_lora},
+        ], weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed + i)
+        n = x_q.shape[0]
+        entries, epoch_index = [], 0
+        for stage, epochs in self.cfg.schedule:
+            lam_loss, uses_reg = STAGES[stage]
+            lam_reg = cfg.lambda_reg * self.mult[i] * uses_reg if cfg.method == "saliq" else 0.0
+            for name, m in fq.items():
+                m.set_saliency(sal[name] if lam_reg else None, after_lora=cfg.after_lora)
+            for _ in range(epochs):
+                t0 = time.perf_counter()
+                sums = {"loss": 0.0, "mse": 0.0, "penalty": 0.0}
+                order = torch.randperm(n, generator=gen)
+                for b0 in range(0, n, cfg.batch_size):
+                    idx = order[b0 : b0 + cfg.batch_size]
+                    loss, mse, pen = self._step_loss(block, fq, x_q, y_fp, y_aug, scale, idx, lam_loss, lam_reg)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({float(loss.detach())}) at block {i}, stage {stage}, epoch "
+                            f"{epoch_index}; blocks 0..{i - 1} are checkpointed"
+                            f"{' in ' + str(self.work_dir) if self.work_dir else ''}. Lower --lr-clip / "
+                            "--lr-lora or --lambda-reg, or use fp32 (--no-amp)")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    k = len(idx) / n
+                    sums["loss"] += float(loss.detach()) * k
+                    sums["mse"] += float(mse) * k
+                    sums["penalty"] += float(pen) * k
+                entry = {"block": i, "stage": stage, "epoch": epoch_index, **sums,
+                         "seconds": round(time.perf_counter() - t0, 4)}
+                entries.append(entry)
+                epoch_index += 1
+                if bar is not None:
+                    bar.set_postfix(block=i, epoch=epoch_index, loss=f"{sums['loss']:.4g}")
+        # Pack: the block now holds QuantLinear layers (LoRA kept), then the quantized activations move on.
+        for name, m in fq.items():
+            m.set_saliency(None)
+            hf.set_submodule(block, name, m.to_quant_linear())
+        with torch.no_grad():
+            x_q = self._run_all(block, x_q)
+        block.to(home)
+        return y_fp, x_q, entries
+
+    def _step_loss(self, block, fq, x_q, y_fp, y_aug, scale, idx, lam_loss, lam_reg):
+        zero = torch.zeros((), device=self.device)
+        mse = pen = zero
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            if lam_loss:
+                y = hf.run_block(block, x_q[idx].to(self.device), self.kwargs).float()
+                t_fp, t_aug = y_fp[idx].to(self.device), (y_aug[idx].to(self.device) if y_aug is not None else None)
+                if scale is not None:
+                    y, t_fp = y * scale, t_fp * scale
+                    t_aug = t_aug * scale if t_aug is not None else None
+                mse = ops.mse(y, t_fp)
+                if t_aug is not None:
+                    mse = mse + ops.mse(y, t_aug)
+                if lam_reg:  # the fused forward already computed each layer's penalty
+                    pen = sum(m.penalty for m in fq.values())
+            elif lam_reg:
+                pen = sum(m.compute_penalty() for m in fq.values())
+        loss = lam_loss * mse + lam_reg * pen
+        return loss, mse.detach(), pen.detach() if torch.is_tensor(pen) else pen
+
+    @torch.no_grad()
+    def _targets(self, block, x_fp, x_q):
+        y_fp = self._run_all(block, x_fp)
+        y_aug = self._run_all(block, x_q) if self.cfg.aug_loss else None
+        return y_fp, y_aug
+
+    def _channel_scale(self, y_fp):
+        """Per-channel factor applied to outputs and targets before the MSE (None: the plain MSE).
+
+        channel: 1 / RMS of each hidden channel over the fp outputs (every channel counts by its relative error).
+        outlier: 1 / max(RMS_c, median RMS): only channels far above the typical scale (the massive activations,
+        |h| ~ 1e4 in SmolLM2) are scaled down to it, so they no longer swamp the loss; the others keep their
+        absolute errors. Both are divided by the median RMS so the loss has the plain MSE's order of magnitude."""
+        if self.cfg.loss_norm == "none" or self.cfg.method == "apiq":
+            return None
+        rms = y_fp.float().pow(2).mean(dim=(0, 1)).sqrt()
+        med = rms.median().clamp_min(1e-12)
+        if self.cfg.loss_norm == "channel":
+            return (med / rms.clamp_min(1e-6 * float(rms.max()))).to(self.device)
+        return (med / torch.maximum(rms, med)).to(self.device)
+
+    def _run_all(self, block, x):
+        out = torch.empty_like(x)
+        bs = max(1, self.cfg.batch_size)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            for j in range(0, x.shape[0], bs):
+                out[j : j + bs] = hf.run_block(block, x[j : j + bs].to(self.device), self.kwargs).to(out.dtype)
+        return out
+
+    def _block_saliency(self, i, fq):
+        out = {}
+        for name, m in fq.items():
+            key = f"{self.prefix}.{i}.{name}"
+            if key not in self.saliency:
+                raise ValueError(f"the saliency has no entry for {key}; recompute it for this model")
+            out[name] = saliency_mod.normalise(self.saliency[key].to(self.device), m.weight, self.cfg.saliency_norm)
+        return out
+
+    # ----- checkpoint / resume
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True, default=str).encode())
+        h.update(self.samples.cpu().numpy().tobytes())
+        h.update(str(len(self.blocks)).encode())
+        first = next(iter(hf.block_linears(self.blocks[0]).values()), None)  # a different model is refused too
+        if first is not None and isinstance(first, nn.Linear):
+            h.update(first.weight.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def _load_progress(self):
+        if self.work_dir is None or not (self.work_dir / PROGRESS).is_file():
+            return None
+        state = json.loads((self.work_dir / PROGRESS).read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise ResumeMismatchError(
+                f"{self.work_dir} holds an unfinished calibration with other settings or data; delete it (or "
+                "choose another output folder) to start afresh, or rerun with the original settings to resume")
+        return state
+
+    def _restore(self, next_block):
+        from safetensors.torch import load_file
+
+        for i in range(next_block):
+            block = self.blocks[i]
+            for name, lin in hf.block_linears(block).items():
+                q = QuantLinear.empty(lin.in_features, lin.out_features, self.cfg.spec, bias=lin.bias is not None,
+                                      lora_rank=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
+                                      dtype=lin.weight.dtype, device=lin.weight.device)
+                hf.set_submodule(block, name, q)
+            block.load_state_dict(load_file(str(self.work_dir / f"block_{i:04d}.safetensors")))
+        acts = load_file(str(self.work_dir / f"acts_{next_block:04d}.safetensors"))
+        return acts["x_fp"].to(self.act_device), acts["x_q"].to(self.act_device)
+
+    def _save_progress(self, i, x_fp, x_q, log, block_seconds):
+        """Commit block i: its state, the next block's inputs, then progress.json (the commit point)."""
+        if self.work_dir is None:
+            return
+        from safetensors.torch import save_file
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        _atomic(self.work_dir / f"block_{i:04d}.safetensors", lambda p: save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.blocks[i].state_dict().items()}, str(p)))
+        _atomic(self.work_dir / f"acts_{i + 1:04d}.safetensors", lambda p: save_file(
+            {"x_fp": x_fp.contiguous().cpu(), "x_q": x_q.contiguous().cpu()}, str(p)))
+        state = {"fingerprint": self.fingerprint, "next_block": i + 1, "log": log, "block_seconds": block_seconds,
+                 "config": self.cfg.to_dict(),
+                 "rng": torch.get_rng_state().tolist()}
+        _atomic(self.work_dir / PROGRESS, lambda p: p.write_text(json.dumps(state)))
+        old = self.work_dir / f"acts_{i:04d}.safetensors"
+        if old.exists():
+            old.unlink()
+
+    def _rewrite_log(self, log):
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("".join(json.dumps(e) + "\n" for e in log))
+
+    def _append_log(self, entries):
+        if self.log_path is None:
+            return
+        with open(self.log_path, "a") as f:
+            for e in entries:
+                f.write(json.dumps(e) + "\n")
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _peak_memory(device) -> int:
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -1,0 +1,83 @@
+"""`saliq demo`: SmolLM2-135M at W2 g64 with RTN, ApiQ and saliq on a CPU-sized budget, one table.
+
+Budget (the seed paper's testbed setting): 16 calibration windows of 256 tokens of lcet10.txt, seed 42,
+LoRA r64 alpha 16, DEMO_EPOCHS epochs per block for ApiQ and for saliq. Perplexity on the first 19,968
+tokens of alice29.txt in 512-token windows. Checkpoints: <cache>/demo/<method>-w<bits>g64, reused when their
+settings match (pass --force to redo them).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import testbed
+
+DEMO_EPOCHS = 2
+NSAMPLES, SEQLEN, SEED = 16, 256, 42
+EVAL_SEQLEN, EVAL_TOKENS = 512, 19968
+GROUP_SIZE = 64
+
+
+def demo_dir(method: str, bits: int) -> Path:
+    return testbed.cache_dir() / "demo" / f"{method}-w{bits}g{GROUP_SIZE}"
+
+
+def run_demo(methods=("rtn", "apiq", "saliq"), bits: int = 2, epochs: int | None = None, force: bool = False,
+             progress: bool = True) -> dict:
+    from . import data, hf
+    from .calibrate import CalibConfig
+    from .cli import _human, quantize_model
+    from .evaluate import perplexity
+
+    epochs = epochs or DEMO_EPOCHS
+    bed = testbed.fetch()
+    _say(f"testbed: {bed.gguf.name}, calibration {bed.calib_text.name}, evaluation {bed.eval_text.name}")
+    model, tok = hf.load_model(bed.gguf)
+    windows = data.load_evaluation(tok, str(bed.eval_text), EVAL_SEQLEN, EVAL_TOKENS)
+    rows = []
+    ev = perplexity(model, windows, progress=progress)
+    rows.append({"method": "fp32", "perplexity": ev["perplexity"], "seconds": 0.0,
+                 "bytes": bed.gguf.stat().st_size, "note": "GGUF Q4_1 file, dequantized to fp32"})
+    _say(f"fp32: perplexity {ev['perplexity']:.2f} ({ev['seconds']:.0f} s to evaluate)")
+    del model
+
+    for method in methods:
+        cfg = CalibConfig(method=method, bits=bits, group_size=GROUP_SIZE, epochs=epochs, seed=SEED)
+        out = demo_dir(method, bits)
+        if force or not _reusable(out, cfg):
+            quantize_model(str(bed.gguf), cfg, out, calib=str(bed.calib_text), nsamples=NSAMPLES, seqlen=SEQLEN,
+                           progress=progress)
+        else:
+            _say(f"{method}: reusing {out} (pass --force to quantize again)")
+        qmodel, _ = hf.load(out)
+        ev = perplexity(qmodel, windows, progress=progress)
+        qc = hf.read_quant_config(out)
+        rows.append({"method": method, "perplexity": ev["perplexity"], "seconds": float(qc.get("seconds", 0.0)),
+                     "bytes": hf.checkpoint_size(out), "checkpoint": str(out)})
+        _say(f"{method}: perplexity {ev['perplexity']:.2f}")
+        del qmodel
+
+    print(f"\nSmolLM2-135M-Instruct, W{bits} g{GROUP_SIZE} asymmetric, {NSAMPLES} x {SEQLEN} tokens of "
+          f"{bed.calib_text.name}, {epochs} epochs per block; perplexity on {windows.numel()} tokens of "
+          f"{bed.eval_text.name}")
+    print(f"{'method':<8} {'perplexity':>12} {'time (s)':>10} {'size':>11}  checkpoint")
+    for r in rows:
+        print(f"{r['method']:<8} {r['perplexity']:>12.2f} {r['seconds']:>10.1f} {_human(r['bytes']):>11}  "
+              f"{r.get('checkpoint', r.get('note', ''))}")
+    return {"bits": bits, "group_size": GROUP_SIZE, "epochs": epochs, "rows": rows}
+
+
+def _reusable(out: Path, cfg) -> bool:
+    """A cached checkpoint is reused only when it was made with exactly these calibration settings."""
+    from . import hf
+
+    try:
+        qc = hf.read_quant_config(out)
+    except (hf.CheckpointError, OSError, json.JSONDecodeError):
+        return False
+    return qc.get("calibration") == json.loads(json.dumps(cfg.to_dict()))
+
+
+def _say(msg: str):
+    print(msg, file=sys.stderr, flush=True)

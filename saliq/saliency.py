@@ -1,0 +1,158 @@
+"""Fisher-diagonal saliency of every linear in every decoder block (ARCHITECTURE.md 1.2).
+
+S_l[n, k] = sum over calibration samples of (d loss_sample / d W_l[n, k])^2, loss_sample the mean next-token
+cross-entropy of one sample (SqueezeLLM's estimate; the seed paper's code uses this raw sum).
+
+The backward pass runs one block at a time: a forward pass stores each block's input, then the blocks are
+re-run in reverse with gradients, so only one block (plus the embeddings and head) needs to sit on the
+compute device, and the fp32 accumulators can stay on the CPU. The result equals a plain full backward.
+
+Normalisations applied at calibration time (the file keeps the raw sums):
+  raw       S as accumulated (the seed paper; lambda then depends on the model, the data and the layer size)
+  mean      S / mean(S) per layer (weights of average saliency count 1; the penalty is a sum of squared errors)
+  relative  S / (sum(S) * mean(W^2)) per layer: the penalty becomes a saliency-weighted mean of
+            (Weff - W)^2 / mean(W^2), a dimensionless relative error of order 0.01-0.3 at 2-3 bits, so
+            lambda has the same meaning for every layer, model and calibration set.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import hf
+
+NORMALISATIONS = ("raw", "mean", "relative")
+
+
+def compute_saliency(model: nn.Module, samples: torch.Tensor, device: str | torch.device | None = None,
+                     accum_device: str | torch.device = "cpu", offload_blocks: bool = False,
+                     progress: bool = False) -> dict[str, torch.Tensor]:
+    """Fisher-diagonal saliency {qualified linear name: fp32 [N, K]} from int64 samples [n, seqlen].
+
+    device: where blocks compute (default: where the model is). offload_blocks: keep blocks on the CPU and
+    move each to `device` only while it runs (for models that do not fit). accum_device: where the fp32
+    accumulators live.
+    """
+    blocks = hf.decoder_blocks(model)
+    prefix = hf.blocks_prefix(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    names = {i: hf.block_linears(b) for i, b in enumerate(blocks)}
+    sal = {
+        f"{prefix}.{i}.{n}": torch.zeros(lin.weight.shape, dtype=torch.float32, device=accum_device)
+        for i, lins in names.items() for n, lin in lins.items()
+    }
+    norm, head = hf.final_norm(model), model.get_output_embeddings()
+
+    it = range(samples.shape[0])
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="saliency", unit="sample")
+    for j in it:
+        ids = samples[j : j + 1]
+        x0, kwargs = hf.capture_block_inputs(model, ids)
+        kwargs = hf.kwargs_to(kwargs, device)
+        xs = [x0.to(device)]
+        with torch.no_grad():
+            for b in blocks:
+                with _on(b, device, offload_blocks):
+                    xs.append(hf.run_block(b, xs[-1], kwargs))
+        h = xs[-1].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(norm(h)).float()
+            loss = F.cross_entropy(logits[0, :-1], ids[0, 1:].to(device))
+            (g,) = torch.autograd.grad(loss, h)
+        for i in reversed(range(len(blocks))):
+            g = _block_backward(blocks[i], xs[i], g, kwargs, device, offload_blocks,
+                                [(sal[f"{prefix}.{i}.{n}"], lin) for n, lin in names[i].items()])
+    return sal
+
+
+def _block_backward(block, x, grad_out, kwargs, device, offload, targets) -> torch.Tensor:
+    """Re-run `block` on x with gradients, add the squared weight gradients into the accumulators in place,
+    and return the gradient with respect to the block's input."""
+    with _on(block, device, offload), torch.enable_grad():
+        weights = [lin.weight for _, lin in targets]
+        flags = [w.requires_grad for w in weights]
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            xin = x.detach().requires_grad_(True)
+            y = hf.run_block(block, xin, kwargs)
+            grads = torch.autograd.grad(y, [xin, *weights], grad_outputs=grad_out)
+        finally:
+            for w, f in zip(weights, flags):
+                w.requires_grad_(f)
+        for (acc, _), gw in zip(targets, grads[1:]):
+            gw = gw.to(device=acc.device, dtype=torch.float32)
+            acc.addcmul_(gw, gw)
+    return grads[0]
+
+
+class _on:
+    """Context manager: move a block to `device` for its computation, back to the CPU afterwards if offloading."""
+
+    def __init__(self, block, device, offload):
+        self.block, self.device, self.offload = block, device, offload
+
+    def __enter__(self):
+        if self.offload:
+            self.block.to(self.device)
+
+    def __exit__(self, *exc):
+        if self.offload:
+            self.block.to("cpu")
+
+
+def normalise(S: torch.Tensor, W: torch.Tensor, mode: str) -> torch.Tensor:
+    """The saliency used in the penalty, per layer (see the module docstring)."""
+    if mode not in NORMALISATIONS:
+        raise ValueError(f"saliency normalisation {mode!r} is not supported; allowed: {NORMALISATIONS}")
+    S = S.float()
+    if mode == "raw":
+        return S
+    if mode == "mean":
+        return S / S.mean().clamp_min(1e-30)
+    return S / (S.sum().clamp_min(1e-30) * W.float().pow(2).mean().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- files
+def save_saliency(sal: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict | None = None):
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    metadata = {"saliq_saliency": "fisher_diagonal_sum", **{k: str(v) for k, v in (meta or {}).items()}}
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in sal.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_saliency(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Saliency from a file written by save_saliency; with `model`, checks that it covers every block linear
+    with the right shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"saliency file {str(path)!r} does not exist; compute it with `saliq saliency`")
+    try:
+        sal = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"saliency file {str(path)!r} is not a readable safetensors file: {e}") from e
+    if model is not None:
+        prefix = hf.blocks_prefix(model)
+        for i, b in enumerate(hf.decoder_blocks(model)):
+            for n, lin in hf.block_linears(b).items():
+                key = f"{prefix}.{i}.{n}"
+                if key not in sal:
+                    raise ValueError(f"saliency file {str(path)!r} has no entry for {key}: it was computed "
+                                     "for another model; recompute it with `saliq saliency`")
+                if tuple(sal[key].shape) != tuple(lin.weight.shape):
+                    raise ValueError(f"saliency {key} in {str(path)!r} has shape {tuple(sal[key].shape)}, the "
+                                     f"model's weight is {tuple(lin.weight.shape)}: it belongs to another model")
+    return sal

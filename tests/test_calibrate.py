@@ -1,0 +1,136 @@
+import json
+
+import pytest
+import torch
+
+from fixtures_llama import make_tiny_llama, random_samples
+from saliq import hf
+from saliq import saliency as S
+from saliq.calibrate import CalibConfig, NonFiniteLossError, ResumeMismatchError, calibrate
+from saliq.nn import QuantLinear
+
+TINY = dict(group_size=32, lora_rank=8, seed=3)
+
+
+def _cfg(**kw):
+    return CalibConfig(**{**TINY, **kw})
+
+
+def _logits(model, samples):
+    with torch.no_grad():
+        return model(input_ids=samples).logits
+
+
+def test_rtn_replaces_every_block_linear():
+    model = make_tiny_llama()
+    calibrate(model, random_samples(), _cfg(method="rtn"), progress=False)
+    for block in hf.decoder_blocks(model):
+        kinds = {type(m) for m in block.modules() if isinstance(m, (torch.nn.Linear, QuantLinear))}
+        assert kinds == {QuantLinear}
+
+
+def test_trainer_lowers_the_block_loss_and_logs_every_epoch(tmp_path):
+    model, samples = make_tiny_llama(), random_samples(n=8)
+    res = calibrate(model, samples, _cfg(method="apiq", epochs=4), work_dir=tmp_path / "w", progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "w" / "calibration_log.jsonl").read_text().splitlines()]
+    assert lines == res.log and len(lines) == 2 * 4
+    for b in (0, 1):
+        losses = [e["loss"] for e in lines if e["block"] == b]
+        assert losses[-1] < 0.9 * losses[0], losses
+    assert len(res.block_seconds) == 2 and res.peak_memory_bytes > 0
+    assert "per block" in res.summary() and "peak memory" in res.summary()
+
+
+def test_apiq_beats_rtn_on_the_output():
+    samples = random_samples(n=8)
+    ref = _logits(make_tiny_llama(), samples)
+    errs = {}
+    for method in ("rtn", "apiq"):
+        model = make_tiny_llama()
+        calibrate(model, samples, _cfg(method=method, epochs=4), progress=False)
+        errs[method] = float((_logits(model, samples) - ref).norm() / ref.norm())
+    assert errs["apiq"] < errs["rtn"], errs
+
+
+def _saliency_weighted_error(model, sal, norm="relative"):
+    total = 0.0
+    fp = make_tiny_llama()
+    for i, (bq, bf) in enumerate(zip(hf.decoder_blocks(model), hf.decoder_blocks(fp))):
+        fp_lins = hf.block_linears(bf)
+        for name, m in bq.named_modules():
+            if isinstance(m, QuantLinear):
+                W = fp_lins[name].weight
+                Sn = S.normalise(sal[f"model.layers.{i}.{name}"], W, norm)
+                total += float((Sn * (m.dequantized_weight().float() - W) ** 2).sum())
+    return total
+
+
+def test_saliq_lowers_the_saliency_weighted_error_against_apiq_at_equal_epochs():
+    samples = random_samples(n=8)
+    sal = S.compute_saliency(make_tiny_llama(), samples)
+    errs = {}
+    for method, kw in (("apiq", {}), ("saliq", dict(lambda_reg=1.0, loss_norm="none"))):
+        model = make_tiny_llama()
+        calibrate(model, samples, _cfg(method=method, epochs=3, **kw), saliency=sal, progress=False)
+        errs[method] = _saliency_weighted_error(model, sal)
+    assert errs["saliq"] < errs["apiq"], errs
+
+
+@pytest.mark.parametrize("kw", [dict(method="apiq", epochs=2),
+                                dict(method="saliq", schedule=[("wpt", 1), ("mixed", 1)], after_lora=True)])
+def test_a_resumed_run_ends_with_the_same_model_as_an_uninterrupted_one(tmp_path, kw):
+    samples = random_samples(n=4)
+    sal = S.compute_saliency(make_tiny_llama(), samples)
+    whole = make_tiny_llama()
+    calibrate(whole, samples, _cfg(**kw), saliency=sal, progress=False)
+
+    interrupted = make_tiny_llama()
+    calibrate(interrupted, samples, _cfg(**kw), work_dir=tmp_path, saliency=sal, progress=False, stop_after_block=0)
+    assert json.loads((tmp_path / "progress.json").read_text())["next_block"] == 1
+    torch.manual_seed(12345)  # the restarted process's RNG differs; the result must not
+    resumed = make_tiny_llama()
+    res = calibrate(resumed, samples, _cfg(**kw), work_dir=tmp_path, saliency=sal, progress=False)
+    assert res.resumed_from == 1 and len(res.block_seconds) == 2
+    assert len(res.log) == len({(e["block"], e["epoch"]) for e in res.log}) == 2 * 2
+    sd_w, sd_r = whole.state_dict(), resumed.state_dict()
+    assert sd_w.keys() == sd_r.keys()
+    for k in sd_w:
+        assert torch.equal(sd_w[k], sd_r[k]), k
+    assert torch.equal(_logits(whole, samples), _logits(resumed, samples))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    samples = random_samples(n=4)
+    calibrate(make_tiny_llama(), samples, _cfg(method="apiq", epochs=1), work_dir=tmp_path, progress=False,
+              stop_after_block=0)
+    with pytest.raises(ResumeMismatchError, match="other settings"):
+        calibrate(make_tiny_llama(), samples, _cfg(method="apiq", epochs=2), work_dir=tmp_path, progress=False)
+
+
+def test_a_non_finite_loss_names_block_and_epoch_and_keeps_finished_blocks(tmp_path):
+    model = make_tiny_llama()
+    with torch.no_grad():
+        hf.decoder_blocks(model)[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"block 1, stage opt, epoch 0.*blocks 0\.\.0"):
+        calibrate(model, random_samples(n=4), _cfg(method="apiq", epochs=1), work_dir=tmp_path, progress=False)
+    assert (tmp_path / "block_0000.safetensors").is_file()
+    assert json.loads((tmp_path / "progress.json").read_text())["next_block"] == 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="gptq"), "method='gptq'"),
+    (dict(method="apiq", schedule=[("wpt", 1)]), "stage 'opt' only"),
+    (dict(schedule=[("warmup", 1)]), "stage 'warmup'"),
+    (dict(bits=5), "bits=5"),
+    (dict(loss_norm="l1"), "loss_norm='l1'"),
+    (dict(saliency_norm="max"), "saliency_norm='max'"),
+])
+def test_bad_settings_are_rejected_with_what_is_allowed(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CalibConfig(**kw)
+
+
+def test_block_multipliers_must_cover_every_block():
+    with pytest.raises(ValueError, match="block_multipliers has 3 values"):
+        calibrate(make_tiny_llama(), random_samples(n=2), _cfg(method="apiq", epochs=1, block_multipliers=[1, 1, 1]),
+                  progress=False)

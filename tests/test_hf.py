@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+from fixtures_llama import make_byte_tokenizer, make_tiny_llama, random_samples
+from saliq import hf
+from saliq.nn import FakeQuantLinear, QuantLinear
+from saliq.spec import QuantSpec
+
+
+def _fake_quant_model(spec, lora_rank=8, seed=0):
+    """Tiny Llama whose block linears are FakeQuantLinear with non-trivial clipping and LoRA."""
+    model = make_tiny_llama()
+    g = torch.Generator().manual_seed(seed)
+    for block in hf.decoder_blocks(model):
+        for name, lin in hf.block_linears(block).items():
+            fq = FakeQuantLinear.from_linear(lin, spec, lora_rank=lora_rank, lora_alpha=16)
+            with torch.no_grad():
+                fq.hi.copy_(torch.rand(fq.hi.shape, generator=g) * 4)
+                fq.lo.copy_(torch.rand(fq.lo.shape, generator=g) * 4)
+                if lora_rank:
+                    fq.lora_B.normal_(0, 0.01, generator=g)
+            hf.set_submodule(block, name, fq)
+    return model
+
+
+def _pack(model):
+    for block in hf.decoder_blocks(model):
+        for name, m in list(block.named_modules()):
+            if isinstance(m, FakeQuantLinear):
+                hf.set_submodule(block, name, m.to_quant_linear())
+    return model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_save_load_round_trip_matches_the_fake_quant_model(tmp_path, bits):
+    spec = QuantSpec(bits=bits, group_size=32)
+    x = random_samples(n=2, seqlen=16)
+    model = _fake_quant_model(spec)
+    fake = _logits(model, x)
+    _pack(model)
+    packed = _logits(model, x)
+    info = hf.save(model, tmp_path, make_byte_tokenizer(), method="apiq")
+    loaded, tok = hf.load(tmp_path)
+    assert tok is not None and tok("ab").input_ids == make_byte_tokenizer()("ab").input_ids
+    assert torch.equal(_logits(loaded, x), packed)  # bit-identical after a round trip
+    assert (_logits(loaded, x) - fake).norm() / fake.norm() < 1e-5
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["symmetric"], qc["method"], qc["lora_rank"], qc["lora_alpha"]) == (
+        bits, 32, False, "apiq", 8, 16.0)
+    assert len(qc["modules"]) == 14 and info["bytes"] == hf.checkpoint_size(tmp_path)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+
+
+def test_rtn_checkpoint_without_lora_and_with_shards(tmp_path):
+    model = make_tiny_llama()
+    for block in hf.decoder_blocks(model):
+        for name, lin in hf.block_linears(block).items():
+            hf.set_submodule(block, name, QuantLinear.from_linear(lin, QuantSpec(2, 32)))
+    x = random_samples(n=1, seqlen=8)
+    hf.save(model, tmp_path, method="rtn", max_shard_bytes=20_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    loaded, tok = hf.load(tmp_path)
+    assert tok is None
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
+def test_packed_size_is_bits_over_8_per_weight_plus_scales(tmp_path):
+    from saliq.cli import describe_checkpoint
+
+    spec = QuantSpec(bits=2, group_size=32)
+    model = _pack(_fake_quant_model(spec, lora_rank=0))
+    hf.save(model, tmp_path)
+    info = describe_checkpoint(tmp_path)
+    n_weights = sum(l.in_features * l.out_features for b in hf.decoder_blocks(model)
+                    for l in b.modules() if isinstance(l, QuantLinear))
+    assert info["quantized_weights"] == n_weights
+    scales_and_zeros = n_weights / 32 * (4 + 2)  # fp32 scale and int16 zero per group
+    assert info["packed_bytes"] == pytest.approx(n_weights * 2 / 8 + scales_and_zeros, rel=0.02)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = _pack(_fake_quant_model(QuantSpec(2, 32)))
+    hf.save(model, tmp_path / "ck", make_byte_tokenizer(), method="saliq")
+    return tmp_path / "ck"
+
+
+def _edit_config(ck, fn):
+    cfg = json.loads((ck / "config.json").read_text())
+    fn(cfg)
+    (ck / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda ck: _flip_a_byte(next(ck.glob("model-*.safetensors"))), "sha256 does not match"),
+    (lambda ck: next(ck.glob("model-*.safetensors")).unlink(), "missing"),
+    (lambda ck: (ck / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda ck: _edit_config(ck, lambda c: c["quantization_config"].update(bits=3)), "shape"),
+    (lambda ck: _edit_config(ck, lambda c: c["quantization_config"].update(format_version=99)), "format version 99"),
+    (lambda ck: _edit_config(ck, lambda c: c.update(num_hidden_layers=3)), "missing"),
+    (lambda ck: _edit_config(ck, lambda c: c.pop("quantization_config")), "not a saliq checkpoint"),
+])
+def test_corrupt_or_mismatched_checkpoints_fail_loudly(checkpoint, damage, match):
+    damage(checkpoint)
+    with pytest.raises(hf.CheckpointError, match=match):
+        hf.load(checkpoint)
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_load_model_dispatches_on_the_path(tmp_path, checkpoint):
+    model, _ = hf.load_model(checkpoint)
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    with pytest.raises(FileNotFoundError, match=".gguf"):
+        hf.load_model(tmp_path / "nothing")
+
+
+def test_block_inputs_reproduce_the_model():
+    tiny_llama = make_tiny_llama()
+    x = random_samples(n=2, seqlen=12)
+    hidden, kwargs = hf.capture_block_inputs(tiny_llama, x)
+    for block in hf.decoder_blocks(tiny_llama):
+        hidden = hf.run_block(block, hidden, kwargs)
+    with torch.no_grad():
+        logits = tiny_llama.lm_head(hf.final_norm(tiny_llama)(hidden))
+    assert torch.allclose(logits, _logits(tiny_llama, x), atol=1e-5)
