@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from common import print_uncaptured
 
 from saliq import backends, ops
 from saliq.spec import QuantSpec
@@ -64,16 +65,6 @@ def inputs(n, k, group, saliency):
     return W, hi, lo, S, grad
 
 
-def _print_uncaptured(request, text):
-    """Print the summary table past pytest's output capture."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        print("\n" + text)
-        return
-    with capman.global_and_fixture_disabled():
-        print("\n" + text, flush=True)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
     threads = torch.get_num_threads()
@@ -99,7 +90,7 @@ def report(request):
     if not rows:
         return
     text = "\n".join(lines)
-    _print_uncaptured(request, text)
+    print_uncaptured(request, text)
     out_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "cpu_fake_quant.md"), "w") as f:

@@ -22,6 +22,7 @@ import time
 
 import pytest
 import torch
+from common import print_uncaptured
 import torch.nn.functional as F
 
 from saliq import packing
@@ -75,16 +76,6 @@ def bytes_moved(provider, n, k, bits, m):
     return n * k * bits // 8 + (n * k // GROUP) * (scale_bytes + 2)
 
 
-def _print_uncaptured(request, text):
-    """Print the summary table past pytest's output capture."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        print("\n" + text)
-        return
-    with capman.global_and_fixture_disabled():
-        print("\n" + text, flush=True)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
     threads = torch.get_num_threads()
@@ -119,7 +110,7 @@ def report(request):
                     f"{t['linear_fp32'] / t['saliq_fp32']:.1f}x | {t['linear_bf16'] / t['saliq_bf16']:.1f}x | "
                     f"{gbs:.1f} ({100 * gbs / RESULTS['copy_gbs']:.0f}%) |")
     text = "\n".join(lines)
-    _print_uncaptured(request, text)
+    print_uncaptured(request, text)
     out_dir = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "cpu_packed_linear.md"), "w") as f:

@@ -150,3 +150,13 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def print_uncaptured(request, text):
+    """Print the summary table past pytest's output capture."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        print("\n" + text)
+        return
+    with capman.global_and_fixture_disabled():
+        print("\n" + text, flush=True)
