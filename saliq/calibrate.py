@@ -107,12 +107,13 @@ class CalibConfig:
 
 
 def default_schedule(method: str, epochs: int) -> list:
-    """apiq: opt x epochs. saliq: mixed x epochs (the loss and the saliency penalty together, chosen by
-    measurement on the testbed: docs/NOTES.md, "Calibration")."""
+    """apiq: opt x epochs. saliq: wpt x epochs, then opt x epochs (the seed paper's schedule shape): the same
+    epochs of block-output training as apiq, preceded by weight-only epochs that need no forward pass. Chosen by
+    measurement on the testbed (docs/NOTES.md, "Calibration"): it beat `mixed` and ApiQ at W2 g64."""
     if method == "apiq":
         return [("opt", epochs)]
     if method == "saliq":
-        return [("mixed", epochs)]
+        return [("wpt", epochs), ("opt", epochs)]
     return []
 
 

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", metavar="MODEL", help="transformers model directory or .gguf file")
     q.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     q.add_argument("--method", default="saliq", choices=METHODS,
-                   help="rtn: round to nearest; apiq: LWC + LoRA block-wise (stage opt); saliq: apiq plus the "
-                   "saliency penalty (default)")
+                   help="rtn: round to nearest; apiq: LWC + LoRA block-wise (stage opt); saliq: a weight-only "
+                   "saliency-penalty stage (wpt), then apiq's stage (default)")
     q.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="weight bits (default 2)")
     q.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128, -1),
                    help="elements per quantization group along the input dimension; -1: per channel (default 64)")

@@ -69,7 +69,7 @@ def test_saliq_lowers_the_saliency_weighted_error_against_apiq_at_equal_epochs()
     samples = random_samples(n=8)
     sal = S.compute_saliency(make_tiny_llama(), samples)
     errs = {}
-    for method, kw in (("apiq", {}), ("saliq", dict(lambda_reg=1.0, loss_norm="none"))):
+    for method, kw in (("apiq", {}), ("saliq", dict(schedule=[("mixed", 3)], lambda_reg=1.0, loss_norm="none"))):
         model = make_tiny_llama()
         calibrate(model, samples, _cfg(method=method, epochs=3, **kw), saliency=sal, progress=False)
         errs[method] = _saliency_weighted_error(model, sal)
