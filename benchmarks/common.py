@@ -40,22 +40,10 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30, flush_l2: 
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
+    from saliq.kernels.autotune import cuda_time_ms
+
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda") if flush_l2 else None
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        if flush is not None:
-            flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_time_ms(fn, warmup, rep, before_each=None if flush is None else flush.zero_)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

@@ -100,12 +100,17 @@ def _key(op: str, key: Sequence) -> str:
     return op + "|" + ",".join(str(k) for k in key)
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, rep: int = 10) -> float:
-    """Median time of fn() in milliseconds, measured with CUDA events (the caller's stream)."""
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, rep: int = 10,
+                 before_each: Optional[Callable[[], object]] = None) -> float:
+    """Median time of fn() in milliseconds, measured with CUDA events (the caller's stream).
+
+    before_each runs untimed before every measured call (e.g. a benchmark's L2 flush)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(rep):
+        if before_each is not None:
+            before_each()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -32,6 +32,18 @@ __device__ __forceinline__ bool group_of_warp(int64_t N, int64_t K, int64_t grou
   return true;
 }
 
+// Max and min of one group, reduced over the warp that owns it (every lane gets both).
+__device__ __forceinline__ void group_extremes(const float* w, int64_t group_len, int lane, float* wmax,
+                                               float* wmin) {
+  float hi = -INFINITY, lo = INFINITY;
+  for (int64_t i = lane; i < group_len; i += 32) {
+    hi = fmaxf(hi, w[i]);
+    lo = fminf(lo, w[i]);
+  }
+  *wmax = warp_max(hi);
+  *wmin = warp_min(lo);
+}
+
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     fake_quant_fwd_kernel(const float* __restrict__ W, const float* __restrict__ hi, const float* __restrict__ lo,
                           const float* __restrict__ S, const float* __restrict__ delta, int64_t N, int64_t K,
@@ -41,13 +53,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if (!group_of_warp(N, K, group_len, &ref)) return;
   const int lane = threadIdx.x & 31;
   const float* w = W + ref.offset;
-  float wmax = -INFINITY, wmin = INFINITY;
-  for (int64_t i = lane; i < group_len; i += 32) {
-    wmax = fmaxf(wmax, w[i]);
-    wmin = fminf(wmin, w[i]);
-  }
-  wmax = warp_max(wmax);
-  wmin = warp_min(wmin);
+  float wmax, wmin;
+  group_extremes(w, group_len, lane, &wmax, &wmin);
   const LwcGroup q = lwc_scale_zero(wmax, wmin, sigmoid(hi[ref.index]), sigmoid(lo[ref.index]), bits, symmetric);
   const float qmax = (float)qmax_of(bits);
   float reg = 0.0f;
@@ -75,13 +82,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   if (!group_of_warp(N, K, group_len, &ref)) return;
   const int lane = threadIdx.x & 31;
   const float* w = W + ref.offset;
-  float wmax = -INFINITY, wmin = INFINITY;
-  for (int64_t i = lane; i < group_len; i += 32) {
-    wmax = fmaxf(wmax, w[i]);
-    wmin = fminf(wmin, w[i]);
-  }
-  wmax = warp_max(wmax);
-  wmin = warp_min(wmin);
+  float wmax, wmin;
+  group_extremes(w, group_len, lane, &wmax, &wmin);
   const float fmax = sigmoid(hi[ref.index]), fmin = sigmoid(lo[ref.index]);
   const LwcGroup q = lwc_scale_zero(wmax, wmin, fmax, fmin, bits, symmetric);
   const float qmax = (float)qmax_of(bits);
