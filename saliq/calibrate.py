@@ -27,12 +27,14 @@ from torch import nn
 
 from . import hf, ops
 from . import saliency as saliency_mod
+from .clip_search import search_clipping
 from .nn import FakeQuantLinear, QuantLinear
 from .spec import QuantSpec
 
 METHODS = ("rtn", "apiq", "saliq")
 STAGES = {"opt": (1.0, 0.0), "wpt": (0.0, 1.0), "mixed": (1.0, 1.0)}  # (lambda_loss, uses lambda_reg)
 LOSS_NORMS = ("none", "channel", "outlier")
+CLIP_INITS = ("fixed", "search")
 PROGRESS = "progress.json"
 
 
@@ -57,12 +59,13 @@ class CalibConfig:
     lora_rank: int = 64
     lora_alpha: float = 16.0
     init_logit: float = 4.0
+    clip_init: str = ""  # fixed (init_logit) or search (clip_search.py); empty: the method's default
     lr_clip: float = 5e-3
     lr_lora: float = 5e-4
     weight_decay: float = 0.1
     lambda_reg: float = 0.1
     block_multipliers: list = field(default_factory=list)  # m_i per block; empty: all 1
-    after_lora: bool = False
+    after_lora: bool | None = None  # penalise What + LoRA update; None: the method's default
     saliency_norm: str = "relative"
     loss_norm: str = "none"
     aug_loss: bool = True
@@ -85,6 +88,14 @@ class CalibConfig:
             raise ValueError("method 'apiq' uses stage 'opt' only; use method 'saliq' for wpt / mixed stages")
         if self.loss_norm not in LOSS_NORMS:
             raise ValueError(f"loss_norm={self.loss_norm!r} is not supported; allowed: {LOSS_NORMS}")
+        if not self.clip_init:
+            self.clip_init = default_clip_init(self.method)
+        if self.after_lora is None:
+            self.after_lora = self.method == "saliq"  # see default_schedule
+        if not isinstance(self.after_lora, bool):
+            raise ValueError(f"after_lora={self.after_lora!r} must be True or False")
+        if self.clip_init not in CLIP_INITS:
+            raise ValueError(f"clip_init={self.clip_init!r} is not supported; allowed: {CLIP_INITS}")
         if self.saliency_norm not in saliency_mod.NORMALISATIONS:
             raise ValueError(f"saliency_norm={self.saliency_norm!r} is not supported; allowed: "
                              f"{saliency_mod.NORMALISATIONS}")
@@ -99,17 +110,27 @@ class CalibConfig:
 
     @property
     def uses_saliency(self) -> bool:
-        return self.method == "saliq" and self.lambda_reg != 0 and any(
-            s in ("wpt", "mixed") and e > 0 for s, e in self.schedule)
+        if self.method != "saliq":
+            return False
+        return self.clip_init == "search" or (self.lambda_reg != 0 and any(
+            s in ("wpt", "mixed") and e > 0 for s, e in self.schedule))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def default_clip_init(method: str) -> str:
+    """Where the clipping logits start: apiq at init_logit (the paper's LWC); saliq from the saliency-weighted
+    clipping search."""
+    return "search" if method == "saliq" else "fixed"
+
+
 def default_schedule(method: str, epochs: int) -> list:
     """apiq: opt x epochs. saliq: wpt x epochs, then opt x epochs (the seed paper's schedule shape): the same
-    epochs of block-output training as apiq, preceded by weight-only epochs that need no forward pass. Chosen by
-    measurement on the testbed (docs/NOTES.md, "Calibration"): it beat `mixed` and ApiQ at W2 g64."""
+    epochs of block-output training as apiq, preceded by weight-only epochs that need no forward pass. With
+    saliq's defaults the wpt stage penalises What + the LoRA update (after_lora), so LoRA starts by fitting the
+    saliency-weighted residual of the searched clipping. Chosen by measurement on the testbed (docs/NOTES.md,
+    "Calibration"): it beat ApiQ, `mixed` and `opt` alone after the search at W2 and W3 g64."""
     if method == "apiq":
         return [("opt", epochs)]
     if method == "saliq":
@@ -248,6 +269,12 @@ class _BlockTrainer:
                                                    lora_alpha=cfg.lora_alpha, init_logit=cfg.init_logit)
             hf.set_submodule(block, name, fq[name])
         sal = self._block_saliency(i, fq) if cfg.uses_saliency else {}
+        if cfg.clip_init == "search":  # S-weighted for saliq, the plain weight error otherwise
+            for name, m in fq.items():
+                hi, lo = search_clipping(m.weight, cfg.spec, sal.get(name), cfg.init_logit)
+                with torch.no_grad():
+                    m.hi.copy_(hi)
+                    m.lo.copy_(lo)
         opt = torch.optim.AdamW([
             {"params": [p for m in fq.values() for p in (m.hi, m.lo)], "lr": cfg.lr_clip},
             {"params": [p for m in fq.values() for p in (m.lora_A, m.lora_B) if p is not None], "lr": cfg.lr_lora},

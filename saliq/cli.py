@@ -24,7 +24,7 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from .calibrate import METHODS, STAGES, LOSS_NORMS
+    from .calibrate import CLIP_INITS, METHODS, STAGES, LOSS_NORMS
     from .saliency import NORMALISATIONS
 
     p = argparse.ArgumentParser(prog="saliq", description="Saliency-aware 2/3/4-bit quantization of LLaMA-family "
@@ -55,12 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha, scale = alpha / r (default 16)")
     q.add_argument("--lr-clip", type=float, default=5e-3, help="AdamW lr of the clipping logits (default 5e-3)")
     q.add_argument("--lr-lora", type=float, default=5e-4, help="AdamW lr of LoRA A, B (default 5e-4)")
+    q.add_argument("--clip-init", default=None, choices=CLIP_INITS,
+                   help="start of the clipping logits: fixed (--init-logit) or search (per-group grid search on the "
+                   "weight error, saliency-weighted for saliq); default: search for saliq, fixed otherwise")
+    q.add_argument("--init-logit", type=float, default=4.0,
+                   help="initial clipping logit, sigmoid(4) = 0.982 of the group range (default 4)")
     q.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
     q.add_argument("--lambda-reg", type=float, default=0.1, help="weight of the saliency penalty (default 0.1)")
     q.add_argument("--block-multipliers", default=None, metavar="M0,M1,...",
                    help="per-block multiplier m_i of lambda, one value per decoder block (default all 1)")
-    q.add_argument("--after-lora", action="store_true",
-                   help="penalise What + LoRA update instead of What alone (default: before LoRA)")
+    q.add_argument("--after-lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="penalise What + the LoRA update (--after-lora) or What alone (--no-after-lora); "
+                   "default: after LoRA for saliq")
     q.add_argument("--saliency-norm", default="relative", choices=NORMALISATIONS,
                    help="how S is normalised per layer (default relative; raw = the seed paper)")
     q.add_argument("--loss-norm", default="none", choices=LOSS_NORMS,
@@ -360,6 +366,7 @@ def cmd_quantize(args) -> dict:
         cfg = CalibConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                           schedule=schedule, epochs=args.epochs, lora_rank=args.lora_rank,
                           lora_alpha=args.lora_alpha, lr_clip=args.lr_clip, lr_lora=args.lr_lora,
+                          clip_init=args.clip_init or "", init_logit=args.init_logit,
                           weight_decay=args.weight_decay, lambda_reg=args.lambda_reg, block_multipliers=mult,
                           after_lora=args.after_lora, saliency_norm=args.saliency_norm, loss_norm=args.loss_norm,
                           aug_loss=not args.no_aug_loss, batch_size=args.batch_size, seed=args.seed)

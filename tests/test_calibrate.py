@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from fixtures_llama import make_tiny_llama, random_samples
-from saliq import hf
+from saliq import hf, ref
 from saliq import saliency as S
 from saliq.calibrate import CalibConfig, NonFiniteLossError, ResumeMismatchError, calibrate
+from saliq.clip_search import search_clipping
 from saliq.nn import QuantLinear
 
 TINY = dict(group_size=32, lora_rank=8, seed=3)
@@ -76,6 +77,31 @@ def test_saliq_lowers_the_saliency_weighted_error_against_apiq_at_equal_epochs()
     assert errs["saliq"] < errs["apiq"], errs
 
 
+@pytest.mark.parametrize("method", ["apiq", "saliq"])
+def test_the_clipping_search_sets_the_starting_logits(method):
+    samples = random_samples(n=2)
+    sal = S.compute_saliency(make_tiny_llama(), samples)
+    model, fp = make_tiny_llama(), make_tiny_llama()
+    cfg = _cfg(method=method, schedule=[("opt", 0)], clip_init="search")  # no training: the start is packed
+    calibrate(model, samples, cfg, saliency=sal, progress=False)
+    for i, (bq, bf) in enumerate(zip(hf.decoder_blocks(model), hf.decoder_blocks(fp))):
+        for name, lin in hf.block_linears(bf).items():
+            Sn = S.normalise(sal[f"model.layers.{i}.{name}"], lin.weight, "relative") if method == "saliq" else None
+            hi, lo = search_clipping(lin.weight, cfg.spec, Sn, cfg.init_logit)
+            want, _ = ref.fake_quant_lwc_fwd(lin.weight, hi, lo, None, None, cfg.bits, cfg.group_size, False)
+            got = bq.get_submodule(name).dequantized_weight()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_saliq_defaults_search_then_wpt_after_lora_then_opt_and_apiq_keeps_the_published_ones():
+    sal = CalibConfig(method="saliq", epochs=3)
+    assert (sal.clip_init, sal.after_lora, sal.schedule) == ("search", True, [("wpt", 3), ("opt", 3)])
+    apiq = CalibConfig(method="apiq", epochs=3)
+    assert (apiq.clip_init, apiq.after_lora, apiq.schedule) == ("fixed", False, [("opt", 3)])
+    chosen = CalibConfig(method="saliq", clip_init="fixed", after_lora=False)
+    assert (chosen.clip_init, chosen.after_lora) == ("fixed", False)
+
+
 @pytest.mark.parametrize("kw", [dict(method="apiq", epochs=2),
                                 dict(method="saliq", schedule=[("wpt", 1), ("mixed", 1)], after_lora=True)])
 def test_a_resumed_run_ends_with_the_same_model_as_an_uninterrupted_one(tmp_path, kw):
@@ -124,6 +150,8 @@ def test_a_non_finite_loss_names_block_and_epoch_and_keeps_finished_blocks(tmp_p
     (dict(bits=5), "bits=5"),
     (dict(loss_norm="l1"), "loss_norm='l1'"),
     (dict(saliency_norm="max"), "saliency_norm='max'"),
+    (dict(clip_init="grid"), "clip_init='grid'"),
+    (dict(after_lora="yes"), "after_lora='yes'"),
 ])
 def test_bad_settings_are_rejected_with_what_is_allowed(kw, match):
     with pytest.raises(ValueError, match=match):

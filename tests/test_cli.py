@@ -3,6 +3,7 @@ import json
 import pytest
 
 from fixtures_llama import text_file, tiny_model_dir  # noqa: F401  (pytest fixtures)
+from saliq import hf
 from saliq.cli import build_parser, main
 
 SMALL = ["--group-size", "32", "--nsamples", "4", "--seqlen", "32", "--lora-rank", "8", "--no-progress"]
@@ -21,6 +22,8 @@ def test_quantize_eval_info_end_to_end(tiny_model_dir, text_file, tmp_path, caps
     res = _last_json(capsys)
     assert res["method"] == "saliq" and res["bytes"] > 0 and res["perplexity"] > 1 and len(res["block_seconds"]) == 2
     assert (out / "calibration_log.jsonl").is_file() and not (out / ".calib").exists()
+    calib = hf.read_quant_config(out)["calibration"]
+    assert (calib["clip_init"], calib["after_lora"]) == ("search", True)  # saliq's defaults
 
     assert main(["eval", str(out), "--text", str(text_file), "--seqlen", "64", "--json", "--no-progress"]) == 0
     ev = _last_json(capsys)
@@ -39,8 +42,10 @@ def test_saliency_command_output_is_reused_by_quantize(tiny_model_dir, text_file
     assert sal.is_file()
     capsys.readouterr()
     assert main(["quantize", str(tiny_model_dir), "--calib", str(text_file), "--saliency", str(sal), "--epochs", "1",
-                 "--out", str(tmp_path / "ck"), *SMALL]) == 0
+                 "--clip-init", "fixed", "--init-logit", "3", "--no-after-lora", "--out", str(tmp_path / "ck"), *SMALL]) == 0
     assert "reusing" in capsys.readouterr().err
+    calib = hf.read_quant_config(tmp_path / "ck")["calibration"]
+    assert calib["clip_init"] == "fixed" and calib["init_logit"] == 3.0 and calib["after_lora"] is False
 
 
 @pytest.mark.parametrize("argv, match", [
