@@ -27,9 +27,10 @@ def test_cache_location_honours_SALIQ_CACHE(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_apiq_and_saliq_beat_rtn_by_10x_on_smollm2_w2g64():
+def test_apiq_and_saliq_beat_rtn_by_10x_and_saliq_beats_apiq_on_smollm2_w2g64():
     """W2 g64 on SmolLM2-135M at the demo budget (16 x 256 tokens, 2 epochs; 4k eval tokens). 8 x 128 tokens at
-    1 epoch was measured too small: ApiQ 225k against RTN 794k, only 3.5x."""
+    1 epoch was measured too small: ApiQ 225k against RTN 794k, only 3.5x. saliq's defaults measured about 10x
+    below ApiQ on 20k eval tokens (docs/NOTES.md); 3x leaves room for the shorter evaluation."""
     from saliq import data, hf
     from saliq.calibrate import CalibConfig, calibrate
     from saliq.evaluate import perplexity
@@ -47,4 +48,5 @@ def test_apiq_and_saliq_beat_rtn_by_10x_on_smollm2_w2g64():
     print(ppl)
     assert ppl["apiq"] * 10 < ppl["rtn"], ppl
     assert ppl["saliq"] * 10 < ppl["rtn"], ppl
+    assert ppl["saliq"] * 3 < ppl["apiq"], ppl
     assert torch.isfinite(torch.tensor(list(ppl.values()))).all()
