@@ -58,6 +58,37 @@ def test_cuda_code_for_sm80_and_sm90a():
         assert name in kernels, f"kernel {name} missing from the built cubins"
 
 
+def _sass_of(tool, arch, kernel_fragment):
+    """SASS text of the first function of `arch` whose mangled name contains kernel_fragment."""
+    sass = subprocess.run([tool, "-sass", cpp._C.__file__], capture_output=True, text=True, check=True).stdout
+    out, arch_now, keep = [], None, False
+    for line in sass.splitlines():
+        if "code for sm_" in line:
+            arch_now = line.split("code for ")[1].strip()
+        elif "Function :" in line:
+            if keep:
+                break
+            keep = arch_now == arch and kernel_fragment in line
+        elif keep:
+            out.append(line)
+    return "\n".join(out)
+
+
+@needs_toolkit
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_decode_gemv_uses_16_byte_loads_bit_tricks_and_warp_shuffles(bits):
+    """The instructions issue 5 asks of the decode GEMV, read from the sm_90a SASS of its fp16 instance:
+    128-bit global loads, lop3 unpacking and warp-shuffle reductions."""
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to inspect the binary")
+    sass = _sass_of(tool, "sm_90a", f"packed_gemv_kernelI6__halfLi{bits}E")
+    assert sass, f"no sm_90a fp16 {bits}-bit packed_gemv_kernel in {cpp._C.__file__}"
+    assert "LDG.E.128" in sass, "the packed words are not loaded 16 bytes at a time"
+    assert "LOP3.LUT" in sass, "the unpacking does not use lop3"
+    assert "SHFL.BFLY" in sass, "no warp-shuffle reduction"
+
+
 @needs_toolkit
 def test_cuda_backend_registered():
     from saliq import backends
