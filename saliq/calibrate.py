@@ -99,6 +99,8 @@ class CalibConfig:
         if self.saliency_norm not in saliency_mod.NORMALISATIONS:
             raise ValueError(f"saliency_norm={self.saliency_norm!r} is not supported; allowed: "
                              f"{saliency_mod.NORMALISATIONS}")
+        if not self.lambda_reg >= 0:
+            raise ValueError(f"lambda_reg={self.lambda_reg} must be >= 0 (0 turns the saliency penalty off)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.lora_rank < 0:
@@ -213,6 +215,8 @@ class _BlockTrainer:
         if len(mult) != len(self.blocks):
             raise ValueError(f"block_multipliers has {len(mult)} values; the model has {len(self.blocks)} blocks")
         self.mult = [float(m) for m in mult]
+        if not all(m >= 0 for m in self.mult):
+            raise ValueError(f"block_multipliers={self.mult} must all be >= 0")
         self.fingerprint = self._fingerprint()
 
     # ----- driver
@@ -285,6 +289,8 @@ class _BlockTrainer:
         for stage, epochs in self.cfg.schedule:
             lam_loss, uses_reg = STAGES[stage]
             lam_reg = cfg.lambda_reg * self.mult[i] * uses_reg if cfg.method == "saliq" else 0.0
+            if not lam_loss and not lam_reg:
+                continue  # nothing to train: a wpt stage whose lambda_reg * m_i is 0
             for name, m in fq.items():
                 m.set_saliency(sal[name] if lam_reg else None, after_lora=cfg.after_lora)
             for _ in range(epochs):

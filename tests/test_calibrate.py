@@ -158,6 +158,27 @@ def test_bad_settings_are_rejected_with_what_is_allowed(kw, match):
         CalibConfig(**kw)
 
 
+def test_a_wpt_stage_with_no_penalty_is_skipped_not_a_crash():
+    samples = random_samples(n=2)
+    sal = S.compute_saliency(make_tiny_llama(), samples)
+    models = []
+    for kw in (dict(lambda_reg=0.0), dict(block_multipliers=[0.0, 0.0]), dict(schedule=[("opt", 1)])):
+        model = make_tiny_llama()
+        res = calibrate(model, samples, _cfg(method="saliq", epochs=1, **kw), saliency=sal, progress=False)
+        assert [e["stage"] for e in res.log] == ["opt", "opt"]
+        models.append(model)
+    for model in models[:2]:  # the same model as the schedule without the wpt stage
+        assert torch.equal(_logits(model, samples), _logits(models[2], samples))
+
+
+def test_negative_lambda_or_multipliers_are_rejected():
+    with pytest.raises(ValueError, match="lambda_reg=-0.1 must be >= 0"):
+        CalibConfig(lambda_reg=-0.1)
+    with pytest.raises(ValueError, match=r"block_multipliers=\[1.0, -1.0\] must all be >= 0"):
+        calibrate(make_tiny_llama(), random_samples(n=2), _cfg(method="apiq", epochs=1, block_multipliers=[1, -1]),
+                  progress=False)
+
+
 def test_block_multipliers_must_cover_every_block():
     with pytest.raises(ValueError, match="block_multipliers has 3 values"):
         calibrate(make_tiny_llama(), random_samples(n=2), _cfg(method="apiq", epochs=1, block_multipliers=[1, 1, 1]),
