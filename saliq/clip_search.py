@@ -4,7 +4,7 @@ The `wpt` stage minimises sum S (What - W)^2 over the clipping logits with AdamW
 of a CPU (a few dozen steps at lr 5e-3 from logit 4) the factors sigmoid(hi), sigmoid(lo) move by well under
 1%. The objective splits into independent groups, so it can be solved directly: for every group, try
 clipping factors on a grid and keep the pair with the smallest (saliency-weighted) squared error. With
-S = None the search minimises the plain squared error (OmniQuant / AWQ-style clipping search).
+S = None the search minimises the plain squared error (as AWQ's clipping search does, without activations).
 
 Search order: one shared factor for both ends, then each end on its own with the other fixed (a coordinate
 pass). The grid runs from sigmoid(init_logit) (the usual LWC start, kept when nothing beats it) down to
