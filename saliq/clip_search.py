@@ -83,9 +83,9 @@ def _search_rows(W: Tensor, S: Optional[Tensor], spec: QuantSpec, grid: list[flo
         consider(c, c)
     if not spec.symmetric:  # then each end with the other fixed at its best
         for f in grid:
-            consider(torch.full_like(wmax, f), best_min.clone())
+            consider(torch.full_like(wmax, f), best_min)
         for f in grid:
-            consider(best_max.clone(), torch.full_like(wmax, f))
+            consider(best_max, torch.full_like(wmax, f))
     return best_max, best_min
 
 

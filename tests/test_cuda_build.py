@@ -1,5 +1,6 @@
 """The CUDA part of saliq._C: built for sm_80 and sm_90a when a toolkit is present; importable without a GPU;
 a clear error when a cuda op is called with no usable GPU."""
+import functools
 import os
 import shutil
 import subprocess
@@ -58,11 +59,15 @@ def test_cuda_code_for_sm80_and_sm90a():
         assert name in kernels, f"kernel {name} missing from the built cubins"
 
 
+@functools.lru_cache(maxsize=1)
+def _sass_dump(tool):
+    return subprocess.run([tool, "-sass", cpp._C.__file__], capture_output=True, text=True, check=True).stdout
+
+
 def _sass_of(tool, arch, kernel_fragment):
     """SASS text of the first function of `arch` whose mangled name contains kernel_fragment."""
-    sass = subprocess.run([tool, "-sass", cpp._C.__file__], capture_output=True, text=True, check=True).stdout
     out, arch_now, keep = [], None, False
-    for line in sass.splitlines():
+    for line in _sass_dump(tool).splitlines():
         if "code for sm_" in line:
             arch_now = line.split("code for ")[1].strip()
         elif "Function :" in line:
