@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.saliq-installed
 TORCH  := torch==2.13.0
 TRITON := triton==3.7.1
 
-.PHONY: install build test test-fast demo bench gpu-report clean
+.PHONY: install build test test-fast demo bench gpu-report gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench: build
 
 gpu-report: build
 	$(PY) benchmarks/gpu_report.py
+
+# On a machine with a GPU: its own python3 as it is (no venv, no downloads). Builds saliq._C, runs every GPU test
+# and the GPU report; writes benchmarks/results/<date>-<device>.md and .json (benchmarks/gpu_check.sh).
+gpu-check:
+	PY=python3 benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build *.egg-info saliq/_C*.so

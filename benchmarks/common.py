@@ -46,6 +46,58 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30, flush_l2: 
     return cuda_time_ms(fn, warmup, rep, before_each=None if flush is None else flush.zero_)
 
 
+def l2_bytes() -> int:
+    """The GPU's L2 cache size (a nominal 64 MiB without a GPU)."""
+    if not HAS_GPU:
+        return 64 << 20
+    return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20))
+
+
+def copies_beyond_l2(nbytes_one: int, factor: float = 3.0) -> int:
+    """How many copies of an operand of nbytes_one bytes, read in turn, keep every read coming from DRAM:
+    together they exceed `factor` times the L2 (one without a GPU: smoke runs time nothing)."""
+    if not HAS_GPU:
+        return 1
+    return max(1, -(-int(factor * l2_bytes()) // max(int(nbytes_one), 1)))
+
+
+def graph_time_ms(calls: list[Callable[[], object]], replays: int = 10, rounds: int = 5) -> float:
+    """Milliseconds per call of a sequence of calls captured in one CUDA graph and replayed: no launch
+    gaps and no Python between kernels, as a decode loop under CUDA graphs runs. Give each call its own copy
+    of the large operand (copies_beyond_l2) so every call reads DRAM. Median of `rounds` timings of
+    `replays` replays. Without a GPU: the eager calls on a wall clock (smoke runs only)."""
+    if not HAS_GPU:
+        t = time.perf_counter()
+        for c in calls:
+            c()
+        return (time.perf_counter() - t) * 1e3 / len(calls)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: kernel choices, first-call allocations
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (replays * len(calls)))
+    del graph
+    times.sort()
+    return times[len(times) // 2]
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + bytes written per second), GB/s."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).uniform_()

@@ -1,45 +1,78 @@
-"""GPU report of the Triton kernels: measured roofline first, then every kernel against its baselines.
+"""GPU report: saliq's kernels against fp16 F.linear, the eager reference, torch.compile and the device's
+measured copy bandwidth; the end-to-end decode of a LLaMA-2-7B-shaped model; every bar marked met or not.
 
-On a CUDA GPU this measures the device's copy bandwidth and fp16 matmul rate, then
-- packed_linear for the LLaMA-2-7B linear shapes ([N, K] = 4096x4096, 4096x11008, 11008x4096), 2/3/4-bit,
-  group 64, M in {1, 4, 16, 256, 4096}: time, effective GB/s (all bytes moved, and the packed weight alone),
-  % of measured bandwidth, TFLOP/s, speedup against the eager reference, its torch.compile version and
-  fp16 F.linear on the dense weight; the ideal decode speedup over fp16 is 16 / bits-per-weight (Marlin);
-- fake-quant forward + backward (saliency term fused) for the same shapes against the ApiQ-style eager
-  composite and its torch.compile version;
-- the issue's targets, each marked met / not met;
-and writes benchmarks/results/<date>-<device>.json plus a markdown table next to it.
+Sections (one JSON record per case, `op` names the section):
+- `packed_linear`, decode sizes M = 1, 4, 16: the default kernel (the registry's table, saliq/regimes.py) and
+  fp16 F.linear on the dequantized weight, both captured in CUDA graphs and fed rotating weight copies larger
+  than the L2 (so every call reads DRAM, as a decode step does), plus the eager reference, torch.compile of it
+  (a subset: compiling costs seconds) and the eager per-call time of the default path (Python included);
+- `packed_linear`, prefill sizes M = 256, 4096: the default path against fp16 F.linear, L2 flushed per call;
+- `lora`: the LoRA term's cost on a decode call (QuantLinear with and without r = 64);
+- `decode`: benchmarks/decode_e2e.py, tokens/s of the whole model with CUDA graphs against fp16;
+- `fake_quant_fwd_bwd`: the fused fake quantization with the saliency term, forward + backward, against the
+  ApiQ-style eager composite and its torch.compile version, fp32 / fp16 / bf16;
+- `target`: the bars of the issues, met or not.
 
-    python benchmarks/gpu_report.py                 # on a GPU (several minutes: torch.compile baselines)
-    python benchmarks/gpu_report.py --no-compile    # skip the torch.compile baselines
-    python benchmarks/gpu_report.py --smoke         # tiny shapes; runs on the CPU through the interpreter
+    python benchmarks/gpu_report.py              # on a GPU, a few minutes
+    python benchmarks/gpu_report.py --quick      # 2-bit prefill and end-to-end only, no torch.compile, no fake quant
+    python benchmarks/gpu_report.py --smoke      # tiny shapes on the CPU: checks the script, times nothing
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+import time
+from datetime import date
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 import common
-from common import (DEVICE, HAS_GPU, LLAMA2_7B_SHAPES, apiq_fake_quant, copy_bandwidth_gbs, device_name,
-                    fp16_matmul_tflops, lwc_inputs, markdown_table, nbytes, random_packed, time_ms)
+from common import (DEVICE, HAS_GPU, apiq_fake_quant, copies_beyond_l2, copy_bandwidth_gbs, device_name,
+                    fp16_matmul_tflops, graph_time_ms, lwc_inputs, markdown_table, nbytes, random_packed, time_ms)
 
-TARGETS = {
-    "fq_speedup_vs_eager": 6.0, "fq_pct_bw": 85.0,
-    "pl_m1_pct_bw_packed": 85.0, "pl_m1_speedup_fp16_2bit": 5.5, "pl_m1_speedup_fp16_3bit": 4.0,
-    "pl_m4096_vs_fp16": 0.9,
-}
-TARGET_SHAPE = (4096, 11008)  # [N, K]
+DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]  # [N, K]
+PREFILL_SHAPES = [(4096, 11008), (11008, 4096)]
+COMPILE_CASES = {(4096, 11008, 2, 1), (4096, 11008, 2, 16)}  # (N, K, bits, M) with a torch.compile baseline
+
+# (name, selector of records, field, bar): the issues' bars
+BARS = [
+    ("M=1 2-bit 4096x11008: x fp16", dict(op="packed_linear", N=4096, K=11008, bits=2, group=64, M=1), "x_fp16", 4.0),
+    ("M=1 2-bit 11008x4096: x fp16", dict(op="packed_linear", N=11008, K=4096, bits=2, group=64, M=1), "x_fp16", 4.0),
+    ("M=1 2-bit 8192x28672: x fp16", dict(op="packed_linear", N=8192, K=28672, bits=2, group=64, M=1), "x_fp16", 5.0),
+    ("M=1 2-bit 8192x28672: % copy bandwidth", dict(op="packed_linear", N=8192, K=28672, bits=2, group=64, M=1),
+     "pct_bw", 75.0),
+    ("M=1 3-bit 8192x28672: x fp16", dict(op="packed_linear", N=8192, K=28672, bits=3, group=64, M=1), "x_fp16", 3.6),
+    ("M=1 4-bit 8192x28672: x fp16", dict(op="packed_linear", N=8192, K=28672, bits=4, group=64, M=1), "x_fp16", 3.0),
+    ("M=16 2-bit 8192x28672: x fp16", dict(op="packed_linear", N=8192, K=28672, bits=2, group=64, M=16), "x_fp16",
+     3.0),
+] + [
+    (f"M={m} {bits}-bit {n}x{k}: x fp16", dict(op="packed_linear", N=n, K=k, bits=bits, group=64, M=m), "x_fp16",
+     0.9 if m == 256 else 0.95)
+    for m in (256, 4096) for (n, k) in PREFILL_SHAPES for bits in (2, 3, 4)
+] + [
+    ("decode 7B-shaped, batch 1, 2-bit: x fp16 tokens/s", dict(op="decode", bits=2, M=1), "x_fp16", 3.0),
+] + [
+    (f"fake-quant fwd+bwd 4096x11008 2-bit {dt}: % copy bandwidth",
+     dict(op="fake_quant_fwd_bwd", N=4096, K=11008, bits=2, dtype=dt), "pct_bw", 85.0)
+    for dt in ("float32", "float16", "bfloat16")
+] + [
+    (f"fake-quant fwd+bwd 4096x11008 2-bit {dt}: x torch.compile",
+     dict(op="fake_quant_fwd_bwd", N=4096, K=11008, bits=2, dtype=dt), "x_compile", 2.5)
+    for dt in ("float32", "float16", "bfloat16")
+]
 
 
-def _safe(fn: Callable[[], float]) -> float | None:
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _safe(fn: Callable[[], float]) -> Optional[float]:
     try:
         return fn()
     except Exception as exc:  # a baseline that fails (e.g. torch.compile) is reported, not fatal
-        print(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        log(f"  skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
         return None
 
 
@@ -47,91 +80,158 @@ def _ratio(a, b):
     return None if (a is None or b is None or b == 0) else a / b
 
 
-def _compiled(fn, enabled: bool):
-    if not enabled:
-        return None
+def _rel_err(y, y_ref) -> float:
+    y, y_ref = y.double(), y_ref.double()
+    return float((y - y_ref).norm() / y_ref.norm().clamp_min(1e-30))
+
+
+def _compiled(fn):
     import torch._dynamo
 
-    # one compiled graph per shape: lift the recompile limit so later shapes do not fall back to eager
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit"):  # one graph per shape
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 1024)
     return torch.compile(fn, dynamic=False)
 
 
-def bench_packed_linear(shapes, bits_list, groups, ms_list, bw, compile_baselines: bool) -> list[dict]:
-    from saliq import ref
-    from saliq.kernels import packed_matmul as pm
+def _default_impl(x, args):
+    """The implementation the registry runs for this call (the regime table on CUDA) and its backend name."""
+    from saliq import backends
 
-    dtype = torch.float16 if HAS_GPU else torch.float32
-    compiled_ref = _compiled(ref.packed_matmul, compile_baselines)
+    full = (x, *args, None)
+    impl = backends.resolve("packed_matmul", x.device.type, *full)
+    name = next((b for b in backends.BACKENDS if backends._impls[b].get("packed_matmul") is impl), "?")
+    return impl, name
+
+
+# ------------------------------------------------------------------------------------------------ packed_linear
+def bench_decode(shapes, bits_list, groups, ms_list, dtype, bw, compile_baselines) -> list[dict]:
+    from saliq import ref
+
+    compiled_ref = _compiled(ref.packed_matmul) if compile_baselines else None
     rows = []
     for n, k in shapes:
         for bits in bits_list:
             for g in groups:
-                p = random_packed(n, k, bits, g, dtype)
-                args = (p.qweight, p.qweight_hi, p.scales, p.zeros, bits, g, k)
-                W16 = ref.dequantize(*args).to(dtype)
-                packed_bytes = p.nbytes()
+                if g != 64 and (n, k) != (4096, 11008):
+                    continue
+                p0 = random_packed(n, k, bits, g, dtype)
+                args_of = [(p0.qweight, p0.qweight_hi, p0.scales, p0.zeros, bits, g, k)]
+                args_of += [(p0.qweight.clone(), p0.qweight_hi.clone(), p0.scales.clone(), p0.zeros.clone(), bits, g, k)
+                            for _ in range(copies_beyond_l2(p0.nbytes()) - 1)]
+                W16 = ref.dequantize(*args_of[0]).to(dtype)
+                w16_copies = [W16] + [W16.clone() for _ in range(copies_beyond_l2(nbytes(W16)) - 1)]
                 for M in ms_list:
+                    log(f"packed_linear {n}x{k} {bits}-bit g{g} M={M} {str(dtype)[6:]}")
                     x = torch.randn(M, k, device=DEVICE, dtype=dtype)
-                    print(f"packed_linear {n}x{k} {bits}-bit g{g} M={M}", file=sys.stderr)
-                    t = time_ms(lambda: pm.packed_matmul(x, *args, None))
-                    t_eager = _safe(lambda: time_ms(lambda: ref.packed_matmul(x, *args, None), rep=10))
-                    t_comp = None if compiled_ref is None else _safe(
-                        lambda: time_ms(lambda: compiled_ref(x, *args, None), rep=10))
-                    t_fp16 = time_ms(lambda: F.linear(x, W16))
-                    moved = packed_bytes + nbytes(x) + M * n * x.element_size()
+                    impl, backend = _default_impl(x, args_of[0])
+                    y = impl(x, *args_of[0], None)
+                    err = _rel_err(y, ref.packed_matmul(x.float(), *args_of[0][:2], args_of[0][2].float(),
+                                                        *args_of[0][3:], None))
+                    t = graph_time_ms([(lambda a=a: impl(x, *a, None)) for a in args_of])
+                    t16 = graph_time_ms([(lambda w=w: F.linear(x, w)) for w in w16_copies])
+                    t_call = time_ms(lambda: impl(x, *args_of[0], None))
+                    t_eager = _safe(lambda: time_ms(lambda: ref.packed_matmul(x, *args_of[0], None), rep=10))
+                    t_comp = None
+                    if compiled_ref is not None and (n, k, bits, M) in COMPILE_CASES and g == 64:
+                        t_comp = _safe(lambda: graph_time_ms(
+                            [(lambda a=a: compiled_ref(x, *a, None)) for a in args_of]))
+                    moved = p0.nbytes() + nbytes(x) + M * n * x.element_size()
                     gbs = moved / (t * 1e-3) / 1e9
-                    gbs_packed = packed_bytes / (t * 1e-3) / 1e9
-                    bits_per_weight = 8 * packed_bytes / (n * k)
                     rows.append(dict(
-                        op="packed_linear", N=n, K=k, bits=bits, group=g, M=M, dtype=str(dtype)[6:],
-                        ms=t, ms_eager=t_eager, ms_compile=t_comp, ms_fp16_linear=t_fp16,
-                        gbs=gbs, pct_bw=100 * gbs / bw, gbs_packed=gbs_packed, pct_bw_packed=100 * gbs_packed / bw,
-                        tflops=2 * M * n * k / (t * 1e-3) / 1e12,
-                        x_eager=_ratio(t_eager, t), x_compile=_ratio(t_comp, t), x_fp16=_ratio(t_fp16, t),
-                        ideal_x_fp16=16 / bits_per_weight, config=_config_used(pm, x, p, g),
-                        dispatch=_dispatch(x, args)))
+                        op="packed_linear", N=n, K=k, bits=bits, group=g, M=M, dtype=str(dtype)[6:], backend=backend,
+                        ms=t, ms_fp16=t16, ms_eager=t_eager, ms_compile=t_comp, us_call=1e3 * t_call,
+                        x_fp16=_ratio(t16, t), x_eager=_ratio(t_eager, t), x_compile=_ratio(t_comp, t),
+                        gbs=gbs, pct_bw=100 * gbs / bw, ideal_x_fp16=16 / (8 * p0.nbytes() / (n * k)), err=err,
+                        timing="cuda graph, weights rotated past L2"))
+                del w16_copies, args_of
+                torch.cuda.empty_cache() if HAS_GPU else None
     return rows
 
 
-def _dispatch(x, args):
-    """Measure the CUDA backends of packed_matmul on this call and record the default (a `cuda` backend, when
-    built, competes with `triton`)."""
-    if not HAS_GPU:
-        return None
-    import saliq.triton_backend as tb
+def bench_prefill(shapes, bits_list, ms_list, dtype, bw) -> list[dict]:
+    from saliq import ref
 
-    return _safe(lambda: tb.tune("packed_matmul", x, *args, None))
-
-
-def _config_used(pm, x, p, g):
-    from saliq.kernels import autotune
-
-    key = (p.bits, g, p.out_features, p.in_features, str(x.dtype).replace("torch.", ""),
-           autotune.m_bucket(x.shape[0]), False)
-    cfg = autotune.lookup("packed_matmul", key, x.device) if HAS_GPU else None
-    return None if cfg is None else ",".join(f"{k}={v}" for k, v in sorted(cfg.items()))
-
-
-def bench_fake_quant(shapes, bits_list, groups, bw, compile_baselines: bool) -> list[dict]:
-    from saliq.kernels import fake_quant as fq
-
-    dtype = torch.float16 if HAS_GPU else torch.float32
-    compiled = _compiled(apiq_fake_quant, compile_baselines)
     rows = []
     for n, k in shapes:
         for bits in bits_list:
-            for g in groups:
+            p = random_packed(n, k, bits, 64, dtype)
+            args = (p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k)
+            W16 = ref.dequantize(*args).to(dtype)
+            for M in ms_list:
+                log(f"packed_linear {n}x{k} {bits}-bit g64 M={M} {str(dtype)[6:]}")
+                x = torch.randn(M, k, device=DEVICE, dtype=dtype)
+                impl, backend = _default_impl(x, args)
+                y = impl(x, *args, None)  # the first call of a bucket may tune: keep it out of the timing
+                err = _rel_err(y, ref.packed_matmul(x.float(), *args[:2], args[2].float(), *args[3:], None))
+                t = time_ms(lambda: impl(x, *args, None))
+                t16 = time_ms(lambda: F.linear(x, W16))
+                rows.append(dict(
+                    op="packed_linear", N=n, K=k, bits=bits, group=64, M=M, dtype=str(dtype)[6:], backend=backend,
+                    ms=t, ms_fp16=t16, x_fp16=_ratio(t16, t), tflops=2 * M * n * k / (t * 1e-3) / 1e12,
+                    tflops_fp16=2 * M * n * k / (t16 * 1e-3) / 1e12, err=err, config=_triton_config(x, p),
+                    timing="CUDA events, L2 flushed"))
+    return rows
+
+
+def _triton_config(x, p) -> Optional[str]:
+    if not HAS_GPU:
+        return None
+    from saliq.kernels import autotune
+
+    key = (p.bits, p.group_size, p.out_features, p.in_features, str(x.dtype).replace("torch.", ""),
+           autotune.m_bucket(x.shape[0]), False)
+    cfg = autotune.lookup("packed_matmul", key, x.device)
+    return None if cfg is None else ",".join(f"{k}={v}" for k, v in sorted(cfg.items()))
+
+
+def bench_lora(dtype) -> list[dict]:
+    """Cost of QuantLinear's LoRA term (r = 64) on a decode call, graph-timed."""
+    from saliq.nn import QuantLinear
+    from saliq.spec import QuantSpec
+
+    n, k, r = (4096, 11008, 64) if HAS_GPU else (64, 256, 8)
+    rows = []
+    for M in (1, 16):
+        x = torch.randn(M, k, device=DEVICE, dtype=dtype)
+        times = {}
+        for rank in (0, r):
+            layers = []
+            for _ in range(copies_beyond_l2(n * k * 5 // 16)):
+                p = random_packed(n, k, 2, 64, dtype)
+                A = torch.randn(rank, k, device=DEVICE, dtype=dtype) * 0.01 if rank else None
+                B = torch.randn(n, rank, device=DEVICE, dtype=dtype) * 0.01 if rank else None
+                layers.append(QuantLinear(p, None, A, B, 16.0, QuantSpec(bits=2, group_size=64)))
+            with torch.no_grad():
+                times[rank] = graph_time_ms([(lambda layer=layer: layer(x)) for layer in layers])
+        rows.append(dict(op="lora", N=n, K=k, bits=2, group=64, M=M, dtype=str(dtype)[6:], rank=r, ms=times[r],
+                         ms_no_lora=times[0], lora_overhead_pct=100 * (times[r] / times[0] - 1)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ fake quant
+def bench_fake_quant(shapes, bits_list, dtypes, bw, compile_baselines) -> list[dict]:
+    from saliq import backends
+
+    compiled = _compiled(apiq_fake_quant) if compile_baselines else None
+    rows = []
+    g = 64
+    for n, k in shapes:
+        for bits in bits_list:
+            for dtype in dtypes:
                 W, hi, lo, S = lwc_inputs(n, k, g, dtype)
                 grad = torch.randn_like(W)
                 greg = torch.tensor(0.1, device=DEVICE)
-                print(f"fake_quant fwd+bwd {n}x{k} {bits}-bit g{g}", file=sys.stderr)
+                log(f"fake_quant fwd+bwd {n}x{k} {bits}-bit g{g} {str(dtype)[6:]}")
 
-                def triton_step():
-                    what, reg = fq.fake_quant_lwc_fwd(W, hi, lo, S, None, bits, g, False)
-                    fq.fake_quant_lwc_bwd(grad, greg, W, hi, lo, S, None, bits, g, False, False)
+                def step_of(name):
+                    fwd = backends._impls[name]["fake_quant_lwc_fwd"]
+                    bwd = backends._impls[name]["fake_quant_lwc_bwd"]
+
+                    def step():
+                        fwd(W, hi, lo, S, None, bits, g, False)
+                        bwd(grad, greg, W, hi, lo, S, None, bits, g, False, False)
+                    return step
 
                 def composite_step(fn):
                     hi_, lo_ = hi.detach().requires_grad_(), lo.detach().requires_grad_()
@@ -141,93 +241,120 @@ def bench_fake_quant(shapes, bits_list, groups, bw, compile_baselines: bool) -> 
                         torch.autograd.grad([what, reg], [hi_, lo_], [grad, greg])
                     return step
 
-                t = time_ms(triton_step)
+                per_backend = {name: _safe(lambda name=name: time_ms(step_of(name)))
+                               for name in ("triton", "cuda") if name in backends.available("fake_quant_lwc_fwd",
+                                                                                            W.device.type)}
+                best_name = min((b for b in per_backend if per_backend[b] is not None),
+                                key=lambda b: per_backend[b], default=None)
+                t = per_backend.get(best_name)
                 t_eager = _safe(lambda: time_ms(composite_step(apiq_fake_quant), rep=10))
                 t_comp = None if compiled is None else _safe(lambda: time_ms(composite_step(compiled), rep=10))
-                # floor: forward reads W, S and writes What; backward reads the incoming gradient, W and S
-                small = 4 * hi.numel() * 4  # hi, lo read; dhi, dlo written
-                moved = 2 * nbytes(W) + 2 * nbytes(S) + nbytes(W) + nbytes(grad) + small
-                gbs = moved / (t * 1e-3) / 1e9
+                # floor: forward reads W, S and writes What; backward reads the gradient, W and S
+                moved = 3 * nbytes(W) + 2 * nbytes(S) + nbytes(grad) + 16 * hi.numel()
                 rows.append(dict(op="fake_quant_fwd_bwd", N=n, K=k, bits=bits, group=g, M=None,
-                                 dtype=str(dtype)[6:], ms=t, ms_eager=t_eager, ms_compile=t_comp, gbs=gbs,
-                                 pct_bw=100 * gbs / bw, x_eager=_ratio(t_eager, t), x_compile=_ratio(t_comp, t)))
+                                 dtype=str(dtype)[6:], backend=best_name, ms=t,
+                                 ms_triton=per_backend.get("triton"), ms_cuda=per_backend.get("cuda"),
+                                 ms_eager=t_eager, ms_compile=t_comp,
+                                 pct_bw=None if t is None else 100 * moved / (t * 1e-3) / 1e9 / bw,
+                                 x_eager=_ratio(t_eager, t), x_compile=_ratio(t_comp, t)))
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ bars
 def check_targets(rows: list[dict]) -> list[dict]:
-    def find(**kw):
-        return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
-
-    n, k = TARGET_SHAPE
     out = []
-
-    def add(name, value, target, cmp=">="):
-        met = None if value is None else (value >= target)
-        out.append(dict(target=name, value=value, required=f"{cmp} {target}", met=met))
-
-    for r in find(op="fake_quant_fwd_bwd", N=n, K=k, group=64):
-        add(f"fake-quant fwd+bwd {n}x{k} g64 {r['bits']}-bit: x eager composite", r["x_eager"],
-            TARGETS["fq_speedup_vs_eager"])
-        add(f"fake-quant fwd+bwd {n}x{k} g64 {r['bits']}-bit: % copy bandwidth", r["pct_bw"], TARGETS["fq_pct_bw"])
-    for r in find(op="packed_linear", N=n, K=k, group=64, M=1):
-        add(f"packed_linear M=1 {n}x{k} g64 {r['bits']}-bit: % bandwidth over packed bytes", r["pct_bw_packed"],
-            TARGETS["pl_m1_pct_bw_packed"])
-        if r["bits"] in (2, 3):
-            add(f"packed_linear M=1 {n}x{k} g64 {r['bits']}-bit: x fp16 F.linear", r["x_fp16"],
-                TARGETS[f"pl_m1_speedup_fp16_{r['bits']}bit"])
-    for r in find(op="packed_linear", N=n, K=k, group=64, M=4096):
-        add(f"packed_linear M=4096 {n}x{k} g64 {r['bits']}-bit: throughput / fp16 F.linear", r["x_fp16"],
-            TARGETS["pl_m4096_vs_fp16"])
+    for name, sel, field, bar in BARS:
+        hits = [r for r in rows if all(r.get(k) == v for k, v in sel.items())]
+        value = hits[0].get(field) if hits else None
+        out.append(dict(target=name, value=value, required=f">= {bar}", met=None if value is None else value >= bar))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under the interpreter")
+    ap.add_argument("--quick", action="store_true",
+                    help="2-bit prefill and end-to-end only, no torch.compile, no fake quant")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--groups", type=int, nargs="+", default=[64])
-    ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 16, 256, 4096])
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
+    ap.add_argument("--sections", nargs="+", default=["decode", "prefill", "lora", "e2e", "fq"],
+                    help="which sections to run (decode prefill lora e2e fq)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
     args = ap.parse_args(argv)
     if not HAS_GPU and not args.smoke:
-        print("gpu_report needs a CUDA GPU: not run (use --smoke for a CPU check of the script itself)",
-              file=sys.stderr)
+        log("gpu_report needs a CUDA GPU: not run (use --smoke for a CPU check of the script itself)")
         return 2
-    shapes = LLAMA2_7B_SHAPES if not args.smoke else [(37, 128), (64, 192)]
-    ms_list = args.ms if not args.smoke else [1, 4, 33]
-    compile_baselines = not args.no_compile and not args.smoke
+    started = time.perf_counter()
+    dtype = torch.float16 if HAS_GPU else torch.float32
+    if args.smoke:
+        decode_shapes, prefill_shapes, decode_ms, prefill_ms = [(64, 256), (37, 128)], [(64, 256)], [1, 4], [33]
+    elif args.quick:
+        decode_shapes, prefill_shapes, decode_ms, prefill_ms = DECODE_SHAPES[1:], PREFILL_SHAPES, [1, 16], [256, 4096]
+    else:
+        decode_shapes, prefill_shapes, decode_ms, prefill_ms = DECODE_SHAPES, PREFILL_SHAPES, [1, 4, 16], [256, 4096]
+    compile_baselines = not (args.no_compile or args.smoke or args.quick)
 
     import triton
 
     bw = copy_bandwidth_gbs() if HAS_GPU else copy_bandwidth_gbs(1 << 24)
     tflops = fp16_matmul_tflops()
-    meta = dict(device=device_name(), torch=torch.__version__, triton=triton.__version__,
-                copy_bandwidth_gbs=bw, fp16_matmul_tflops=tflops, smoke=args.smoke,
+    meta = dict(device=device_name(), torch=torch.__version__, triton=triton.__version__, date=date.today().isoformat(),
+                copy_bandwidth_gbs=bw, fp16_matmul_tflops=tflops, l2_bytes=common.l2_bytes(), smoke=args.smoke,
                 note=None if HAS_GPU else "interpreter run: timings are meaningless, the script is checked only")
-    print(f"{meta['device']}: copy {bw:.0f} GB/s, fp16 matmul {tflops:.1f} TFLOP/s", file=sys.stderr)
+    log(f"{meta['device']}: copy {bw:.0f} GB/s, fp16 matmul {tflops:.1f} TFLOP/s")
 
-    rows = bench_packed_linear(shapes, args.bits, args.groups, ms_list, bw, compile_baselines)
-    rows += bench_fake_quant(shapes, args.bits, args.groups, bw, compile_baselines)
+    rows: list[dict] = []
+    sections = set(args.sections)
+    if "decode" in sections:
+        rows += bench_decode(decode_shapes, [2, 3, 4], [64] if args.quick else [64, 128], decode_ms, dtype, bw,
+                             compile_baselines)
+        if HAS_GPU:  # bf16 activations at M = 1 on one shape
+            rows += bench_decode([(4096, 11008)], [2, 3, 4], [64], [1], torch.bfloat16, bw, False)
+    if "prefill" in sections:
+        rows += bench_prefill(prefill_shapes, [2] if args.quick else [2, 3, 4], prefill_ms, dtype, bw)
+    if "lora" in sections:
+        rows += bench_lora(dtype)
+    if "e2e" in sections and not args.no_e2e:
+        import decode_e2e
+
+        rows += decode_e2e.run([2] if args.quick else [2, 3, 4], [1, 8] if HAS_GPU else [1],
+                               new_tokens=128 if HAS_GPU else 4, smoke=args.smoke, verbose=True)
+    if "fq" in sections and not args.quick:
+        fq_shapes = [(4096, 11008)] if HAS_GPU else [(37, 128)]
+        rows += bench_fake_quant(fq_shapes, [2], [torch.float32, torch.float16, torch.bfloat16], bw,
+                                 compile_baselines)
     targets = check_targets(rows)
+    meta["seconds"] = time.perf_counter() - started
 
-    cols = ["op", "N", "K", "bits", "group", "M", "ms", "gbs", "pct_bw", "pct_bw_packed", "tflops", "x_eager",
-            "x_compile", "x_fp16", "ideal_x_fp16"]
-    from datetime import date
-    table = (f"# Triton kernels on {meta['device']} ({date.today().isoformat()})\n\n"
-             f"Measured copy bandwidth {bw:.0f} GB/s, fp16 matmul {tflops:.1f} TFLOP/s; torch {torch.__version__}, "
-             f"triton {triton.__version__}. x_* = speedup of the Triton kernel over that baseline; pct_bw = "
-             f"effective GB/s over the measured copy bandwidth.\n\n" + markdown_table(rows, cols))
-    if targets:
-        table += "\n## Targets\n\n" + markdown_table(targets, ["target", "value", "required", "met"])
+    def table(op, cols):
+        sel = [r for r in rows if r["op"] == op]
+        return markdown_table(sel, cols) if sel else "(not run)\n"
+
+    md = (f"# saliq kernels on {meta['device']} ({meta['date']})\n\n"
+          f"Measured in the same run: copy bandwidth {bw:.0f} GB/s (read + write), fp16 matmul {tflops:.1f} TFLOP/s, "
+          f"L2 {meta['l2_bytes'] >> 20} MiB; torch {torch.__version__}, triton {triton.__version__}. "
+          f"x_* = speedup of saliq over that baseline (fp16 = F.linear on the dequantized fp16 weight); pct_bw = "
+          f"bytes moved over time, as a share of the copy bandwidth; ideal_x_fp16 = 16 / bits per weight.\n\n"
+          "## Decode (CUDA graphs, weights rotated past the L2) and prefill (L2 flushed per call)\n\n"
+          + table("packed_linear", ["N", "K", "bits", "group", "M", "dtype", "backend", "ms", "ms_fp16", "x_fp16",
+                                    "ideal_x_fp16", "pct_bw", "x_eager", "x_compile", "us_call", "err"])
+          + "\n## LoRA term on a decode call (r = 64, graph-timed)\n\n"
+          + table("lora", ["N", "K", "M", "ms", "ms_no_lora", "lora_overhead_pct"])
+          + "\n## End-to-end decode, LLaMA-2-7B-shaped, random weights, CUDA graphs\n\n"
+          + table("decode", ["bits", "group", "M", "tokens_per_s", "tokens_per_s_fp16", "x_fp16", "peak_gib",
+                             "peak_gib_fp16"])
+          + "\n## Fake quantization forward + backward with the saliency term\n\n"
+          + table("fake_quant_fwd_bwd", ["N", "K", "bits", "dtype", "backend", "ms", "ms_triton", "ms_cuda",
+                                         "pct_bw", "x_eager", "x_compile"])
+          + "\n## Bars\n\n" + markdown_table(targets, ["target", "value", "required", "met"])
+          + f"\n(report took {meta['seconds']:.0f} s)\n")
     out = args.out
     if out is None and args.smoke:
         import tempfile
         out = tempfile.mkdtemp(prefix="saliq-gpu-report-smoke-")  # smoke results are not results
-    jpath, mpath = common.write_results(rows + [dict(op="target", **t) for t in targets], meta, table,
-                                        directory=out)
-    print(table)
-    print(f"wrote {jpath} and {mpath}", file=sys.stderr)
+    jpath, mpath = common.write_results(rows + [dict(op="target", **t) for t in targets], meta, md, directory=out)
+    print(md)
+    log(f"wrote {jpath} and {mpath}")
     return 0
 
 

@@ -61,6 +61,10 @@ def _dequantize_kernel(qw_ptr, qh_ptr, sc_ptr, zr_ptr, w_ptr, N, K,
     tl.store(out, w.to(w_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
 
 
+# No fp contraction: (q - z) * s rounds twice, as the reference's two torch ops (see fake_quant.EXACT_OPTIONS).
+EXACT_OPTIONS = dict(enable_fp_fusion=False)
+
+
 def _candidates() -> list[dict]:
     if is_interpreter():
         return [dict(BLOCK_K=64, BLOCK_N=64, num_warps=4)]
@@ -79,7 +83,8 @@ def dequantize_into(out: torch.Tensor, qweight, qweight_hi, scales, zeros, bits:
     def run(cfg):
         grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
         _dequantize_kernel[grid](qweight, qh, scales, zeros, out, N, K, BITS=bits, GROUP=group,
-                                 BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+                                 BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                                 **EXACT_OPTIONS)
 
     key = (bits, group_size, N, K, str(out.dtype).replace("torch.", ""))
     run(autotune.choose("dequantize", key, _candidates(), run, out.device))

@@ -37,11 +37,26 @@ def _sign(x):
 
 
 @triton.jit
-def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, SYMMETRIC: tl.constexpr):
+def _div_by_int(x, D: tl.constexpr, INV_D: tl.constexpr, TORCH_RECIP: tl.constexpr):
+    """x / D for a Python-int divisor D, rounded as torch rounds `tensor / int` on the tensors' device: CUDA
+    torch multiplies by the fp32 reciprocal INV_D = fl(1 / D) (BinaryDivTrueKernel.cu, "a * reciprocal(b)"
+    for a CPU-scalar divisor), CPU torch divides (IEEE, as div_rn)."""
+    if TORCH_RECIP:
+        return x * INV_D
+    else:
+        return tl.div_rn(x, tl.full(x.shape, D, tl.float32))
+
+
+@triton.jit
+def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr,
+                 INV_HALF: tl.constexpr, TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr):
     """Group statistics and the quantization of w [BLOCK_R, BLOCK_G] (fp32), as ref._forward_parts
     (the clamp bounds 1e-5, 1e4 are ref.SCALE_MIN, SCALE_MAX and ref.ZERO_BOUND).
 
-    Divisions are IEEE (div_rn): a one-ulp error in s or w / s would move elements across a rounding tie."""
+    Every fp32 operation rounds once, as torch's separate eager ops do: the kernels are compiled without
+    fp contraction (EXACT_OPTIONS: fmax * wmax - fmin * wmin would otherwise become one fma), divisions by
+    tensors are IEEE (div_rn) and divisions by Q or 2^(b-1) - 1 follow torch (_div_by_int). A one-ulp error
+    in s moves every What of the group, and in w / s it moves elements across a rounding tie."""
     wmax = tl.max(tl.where(mask, w, float("-inf")), axis=1)
     wmin = tl.min(tl.where(mask, w, float("inf")), axis=1)
     # rows past R (fully masked) get 0 instead of -inf / inf, so they compute no NaN
@@ -50,11 +65,11 @@ def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, SY
     xmax = fmax * wmax
     xmin = fmin * wmin
     if SYMMETRIC:
-        s_raw = tl.div_rn(tl.maximum(tl.abs(xmax), tl.abs(xmin)), tl.full(xmax.shape, HALF, tl.float32))
+        s_raw = _div_by_int(tl.maximum(tl.abs(xmax), tl.abs(xmin)), HALF, INV_HALF, TORCH_RECIP)
         s = tl.minimum(tl.maximum(s_raw, 1e-5), 1e4)
         z = tl.full(s.shape, HALF, tl.float32)
     else:
-        s_raw = tl.div_rn(xmax - xmin, tl.full(xmax.shape, QMAX, tl.float32))
+        s_raw = _div_by_int(xmax - xmin, QMAX, INV_QMAX, TORCH_RECIP)
         s = tl.minimum(tl.maximum(s_raw, 1e-5), 1e4)
         z = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(-xmin, s), -1e4), 1e4))
     u = tl.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
@@ -67,7 +82,8 @@ def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, SY
 
 @triton.jit
 def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partial_ptr, R, g,
-                   QMAX: tl.constexpr, HALF: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
+                   QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
+                   TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
                    HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -79,7 +95,8 @@ def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partia
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
     fmin = tl.load(fmin_ptr + rows, mask=row_ok, other=1.0)
-    _, _, _, _, _, _, _, _, _, _, _, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF, SYMMETRIC)
+    _, _, _, _, _, _, _, _, _, _, _, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF, INV_QMAX, INV_HALF,
+                                                         TORCH_RECIP, SYMMETRIC)
     tl.store(what_ptr + offs, what.to(what_ptr.dtype.element_ty), mask=mask)
     if HAS_S:
         # the penalty uses the fp32 What, before the cast to W's dtype
@@ -88,13 +105,14 @@ def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partia
         if HAS_DELTA:
             weff = weff + tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         diff = tl.where(mask, weff - w, 0.0)
-        tl.store(partial_ptr + pid, tl.sum(tl.sum(sal * diff * diff, axis=1), axis=0))
+        tl.store(partial_ptr + pid, tl.sum(tl.sum(sal * (diff * diff), axis=1), axis=0))
 
 
 @triton.jit
 def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr,
                    dw_ptr, dhi_ptr, dlo_ptr, ddelta_ptr, R, g,
-                   QMAX: tl.constexpr, HALF: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
+                   QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
+                   TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
                    HAS_DELTA: tl.constexpr, NEED_DW: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     pid = tl.program_id(0)
@@ -109,6 +127,7 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
     fmin = tl.load(fmin_ptr + rows, mask=row_ok, other=1.0)
     # recompute the group statistics instead of saving them: W is read anyway, and nothing full-size is kept
     wmax, wmin, xmax, xmin, s_raw, s, z, u, r, t, q, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF,
+                                                                         INV_QMAX, INV_HALF, TORCH_RECIP,
                                                                          SYMMETRIC)
     if HAS_S:
         # d reg / d Weff = 2 grad_reg S (Weff - W): added to the incoming gradient of What
@@ -127,7 +146,7 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
     g_s = tl.sum(tl.where(mask, gw * dwhat_ds, 0.0), axis=1)
     g_s = tl.where((s_raw >= 1e-5) & (s_raw <= 1e4), g_s, 0.0)
     if SYMMETRIC:
-        g_abs = g_s / HALF
+        g_abs = _div_by_int(g_s, HALF, INV_HALF, TORCH_RECIP)
         amax = tl.abs(xmax)
         amin = tl.abs(xmin)
         # torch.maximum's gradient: all to the larger, split evenly on a tie
@@ -135,8 +154,8 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
         d_xmax = g_abs * share * _sign(xmax)
         d_xmin = g_abs * (1.0 - share) * _sign(xmin)
     else:
-        d_xmax = g_s / QMAX
-        d_xmin = -g_s / QMAX
+        d_xmax = _div_by_int(g_s, QMAX, INV_QMAX, TORCH_RECIP)
+        d_xmin = _div_by_int(-g_s, QMAX, INV_QMAX, TORCH_RECIP)
     dhi = d_xmax * wmax * fmax * (1.0 - fmax)
     dlo = d_xmin * wmin * fmin * (1.0 - fmin)
     tl.store(dhi_ptr + rows, dhi.to(dhi_ptr.dtype.element_ty), mask=row_ok)
@@ -150,12 +169,28 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
         is_min = mask & (w == wmin[:, None])
         n_max = tl.maximum(tl.sum(is_max.to(tl.float32), axis=1), 1.0)
         n_min = tl.maximum(tl.sum(is_min.to(tl.float32), axis=1), 1.0)
-        dw = dw + tl.where(is_max, (d_xmax * fmax / n_max)[:, None], 0.0)
-        dw = dw + tl.where(is_min, (d_xmin * fmin / n_min)[:, None], 0.0)
+        dw = dw + tl.where(is_max, tl.div_rn(d_xmax * fmax, n_max)[:, None], 0.0)
+        dw = dw + tl.where(is_min, tl.div_rn(d_xmin * fmin, n_min)[:, None], 0.0)
         tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------- launchers
+# Compile options of both kernels: no fp contraction. By default LLVM turns fmax * wmax - fmin * wmin into
+# fma(fmax, wmax, -(fmin * wmin)) and ptxas fuses any plain mul + add; torch's eager ops (the reference)
+# round every intermediate. Without fusion every mul / add / sub in the PTX carries an explicit .rn, which
+# ptxas never contracts. The interpreter (numpy, no contraction) ignores the option.
+EXACT_OPTIONS = dict(enable_fp_fusion=False)
+
+
+def _int_div_args(bits: int, device) -> dict:
+    """Constexprs of _div_by_int for the divisors Q = 2^b - 1 and 2^(b-1) - 1: the fp32 reciprocals
+    (1.0f / D, computed in fp32 as torch computes them) and whether torch on `device` multiplies by them."""
+    qmax, half = (1 << bits) - 1, (1 << (bits - 1)) - 1
+    one = torch.ones((), dtype=torch.float32)
+    return dict(QMAX=qmax, HALF=half, INV_QMAX=(one / qmax).item(), INV_HALF=(one / half).item(),
+                TORCH_RECIP=torch.device(device).type == "cuda")
+
+
 def _geometry(W: torch.Tensor, group_size: int):
     n, k = W.shape
     g = k if group_size == -1 else group_size
@@ -198,10 +233,11 @@ def fake_quant_lwc_fwd(W: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, S: O
     def run(cfg):
         grid = (triton.cdiv(R, cfg["BLOCK_R"]),)
         partials = torch.empty(grid[0], dtype=torch.float32, device=W.device) if S is not None else fmax
-        _fq_fwd_kernel[grid](W, fmax, fmin, S_, D_, what, partials, R, g,
-                             QMAX=(1 << bits) - 1, HALF=(1 << (bits - 1)) - 1, SYMMETRIC=symmetric,
-                             HAS_S=S is not None, HAS_DELTA=delta is not None and S is not None,
-                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g), num_warps=cfg["num_warps"])
+        _fq_fwd_kernel[grid](W, fmax, fmin, S_, D_, what, partials, R, g, **_int_div_args(bits, W.device),
+                             SYMMETRIC=symmetric, HAS_S=S is not None,
+                             HAS_DELTA=delta is not None and S is not None,
+                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g), num_warps=cfg["num_warps"],
+                             **EXACT_OPTIONS)
         return partials
 
     partials = run(_config("fake_quant_fwd", W, g, bits, run))
@@ -236,9 +272,10 @@ def fake_quant_lwc_bwd(grad_what: torch.Tensor, grad_reg: Optional[torch.Tensor]
         grid = (triton.cdiv(R, cfg["BLOCK_R"]),)
         _fq_bwd_kernel[grid](grad_what, greg, W, fmax, fmin, S_, D_,
                              W if dW is None else dW, dhi, dlo, W if (ddelta is None or not has_s) else ddelta,
-                             R, g, QMAX=(1 << bits) - 1, HALF=(1 << (bits - 1)) - 1, SYMMETRIC=symmetric,
+                             R, g, **_int_div_args(bits, W.device), SYMMETRIC=symmetric,
                              HAS_S=has_s, HAS_DELTA=delta is not None and has_s, NEED_DW=need_dW,
-                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g), num_warps=cfg["num_warps"])
+                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g), num_warps=cfg["num_warps"],
+                             **EXACT_OPTIONS)
 
     run(_config("fake_quant_bwd", W, g, bits, run))
     return dW, dhi, dlo, ddelta

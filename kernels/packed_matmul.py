@@ -236,10 +236,36 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: torch.Tens
     def run(cfg):
         return _run(cfg, x, qweight, qh, scales, zeros, bits, group_size, K, bias, xa, lb, y)
 
-    if config is None:
-        key = (bits, group_size, N, K, str(x.dtype).replace("torch.", ""), autotune.m_bucket(M), xa is not None)
-        config = autotune.choose("packed_matmul", key, candidates(M, group, K), run, x.device)
-    return run(config)
+    if config is not None:
+        return run(config)
+    key = (bits, group_size, N, K, str(x.dtype).replace("torch.", ""), autotune.m_bucket(M), xa is not None)
+    cands = candidates(M, group, K)
+    config = autotune.choose("packed_matmul", key, cands, run, x.device)
+    memo = None
+    if _replacement:
+        memo = (x.device.type, x.device.index, key, tuple(sorted(config.items())))
+        config = _replacement.get(memo, config)
+    try:
+        return run(config)
+    except triton.OutOfResources:
+        # The default (untuned) configuration can exceed the GPU's shared memory: the pipeliner stages the
+        # x tile and the [BLOCK_K, BLOCK_N] word / scale / zero tiles of the decode, e.g. 288 KiB on sm_90
+        # (limit 227 KiB) for fp32 x, 3-bit, group 32, 128 x 128 x 64, 3 stages. Triton raises before
+        # launching; take the first candidate that launches, as the measured choice would, and remember it.
+        for cfg in cands:
+            if cfg == config:
+                continue
+            try:
+                out = run(cfg)
+            except triton.OutOfResources:
+                continue
+            _replacement[memo or (x.device.type, x.device.index, key, tuple(sorted(config.items())))] = cfg
+            return out
+        raise
+
+
+# (device, key, chosen configuration) -> the candidate that replaces it because it did not fit the GPU
+_replacement: dict = {}
 
 
 def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: torch.Tensor, scales: torch.Tensor,

@@ -9,6 +9,7 @@ The `cuda` functions raise RuntimeError with the CUDA error string when no usabl
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -23,7 +24,13 @@ except ImportError as exc:  # the extension was not built: the backends stay una
         "`python setup.py build_ext --inplace`") from exc
 
 WITH_CUDA: bool = bool(_C.with_cuda)
-CUDA_GEMV_MAX_M = 8
+CUDA_DECODE_MAX_M = 16  # fp16 / bf16 x: the tensor-core decode kernel
+CUDA_GEMV_MAX_M = 8  # fp32 x: the fp32 GEMV
+
+
+def cuda_max_m(dtype: torch.dtype) -> int:
+    """Most rows of x the cuda packed_matmul kernels serve for activations of this dtype."""
+    return CUDA_DECODE_MAX_M if dtype in (torch.float16, torch.bfloat16) else CUDA_GEMV_MAX_M
 
 
 def cpu_isa() -> str:
@@ -79,6 +86,7 @@ def cuda_device_count() -> int:
 
 
 _cuda_checked = False
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _cuda_ready(t: torch.Tensor) -> int:
@@ -92,39 +100,55 @@ def _cuda_ready(t: torch.Tensor) -> int:
         _cuda_checked = True
     if t.device.type != "cuda":
         raise RuntimeError(f"the cuda backend needs CUDA tensors, got a tensor on {t.device}")
+    # the raw handle of the current stream: no Python stream object per call (decode calls are microseconds)
+    if _raw_stream is not None:
+        return _raw_stream(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _on_device(t: torch.Tensor):
+    """The launchers use the current device: switch only when t lives elsewhere."""
+    if t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 def cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features,
-                       bias: Optional[torch.Tensor]):
+                       bias: Optional[torch.Tensor], warps: int = 0):
+    """x W^T + bias: the tensor-core decode kernel for fp16 / bf16 x with M <= 16, the fp32 GEMV for fp32 x with
+    M <= 8; larger M runs the reference (the registry sends those to Triton). `warps` (1..16) overrides the
+    decode kernel's warps per CTA (benchmarks)."""
     stream = _cuda_ready(x)
-    if x.shape[0] > CUDA_GEMV_MAX_M:  # prefill sizes: the hand-written kernel is a decode GEMV
+    if x.shape[0] > cuda_max_m(x.dtype):
         return ref.packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
-    with torch.cuda.device(x.device):
+    with _on_device(x):
         return _C.cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias,
-                                     stream)
+                                     stream, warps)
 
 
 def cuda_fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric):
     stream = _cuda_ready(W)
-    with torch.cuda.device(W.device):
+    with _on_device(W):
         return _C.cuda_fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric, stream)
 
 
 def cuda_fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric, need_dW):
     stream = _cuda_ready(W)
-    with torch.cuda.device(W.device):
+    with _on_device(W):
         return _C.cuda_fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits, group_size, symmetric,
                                           need_dW, stream)
 
 
 def cuda_saliency_sq_error(A, B, S, need_grad):
     stream = _cuda_ready(A)
-    with torch.cuda.device(A.device):
+    with _on_device(A):
         return _C.cuda_saliency_sq_error(A, B, S, need_grad, stream)
 
 
 if WITH_CUDA:
+    from . import regimes
+
+    regimes.install()
     for _op, _fn in (("packed_matmul", cuda_packed_matmul), ("fake_quant_lwc_fwd", cuda_fake_quant_lwc_fwd),
                      ("fake_quant_lwc_bwd", cuda_fake_quant_lwc_bwd), ("saliency_sq_error", cuda_saliency_sq_error)):
         backends.register("cuda", _op, _fn)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, ref
+from . import ops, ref, validate
 from .packing import PackedWeight, expected_shapes, pack_weight
 from .spec import QuantSpec
 
@@ -112,6 +112,7 @@ class QuantLinear(nn.Module):
         if (self.spec.bits, self.spec.group_size) != (packed.bits, packed.group_size):
             raise ValueError(f"spec {self.spec} does not match the packed weight "
                              f"(bits={packed.bits}, group_size={packed.group_size})")
+        validate.packed_args(packed)  # once here; forward trusts the buffers
         self.in_features, self.out_features = packed.in_features, packed.out_features
         for name, t in packed.tensors().items():
             self.register_buffer(name, t.detach().clone())
@@ -154,7 +155,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != self.scales.dtype:
             x = x.to(self.scales.dtype)
-        return ops.packed_linear(x, self.packed, self.bias, self.lora_A, self.lora_B, self.lora_scale)
+        if x.dim() == 0 or x.shape[-1] != self.in_features or x.device != self.qweight.device:
+            # the full checks, for their clear error
+            return ops.packed_linear(x, self.packed, self.bias, self.lora_A, self.lora_B, self.lora_scale)
+        # the buffers were checked when the module was built: straight to the kernel
+        return ops.packed_linear_trusted(x, self.qweight, self.qweight_hi, self.scales, self.zeros, self.spec.bits,
+                                         self.spec.group_size, self.in_features, self.bias, self.lora_A,
+                                         self.lora_B, self.lora_scale)
 
     def dequantized_weight(self) -> Tensor:
         return ops.dequantize(self.packed)

@@ -203,12 +203,29 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
     lora_B (the packed weight is frozen).
     """
     validate.packed_linear_args(x, packed, bias, lora_A, lora_B)
-    x2 = x.reshape(-1, packed.in_features).contiguous()
-    y = _packed_matmul(x2, packed.qweight, packed.qweight_hi, packed.scales, packed.zeros, packed.bits,
-                       packed.group_size, packed.in_features, bias)
+    return packed_linear_trusted(x, packed.qweight, packed.qweight_hi, packed.scales, packed.zeros, packed.bits,
+                                 packed.group_size, packed.in_features, bias, lora_A, lora_B, lora_scale)
+
+
+def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                          group_size: int, in_features: int, bias: Optional[Tensor], lora_A: Optional[Tensor],
+                          lora_B: Optional[Tensor], lora_scale: float) -> Tensor:
+    """packed_linear without the argument checks, for callers that checked them once (QuantLinear checks its
+    buffers when it is built and x's shape and device per call). Decode calls last microseconds, so the
+    Python between a layer and its kernel matters: in plain eager inference the backend runs directly,
+    without the custom-op dispatcher; under autograd, torch.compile or tensor subclasses the custom op runs."""
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    args = (x2, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
+    if type(x2) is Tensor and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad))):
+        y = backends.resolve("packed_matmul", x2.device.type, *args)(*args)
+    else:
+        y = _packed_matmul(*args)
     if lora_A is not None:
         y = y + lora_scale * ((x2 @ lora_A.t()) @ lora_B.t())
-    return y.reshape(*x.shape[:-1], packed.out_features)
+    return y.reshape(*x.shape[:-1], qweight.shape[1])
 
 
 @torch.library.custom_op("saliq::pack", mutates_args=())

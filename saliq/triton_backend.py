@@ -4,8 +4,9 @@ installs measured dispatch between the CUDA backends.
 Importing this module raises ImportError when Triton is not installed (backends.py then treats the backend
 as unavailable). The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
 
-Dispatch on CUDA tensors: for each op, a chooser picks among the backends that implement it (`triton`,
-`cuda`) by measured time. A decision is keyed by device name, op and shape bucket and stored in the per-GPU
+Dispatch on CUDA tensors: `packed_matmul` follows the explicit table of saliq/regimes.py (rows of x and dtype
+-> kernel). For every other op, a chooser picks among the backends that implement it (`triton`, `cuda`) by
+measured time. A decision is keyed by device name, op and shape bucket and stored in the per-GPU
 cache of saliq.kernels.autotune. `tune(op, *args)` measures one call's arguments explicitly (the GPU report
 does this); when the registry hands the chooser a call's full arguments it measures on the first call of
 each bucket by itself. Until a bucket is measured, `triton` is the default.
@@ -17,7 +18,7 @@ import inspect
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 import torch
 
-from . import backends, ref
+from . import backends, ref, regimes
 from .kernels import autotune
 from .kernels.dequantize import dequantize
 from .kernels.fake_quant import fake_quant_lwc_bwd, fake_quant_lwc_fwd
@@ -93,7 +94,9 @@ def _make_chooser(op: str):
 def register() -> None:
     for op, fn in IMPLS.items():
         backends.register("triton", op, fn)
-        backends.set_chooser(op, "cuda", _make_chooser(op))
+        if op != "packed_matmul":
+            backends.set_chooser(op, "cuda", _make_chooser(op))
+    regimes.install()  # packed_matmul: the explicit table by rows of x (saliq/regimes.py)
 
 
 register()

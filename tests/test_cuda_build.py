@@ -55,7 +55,8 @@ def test_cuda_code_for_sm80_and_sm90a():
         assert f".{arch}." in listing, f"no {arch} cubin in {cpp._C.__file__}:\n{listing}"
     kernels = subprocess.run([tool, "--dump-resource-usage", cpp._C.__file__], capture_output=True, text=True,
                              check=True).stdout
-    for name in ("packed_gemv_kernel", "fake_quant_fwd_kernel", "fake_quant_bwd_kernel", "sq_error_kernel"):
+    for name in ("packed_gemv_kernel", "decode_mma_kernel", "fake_quant_fwd_kernel", "fake_quant_bwd_kernel",
+                 "sq_error_kernel"):
         assert name in kernels, f"kernel {name} missing from the built cubins"
 
 
@@ -92,6 +93,50 @@ def test_the_decode_gemv_uses_16_byte_loads_bit_tricks_and_warp_shuffles(bits):
     assert "LDG.E.128" in sass, "the packed words are not loaded 16 bytes at a time"
     assert "LOP3.LUT" in sass, "the unpacking does not use lop3"
     assert "SHFL.BFLY" in sass, "no warp-shuffle reduction"
+
+
+def _hot_loop(sass: str) -> list[str]:
+    """Instructions of the innermost loop that holds the most HMMA: from a backward branch's target to it."""
+    import re
+
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+([^;]+);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    best = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if sum("HMMA" in t for t in body) > sum("HMMA" in t for t in best):
+                best = body
+    return best
+
+
+@needs_toolkit
+@pytest.mark.parametrize("bits,budget", [(2, 150), (3, 230), (4, 110)])
+def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, budget):
+    """The tensor-core decode kernel (fp16, M = 1, whole shapes), read from its sm_90a SASS: per 16-byte load of
+    packed words at most one packed fma per code pair (3-bit: two), 3 mmas per 16 k of the 4 columns, no local
+    memory, and at most `budget` instructions of the hot loop. At H200 bandwidth a warp may spend about 128
+    instructions per 512 bytes it loads (16 bytes per lane): 2-bit, whose 16-byte loads carry the fewest
+    bytes per code, sits at 141 today (46% of copy bandwidth at 8192x28672 on an H200); the budgets are
+    today's counts plus a small margin, so a change that adds work to the loop fails here first."""
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to inspect the binary")
+    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1E")
+    assert sass, f"no sm_90a fp16 {bits}-bit decode_mma_kernel (M = 1, fast path) in {cpp._C.__file__}"
+    loop = _hot_loop(sass)
+    loads = sum("LDG.E.NA.128" in t for t in loop) // (2 if bits == 3 else 1)  # 3-bit: plus the 1-bit plane
+    assert loads >= 1, "the packed words are not loaded 16 bytes at a time, bypassing L1"
+    pairs = loads * 4 * (8 if bits != 4 else 4)  # 4 words per load, code pairs per word
+    count = lambda op: sum(t.split()[0 if not t.startswith("@") else 1].startswith(op) for t in loop)  # noqa: E731
+    assert count("HFMA2") <= pairs * (2 if bits == 3 else 1), "more than one packed fma per code pair"
+    assert count("HMMA") == loads * 3 * (4 if bits != 4 else 2), "unexpected mma count"
+    assert not any(op in t for t in loop for op in ("LDL", "STL")), "registers spilled to local memory"
+    assert len(loop) / loads <= budget, f"{len(loop) / loads:.0f} instructions per 16-byte load > {budget}"
 
 
 @needs_toolkit

@@ -42,11 +42,15 @@ def random_packed(n, k, bits, group_size, dtype, seed=0):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("group_size,k", [(32, 96), (64, 4096), (128, 256), (-1, 100)])
+@pytest.mark.parametrize("group_size,k", [(32, 96), (32, 128), (64, 4096), (128, 256), (-1, 100), (-1, 64)])
 @pytest.mark.parametrize("n", [37, 256, 4096])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_gemv_matches_ref(bits, group_size, k, n, m, dtype):
+    """fp16 / bf16: the tensor-core decode kernel (M <= 16; whole and ragged shapes, groups of 32 that split its
+    64-k steps, per-channel); fp32: the fp32 GEMV (M <= 8)."""
+    if dtype == torch.float32 and m > cpp.CUDA_GEMV_MAX_M:
+        pytest.skip("the fp32 GEMV serves M <= 8")
     p = random_packed(n, k, bits, group_size, dtype, seed=bits + n)
     x = torch.randn(m, k, device="cuda").to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype) if m != 3 else None
@@ -55,6 +59,71 @@ def test_packed_gemv_matches_ref(bits, group_size, k, n, m, dtype):
     out = cpp.cuda_packed_matmul(*args)
     assert_close_rel(out, ref.packed_matmul(*args), TOL[dtype], "y")
     assert torch.equal(out, cpp.cuda_packed_matmul(*args)), "not deterministic"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decode_kernel_strided_x_and_every_warp_count(bits, dtype):
+    """x rows that are not 16-byte aligned (a column slice of a wider tensor) take the checked loads; every
+    warps-per-CTA count splits K correctly."""
+    n, k = 256, 1024
+    p = random_packed(n, k, bits, 64, dtype, seed=7)
+    wide = torch.randn(5, k + 3, device="cuda").to(dtype)
+    x = wide[:, 1:k + 1]
+    args = (x, p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], bits, 64, k, None)
+    expected = ref.packed_matmul(x.contiguous(), *args[1:])
+    assert_close_rel(cpp.cuda_packed_matmul(*args), expected, TOL[dtype], "strided x")
+    xc = x.contiguous()
+    for warps in range(1, 17):
+        poison()
+        out = cpp.cuda_packed_matmul(xc, *args[1:], warps=warps)
+        assert_close_rel(out, expected, TOL[dtype], f"warps={warps}")
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_decode_kernel_exact_on_integer_inputs(bits):
+    """Small-integer x and scales that are powers of two make every product and sum exact in fp32: the kernel
+    must then equal the reference bit for bit (no lost term, no wrong code, zero points far outside [0, Q])."""
+    n, k, g = 64, 512, 64
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = 2.0 ** torch.randint(-6, -2, (n, k // g), generator=gen).float()
+    zeros = torch.randint(-200, 200, (n, k // g), generator=gen).float()
+    p = packing.pack_weight(q, scales, zeros, QuantSpec(bits=bits, group_size=g), dtype=torch.float16)
+    t = {k_: v.cuda() for k_, v in p.tensors().items()}
+    x = torch.randint(-4, 5, (2, k), generator=gen).to(torch.float16).cuda()
+    args = (x, t["qweight"], t["qweight_hi"], t["scales"], t["zeros"], bits, g, k, None)
+    expected = ref.packed_matmul(x.float(), *args[1:3], t["scales"].float(), *args[4:])
+    assert torch.equal(cpp.cuda_packed_matmul(*args).float(), expected.half().float())
+
+
+def test_decode_call_is_one_kernel_and_graph_capturable():
+    """A decode call launches exactly one kernel and replays correctly from a CUDA graph."""
+    n, k = 512, 1024
+    p = random_packed(n, k, 2, 64, torch.float16, seed=11)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    args = (p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], 2, 64, k, None)
+    cpp.cuda_packed_matmul(x, *args)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cpp.cuda_packed_matmul(x, *args)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    assert len(kernels) == 1, [e.name for e in kernels]
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cpp.cuda_packed_matmul(x, *args)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        y = cpp.cuda_packed_matmul(x, *args)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_rel(y, ref.packed_matmul(x, *args), TOL[torch.float16], "graph replay")
 
 
 @pytest.mark.parametrize("bits,group_size,k", [(2, 32, 96), (3, 64, 192), (4, 128, 256), (2, -1, 100)])

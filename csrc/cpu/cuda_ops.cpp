@@ -57,9 +57,41 @@ void cuda_check_device() {
   TORCH_CHECK(count > 0, "saliq cuda backend: no CUDA device is visible");
 }
 
+namespace {
+
+// The bias [N] in the activation dtype, contiguous (undefined when absent).
+at::Tensor bias_in_dtype(const std::optional<at::Tensor>& bias, int64_t N, at::ScalarType dtype) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
+  return bias->to(dtype).contiguous();
+}
+
+// fp16 / bf16 activations, M <= 16: the tensor-core decode kernel reads x, the packed weight and the scales as
+// they are and writes only y (one launch).
+at::Tensor decode_mma(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                      const at::Tensor& scales_in, const at::Tensor& zeros, int64_t bits, int64_t g,
+                      int64_t in_features, const std::optional<at::Tensor>& bias, int64_t warps, int64_t stream) {
+  const int64_t M = x_in.size(0), N = qweight.size(1);
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor scales = scales_in.to(x.scalar_type()).contiguous();
+  const at::Tensor bias_t = bias_in_dtype(bias, N, x.scalar_type());
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  check_cuda(saliq_cuda_decode_mma(x.data_ptr(), dtype_code(x.scalar_type(), "x"), M, x.stride(0), in_features, N, g,
+                                   (int)bits, qweight.data_ptr<int32_t>(),
+                                   bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr, scales.data_ptr(),
+                                   zeros.data_ptr<int16_t>(), bias_t.defined() ? bias_t.data_ptr() : nullptr,
+                                   y.data_ptr(), (int)warps, (intptr_t)stream),
+             "decode_mma");
+  return y;
+}
+
+}  // namespace
+
 at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& qweight_hi,
                               const at::Tensor& scales_in, const at::Tensor& zeros, int64_t bits, int64_t group_size,
-                              int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream) {
+                              int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream,
+                              int64_t warps) {
   check_packed(qweight, qweight_hi, scales_in, zeros, bits, group_size, in_features);
   check_on_cuda(x_in, "x");
   check_on_cuda(qweight, "qweight");
@@ -67,18 +99,18 @@ at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight,
   TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == in_features, "x must be [M, ", in_features, "], got ",
                     x_in.sizes());
   const int64_t M = x_in.size(0), N = qweight.size(1);
-  TORCH_CHECK_VALUE(M <= 8, "the cuda packed GEMV serves M <= 8, got M=", M);
   const int dt = dtype_code(x_in.scalar_type(), "x");
-  // x as fp32, zero-padded to whole 32-element words (the kernel reads whole packed words)
+  if (dt != SALIQ_F32) {
+    TORCH_CHECK_VALUE(M <= 16, "the cuda decode kernel serves M <= 16 rows of fp16 / bf16 x, got M=", M);
+    return decode_mma(x_in, qweight, qweight_hi, scales_in, zeros, bits, g, in_features, bias, warps, stream);
+  }
+  TORCH_CHECK_VALUE(M <= 8, "the cuda packed GEMV serves M <= 8 rows of fp32 x, got M=", M);
+  // fp32 x, zero-padded to whole 32-element words (the kernel reads whole packed words)
   const int64_t k_padded = (in_features + 31) / 32 * 32;
   at::Tensor x = at::zeros({M, k_padded}, x_in.options().dtype(at::kFloat));
   x.narrow(1, 0, in_features).copy_(x_in);
   const at::Tensor scales = scales_in.to(x_in.scalar_type()).contiguous();
-  at::Tensor bias_t;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
-    bias_t = bias->to(x_in.scalar_type()).contiguous();
-  }
+  const at::Tensor bias_t = bias_in_dtype(bias, N, x_in.scalar_type());
   at::Tensor y = at::empty({M, N}, x_in.options());
   if (M == 0 || N == 0) return y;
   const int split_k = saliq_cuda_packed_gemv_split_k(M, in_features, N, g);

@@ -15,9 +15,12 @@ constexpr bool kWithCuda = true;
 
 int64_t cuda_device_count();
 void cuda_check_device();
+// fp16 / bf16 x: the tensor-core decode kernel, M <= 16 (warps per CTA: 0 = its own choice); fp32 x: the
+// fp32 GEMV, M <= 8.
 at::Tensor packed_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
                               const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
-                              int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream);
+                              int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream,
+                              int64_t warps);
 std::tuple<at::Tensor, at::Tensor> fake_quant_lwc_fwd_cuda(const at::Tensor& W, const at::Tensor& hi,
                                                            const at::Tensor& lo, const std::optional<at::Tensor>& S,
                                                            const std::optional<at::Tensor>& delta, int64_t bits,

@@ -7,6 +7,9 @@
 #include "cpu/cpu_features.h"
 #include "cpu/cuda_ops.h"
 #include "cpu/ops.h"
+#ifdef SALIQ_WITH_CUDA
+#include "cuda/launchers.h"
+#endif
 
 namespace py = pybind11;
 
@@ -38,7 +41,14 @@ PYBIND11_MODULE(_C, m) {
 #ifdef SALIQ_WITH_CUDA
   m.def("cuda_device_count", &saliq::cuda_device_count, "CUDA devices visible (0 with no driver / GPU)");
   m.def("cuda_check_device", &saliq::cuda_check_device, "raise a clear error when no usable GPU is present");
-  m.def("cuda_packed_matmul", &saliq::packed_matmul_cuda);
+  m.def("cuda_packed_matmul", &saliq::packed_matmul_cuda, py::arg("x"), py::arg("qweight"), py::arg("qweight_hi"),
+        py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("in_features"),
+        py::arg("bias"), py::arg("stream"), py::arg("warps") = 0,
+        "x W^T + bias, W in format v1: the tensor-core decode kernel for fp16 / bf16 x (M <= 16), the fp32 GEMV "
+        "for fp32 x (M <= 8)");
+  m.def("cuda_decode_mma_warps", [](bool bf16, int64_t M, int64_t K, int64_t N, int64_t group_len, int64_t bits) {
+    return saliq_cuda_decode_mma_warps(bf16 ? SALIQ_BF16 : SALIQ_F16, M, K, N, group_len, (int)bits);
+  }, "warps per CTA the decode kernel chooses for this shape on the current GPU");
   m.def("cuda_fake_quant_lwc_fwd", &saliq::fake_quant_lwc_fwd_cuda);
   m.def("cuda_fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cuda);
   m.def("cuda_saliency_sq_error", &saliq::saliency_sq_error_cuda);

@@ -25,6 +25,16 @@ int saliq_cuda_packed_gemv(const float* x, int dtype, int64_t M, int64_t K, int6
 // Split-K factor the GEMV launcher would like for this shape (1 = none).
 int saliq_cuda_packed_gemv_split_k(int64_t M, int64_t K, int64_t N, int64_t group_len);
 
+// y[M, N] = x[M, K] W^T + bias for 1 <= M <= 16 fp16 / bf16 rows (dtype SALIQ_F16 or SALIQ_BF16; scales, bias
+// and y share it), W in packed format v1, on the tensor cores with fp32 accumulation. Row m of x starts at
+// x + m * ldx; y is [M, N] contiguous. One launch, no workspace, deterministic. warps: warps per CTA (1..16),
+// 0 for the built-in choice. group_len: 32, 64, 128 or K.
+int saliq_cuda_decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int64_t N, int64_t group_len,
+                          int bits, const int32_t* qweight, const int32_t* qweight_hi, const void* scales,
+                          const int16_t* zeros, const void* bias, void* y, int warps, intptr_t stream);
+// The warps per CTA saliq_cuda_decode_mma chooses for this shape on the current device (negative: -error).
+int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int64_t N, int64_t group_len, int bits);
+
 // LWC fake quantization on fp32 buffers (the C++ side converts fp16 / bf16). W, S, delta, what: [N, K];
 // hi, lo: [N, G]. reg_partials: fp32 [N * G] scratch; reg: fp32 scalar (sum S (What + delta - W)^2, 0 if S null).
 int saliq_cuda_fake_quant_fwd(const float* W, const float* hi, const float* lo, const float* S, const float* delta,

@@ -1,0 +1,7 @@
+// The 2-bit instances of the tensor-core decode kernel (decode_mma.cuh); one file per bit width so that
+// the build compiles them in parallel.
+#include "cuda/decode_mma.cuh"
+
+namespace saliq_decode {
+int launch_b2(const Launch& a, bool bf16) { return launch_bits<2>(a, bf16); }
+}  // namespace saliq_decode
