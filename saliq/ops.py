@@ -224,7 +224,8 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
     else:
         y = _packed_matmul(*args)
     if lora_A is not None:
-        y = y + lora_scale * ((x2 @ lora_A.t()) @ lora_B.t())
+        # two small GEMMs, the scale and the sum folded into the second (addmm): two launches, not four
+        y = torch.addmm(y, x2 @ lora_A.t(), lora_B.t(), alpha=lora_scale)
     return y.reshape(*x.shape[:-1], qweight.shape[1])
 
 

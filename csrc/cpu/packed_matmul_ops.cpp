@@ -4,6 +4,7 @@
 // Larger M: column tiles of W^T are dequantized to fp32 [K, tile] (contiguous along N, like the packed
 // words) and multiplied with at::mm; OpenMP (at::parallel_for) over tiles, each written by one thread.
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -126,7 +127,11 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t tiles = (N + kTileColumns - 1) / kTileColumns;
+  // inference mode is thread-local: the worker threads must be in it too, or writing into y (an inference
+  // tensor when the caller is) fails
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode inference_guard(inference);
     at::Tensor wt = at::empty({K, kTileColumns}, xf.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTileColumns, nt = std::min(kTileColumns, N - n0);
