@@ -15,6 +15,7 @@ from build_ext_config import cmdclass, ext_modules
 setup(
     packages=["saliq", "saliq.kernels"],
     package_dir={"saliq": "saliq", "saliq.kernels": "kernels"},
+    package_data={"saliq.kernels": ["configs/*.json"]},  # launch configurations measured per GPU model
     ext_modules=ext_modules(),
     cmdclass=cmdclass(),
 )

@@ -3,8 +3,9 @@
 `choose(op, key, candidates, run, device)` returns one of `candidates` (dicts of launch meta-parameters):
 - under the Triton interpreter, on a non-CUDA device, or with SALIQ_AUTOTUNE=0: the first candidate (the
   default), since timing the interpreter measures nothing and multi-config autotuning needs a GPU driver;
-- otherwise the cached winner for (device name, op, key), or, on a miss, the fastest candidate measured with
-  CUDA events on the caller's own arguments, then written to the cache.
+- otherwise the cached winner for (device name, op, key) (the user's cache, else the table measured on that GPU
+  model and shipped in saliq/kernels/configs/), or, on a miss, the fastest candidate measured with CUDA events
+  on the caller's own arguments, then written to the cache.
 
 The cache is one JSON file per GPU model under $SALIQ_CACHE/triton-configs (default ~/.cache/saliq), keyed by
 op and shape bucket; entries carry the Triton version so an upgrade re-tunes. Keys must be built from shape
@@ -56,13 +57,26 @@ def _file(dev_name: str) -> Path:
     return cache_dir() / (re.sub(r"[^A-Za-z0-9_.-]+", "_", dev_name) + ".json")
 
 
+SHIPPED = Path(__file__).resolve().parent / "configs"  # measured per-GPU tables that ship with the package
+
+
+def _shipped(dev_name: str) -> dict:
+    """Entries measured on this GPU model and shipped in saliq/kernels/configs/<gpu>.json: launch parameters
+    stay valid across Triton versions, so they apply to any (a config that fails to launch is skipped)."""
+    try:
+        data = json.loads((SHIPPED / _file(dev_name).name).read_text())
+        return dict(data.get("entries", {})) if data.get("device") == dev_name else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _load(dev_name: str) -> dict:
     if dev_name not in _memory:
-        entries = {}
+        entries = _shipped(dev_name)
         try:
             data = json.loads(_file(dev_name).read_text())
             if data.get("triton") == triton.__version__:
-                entries = dict(data.get("entries", {}))
+                entries.update(data.get("entries", {}))  # the user's own measurements win
         except (OSError, ValueError):
             pass  # no cache yet, or an unreadable one: tune again
         _memory[dev_name] = entries

@@ -25,6 +25,7 @@ class FakeQuantLinear(nn.Module):
         super().__init__()
         if lora_rank < 0:
             raise ValueError(f"lora_rank={lora_rank} must be >= 0 (0 disables LoRA)")
+        validate.finite_weight("weight", weight)
         self.spec = spec
         self.out_features, self.in_features = weight.shape
         groups = spec.num_groups(self.in_features)
@@ -55,6 +56,8 @@ class FakeQuantLinear(nn.Module):
         """Attach the saliency S [N, K] (None detaches it); after_lora puts the LoRA update in Weff."""
         if S is not None and tuple(S.shape) != (self.out_features, self.in_features):
             raise ValueError(f"S has shape {tuple(S.shape)}; expected {(self.out_features, self.in_features)}")
+        if S is not None:
+            validate.saliency_values("S", S)
         self.saliency = None if S is None else S.to(device=self.weight.device, dtype=torch.float32).contiguous()
         self.after_lora = after_lora
         self.penalty = None
@@ -128,6 +131,7 @@ class QuantLinear(nn.Module):
         """Round-to-nearest quantization of an nn.Linear."""
         W = linear.weight.detach()
         spec.group_len(W.shape[1])  # a group size that does not divide in_features: a clear error here
+        validate.finite_weight("linear.weight", W)
         q, s, z = ref.rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric)
         return cls(pack_weight(q, s, z, spec, dtype=W.dtype), linear.bias, spec=spec)
 

@@ -7,6 +7,13 @@ ALLOWED_BITS = (2, 3, 4)
 ALLOWED_GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per output row (per-channel)
 
 
+def _is_int(value) -> bool:
+    """A plain integer (numpy / torch integer scalars included), not a bool or a float."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Weight quantization settings.
@@ -20,9 +27,10 @@ class QuantSpec:
     symmetric: bool = False
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported; allowed: {ALLOWED_BITS}")
-        if isinstance(self.group_size, bool) or self.group_size not in ALLOWED_GROUP_SIZES:
+        # integers only: 2.0 == 2 in Python, but a float here means a config or caller went wrong
+        if not _is_int(self.bits) or self.bits not in ALLOWED_BITS:
+            raise ValueError(f"bits={self.bits!r} is not supported; allowed: {ALLOWED_BITS} (integers)")
+        if not _is_int(self.group_size) or self.group_size not in ALLOWED_GROUP_SIZES:
             raise ValueError(
                 f"group_size={self.group_size!r} is not supported; allowed: {ALLOWED_GROUP_SIZES} "
                 "(-1 means per-channel)"
@@ -57,4 +65,5 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        return cls(bits=int(d["bits"]), group_size=int(d["group_size"]), symmetric=bool(d["symmetric"]))
+        """From a config dict; its values are taken as they are (a "bits": 2.0 is refused, not rounded)."""
+        return cls(bits=d["bits"], group_size=d["group_size"], symmetric=d["symmetric"])

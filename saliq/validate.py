@@ -21,6 +21,24 @@ def _tensor(name: str, t, dims: Optional[int] = None, dtypes=None) -> None:
         raise ValueError(f"{name} has dtype {t.dtype}; allowed: {dtypes}")
 
 
+def finite_weight(name: str, W: Tensor) -> None:
+    """A weight to quantize must be finite: one inf or NaN would set its group's scale (docs/FORMAT.md)."""
+    bad = ~torch.isfinite(W)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite values (first at index {where}: "
+                         f"{W[where].item()}); quantization needs finite weights")
+
+
+def saliency_values(name: str, S: Tensor) -> None:
+    """A saliency is a mean of squared gradients: finite and >= 0."""
+    bad = ~torch.isfinite(S) | (S < 0)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} has {int(bad.sum())} negative or non-finite values (first at index {where}: "
+                         f"{S[where].item()}); a saliency must be finite and >= 0")
+
+
 def _same_device(**tensors) -> None:
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {str(v.device) for v in present.values()}

@@ -101,3 +101,24 @@ def test_lora_rank_validation():
 def test_from_linear_rejects_group_that_does_not_divide():
     with pytest.raises(ValueError, match="group_size=64 does not divide in_features=96"):
         QuantLinear.from_linear(torch.nn.Linear(96, 8), QuantSpec(2, 64))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_before_quantizing(bad):
+    linear = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        linear.weight[3, 5] = bad
+    spec = QuantSpec(bits=2, group_size=64)
+    with pytest.raises(ValueError, match=r"non-finite values \(first at index \(3, 5\)"):
+        QuantLinear.from_linear(linear, spec)
+    with pytest.raises(ValueError, match="non-finite"):
+        FakeQuantLinear.from_linear(linear, spec)
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_saliency_is_refused(bad):
+    fq = FakeQuantLinear.from_linear(torch.nn.Linear(64, 8), QuantSpec(bits=2, group_size=64))
+    S = torch.rand(8, 64)
+    S[1, 2] = bad
+    with pytest.raises(ValueError, match=r"S has 1 negative or non-finite values \(first at index \(1, 2\)"):
+        fq.set_saliency(S)

@@ -33,3 +33,23 @@ def test_groups_and_round_trip():
     assert QuantSpec(group_size=-1).num_groups(576) == 1
     spec = QuantSpec(3, 32, True)
     assert QuantSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(bits=2.0), "bits=2.0"), (dict(bits=True), "bits=True"), (dict(bits="2"), "bits='2'"),
+    (dict(group_size=64.0), "group_size=64.0"),
+])
+def test_non_integer_settings_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        QuantSpec(**kw)
+
+
+def test_integer_scalars_of_other_libraries_are_integers():
+    import numpy as np
+
+    assert QuantSpec(bits=np.int64(3), group_size=np.int32(128)).bits == 3
+
+
+def test_from_dict_does_not_round_a_float():
+    with pytest.raises(ValueError, match="bits=2.0"):
+        QuantSpec.from_dict({"bits": 2.0, "group_size": 64, "symmetric": False})

@@ -24,7 +24,11 @@ def test_registered_for_every_kernel_op():
         assert "triton" in backends.available(op, DEVICE), op
     if DEVICE == "cuda":
         for op in OPS:
-            assert backends.resolve(op, "cuda", torch.empty(1, device="cuda")) is backends._impls["triton"][op]
+            if op == "packed_matmul":  # the table of saliq/regimes.py: Triton from 17 rows of fp16 on
+                x = torch.empty(17, 64, device="cuda", dtype=torch.float16)
+            else:
+                x = torch.empty(1, device="cuda")
+            assert backends.resolve(op, "cuda", x) is backends._impls["triton"][op], op
 
 
 def test_import_error_without_triton(monkeypatch):
@@ -95,3 +99,22 @@ def test_gpu_autotune_writes_the_cache(tmp_path, monkeypatch):
     pm.packed_matmul(x, p.qweight, p.qweight_hi, p.scales, p.zeros, 2, 64, 512, None)
     data = json.loads(next((tmp_path / "triton-configs").glob("*.json")).read_text())
     assert any(k.startswith("packed_matmul|") for k in data["entries"])
+
+
+def test_configs_measured_on_a_gpu_model_ship_with_the_package(monkeypatch, tmp_path):
+    """kernels/configs/<gpu>.json answers lookups on that GPU model before any tuning (no first-call stall), with
+    configurations the launcher offers; the user's own cache wins over it."""
+    from saliq.kernels import packed_matmul as pm
+
+    monkeypatch.setenv("SALIQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(autotune, "_memory", {})
+    key = (2, 64, 4096, 11008, "float16", 256, False)
+    shipped = autotune.lookup("packed_matmul", key, "cpu")
+    assert shipped is not None
+    monkeypatch.setattr(pm, "is_interpreter", lambda: False)
+    assert shipped in pm.candidates(256, 64, 11008)
+    mine = dict(shipped, num_warps=8)
+    autotune.record("packed_matmul", key, mine, "cpu")
+    monkeypatch.setattr(autotune, "_memory", {})
+    assert autotune.lookup("packed_matmul", key, "cpu") == mine
