@@ -76,6 +76,8 @@ class CalibConfig:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not supported; allowed: {METHODS}")
         self.spec  # validates bits / group size
+        if self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs} must be >= 0")
         if not self.schedule:
             self.schedule = default_schedule(self.method, self.epochs)
         self.schedule = [(str(s), int(e)) for s, e in self.schedule]
@@ -99,12 +101,24 @@ class CalibConfig:
         if self.saliency_norm not in saliency_mod.NORMALISATIONS:
             raise ValueError(f"saliency_norm={self.saliency_norm!r} is not supported; allowed: "
                              f"{saliency_mod.NORMALISATIONS}")
-        if not self.lambda_reg >= 0:
-            raise ValueError(f"lambda_reg={self.lambda_reg} must be >= 0 (0 turns the saliency penalty off)")
+        if not _finite(self.lambda_reg) or self.lambda_reg < 0:
+            raise ValueError(f"lambda_reg={self.lambda_reg} must be >= 0 and finite (0 turns the saliency "
+                             "penalty off)")
+        for name in ("lr_clip", "lr_lora", "weight_decay"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 and finite")
+        if not _finite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0 and finite")
+        if not _finite(self.init_logit):
+            raise ValueError(f"init_logit={self.init_logit} must be a finite number")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+        self.block_multipliers = [float(m) for m in self.block_multipliers]
+        if not all(_finite(m) and m >= 0 for m in self.block_multipliers):
+            raise ValueError(f"block_multipliers={self.block_multipliers} must all be >= 0 and finite")
 
     @property
     def spec(self) -> QuantSpec:
@@ -119,6 +133,20 @@ class CalibConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def fingerprint_dict(self) -> dict:
+        """The settings that determine the result (JSON-normalised): all of them, or for rtn the spec alone."""
+        d = json.loads(json.dumps(self.to_dict()))
+        if self.method == "rtn":
+            return {k: d[k] for k in ("method", "bits", "group_size", "symmetric")}
+        return d
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except TypeError:
+        return False
 
 
 def default_clip_init(method: str) -> str:
@@ -158,11 +186,19 @@ class CalibResult:
 
 
 # ---------------------------------------------------------------- entry point
-def check_spec_fits(model: nn.Module, spec: QuantSpec):
-    """Fail before any work when the group size does not tile some layer's input dimension."""
-    for block in hf.decoder_blocks(model):
-        for lin in hf.block_linears(block).values():
-            spec.group_len(lin.in_features)  # raises ValueError naming the group sizes that would fit
+def check_spec_fits(model: nn.Module, spec: QuantSpec, label: str = "group_size="):
+    """Fail before any work when the group size does not tile some layer's input dimension; the message names
+    the first such layer and the group sizes that tile every layer."""
+    from .spec import ALLOWED_GROUP_SIZES
+
+    prefix = hf.blocks_prefix(model)
+    layers = [(f"{prefix}.{i}.{name}", lin.in_features) for i, block in enumerate(hf.decoder_blocks(model))
+              for name, lin in hf.block_linears(block).items()]
+    for name, k in layers:
+        if spec.group_size != -1 and k % spec.group_size:
+            fits = [g for g in ALLOWED_GROUP_SIZES if g == -1 or all(kk % g == 0 for _, kk in layers)]
+            raise ValueError(f"{label}{spec.group_size} does not divide in_features={k} of {name}; group "
+                             f"sizes that fit this model: {', '.join(map(str, fits))}")
 
 
 def quantize_rtn(model: nn.Module, spec: QuantSpec) -> nn.Module:
@@ -175,7 +211,8 @@ def quantize_rtn(model: nn.Module, spec: QuantSpec) -> nn.Module:
 
 def calibrate(model: nn.Module, samples: torch.Tensor, config: CalibConfig, work_dir=None,
               saliency: dict | None = None, device=None, amp: bool = True, offload_activations: bool = False,
-              progress: bool = True, log_path=None, stop_after_block: int | None = None) -> CalibResult:
+              progress: bool = True, log_path=None, stop_after_block: int | None = None,
+              run_info: dict | None = None, saliency_id: str | None = None) -> CalibResult:
     """Quantize `model` in place (block linears -> QuantLinear) with `config` on int64 `samples` [n, L].
 
     work_dir: checkpoint folder (resume happens automatically when it holds a run with the same settings).
@@ -183,6 +220,9 @@ def calibrate(model: nn.Module, samples: torch.Tensor, config: CalibConfig, work
     device: where blocks train (default: the model's device); the model stays where it is and each block
     moves there in turn. amp: bf16 autocast on CUDA. offload_activations: keep X_fp / X_q on the CPU.
     stop_after_block: return after that block (used to test resume).
+    run_info: what the run is computed from (`run_components`); its fingerprint guards every file in work_dir.
+    Default: computed here from the model, the samples and the saliency (`saliency_id` names a saliency passed
+    in; default: a digest of its tensors).
     """
     start = time.perf_counter()
     check_spec_fits(model, config.spec)
@@ -192,18 +232,21 @@ def calibrate(model: nn.Module, samples: torch.Tensor, config: CalibConfig, work
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if config.uses_saliency and saliency is None:
         saliency = saliency_mod.compute_saliency(model, samples, device=device, progress=progress)
+    elif config.uses_saliency and saliency_id is None and run_info is None:
+        saliency_id = tensors_digest(saliency)
     trainer = _BlockTrainer(model, samples, config, work_dir, saliency, device, amp, offload_activations,
-                            progress, log_path)
+                            progress, log_path, run_info=run_info, saliency_id=saliency_id)
     return trainer.run(start, stop_after_block)
 
 
 # ---------------------------------------------------------------- the trainer
 class _BlockTrainer:
-    def __init__(self, model, samples, config, work_dir, saliency, device, amp, offload, progress, log_path):
+    def __init__(self, model, samples, config, work_dir, saliency, device, amp, offload, progress, log_path,
+                 run_info=None, saliency_id=None):
         self.model, self.samples, self.cfg = model, samples, config
         self.blocks = hf.decoder_blocks(model)
         self.prefix = hf.blocks_prefix(model)
-        self.saliency = saliency
+        self.saliency, self.saliency_id = saliency, saliency_id
         self.device = device
         self.amp = amp and device.type == "cuda"
         self.act_device = torch.device("cpu") if offload else device
@@ -217,12 +260,15 @@ class _BlockTrainer:
         self.mult = [float(m) for m in mult]
         if not all(m >= 0 for m in self.mult):
             raise ValueError(f"block_multipliers={self.mult} must all be >= 0")
-        self.fingerprint = self._fingerprint()
+        self.run_info = run_info if run_info is not None else self._run_info()
+        self.fingerprint = fingerprint_of(self.run_info)
 
     # ----- driver
     def run(self, start, stop_after_block):
         log, block_seconds, first = [], [], 0
         x_fp = x_q = None
+        if self.work_dir is not None:
+            check_or_write_manifest(self.work_dir, self.run_info)
         state = self._load_progress()
         if state is not None:
             first, log, block_seconds = state["next_block"], state["log"], state["block_seconds"]
@@ -303,9 +349,8 @@ class _BlockTrainer:
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"non-finite loss ({float(loss.detach())}) at block {i}, stage {stage}, epoch "
-                            f"{epoch_index}; blocks 0..{i - 1} are checkpointed"
-                            f"{' in ' + str(self.work_dir) if self.work_dir else ''}. Lower --lr-clip / "
-                            "--lr-lora or --lambda-reg, or use fp32 (--no-amp)")
+                            f"{epoch_index}; {self._finished_blocks(i)}. Lower --lr-clip / --lr-lora or "
+                            "--lambda-reg, or use fp32 (--no-amp)")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -386,29 +431,53 @@ class _BlockTrainer:
             out[name] = saliency_mod.normalise(self.saliency[key].to(self.device), m.weight, self.cfg.saliency_norm)
         return out
 
+    def _finished_blocks(self, i) -> str:
+        where = f" in {self.work_dir}" if self.work_dir is not None else " (no work dir: nothing is kept)"
+        if i == 0:
+            return "no block was finished"
+        return f"block 0 is checkpointed{where}" if i == 1 else f"blocks 0..{i - 1} are checkpointed{where}"
+
     # ----- checkpoint / resume
-    def _fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True, default=str).encode())
-        h.update(self.samples.cpu().numpy().tobytes())
-        h.update(str(len(self.blocks)).encode())
-        first = next(iter(hf.block_linears(self.blocks[0]).values()), None)  # a different model is refused too
-        if first is not None and isinstance(first, nn.Linear):
-            h.update(first.weight.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
+    def _run_info(self) -> dict:
+        """What this run is computed from, when the caller did not say (the library path; the CLI passes it)."""
+        model_fp = model_fingerprint(self.model)
+        data_fp = samples_fingerprint(self.samples)
+        sal = None
+        if self.cfg.uses_saliency:
+            sal = self.saliency_id or saliency_fingerprint(model_fp, data_fp)
+        return run_components(self.cfg, model_fp, data_fp, sal, self.amp)
 
     def _load_progress(self):
         if self.work_dir is None or not (self.work_dir / PROGRESS).is_file():
             return None
-        state = json.loads((self.work_dir / PROGRESS).read_text())
+        try:
+            state = json.loads((self.work_dir / PROGRESS).read_text())
+        except json.JSONDecodeError as e:
+            raise ResumeMismatchError(f"{self.work_dir / PROGRESS} is corrupt ({e}); delete {self.work_dir} to "
+                                      "start afresh") from e
         if state.get("fingerprint") != self.fingerprint:
             raise ResumeMismatchError(
                 f"{self.work_dir} holds an unfinished calibration with other settings or data; delete it (or "
                 "choose another output folder) to start afresh, or rerun with the original settings to resume")
+        if not 0 <= int(state.get("next_block", -1)) <= len(self.blocks):
+            raise ResumeMismatchError(f"{self.work_dir / PROGRESS} names block {state.get('next_block')!r}, the "
+                                      f"model has {len(self.blocks)}; delete {self.work_dir} to start afresh")
         return state
 
-    def _restore(self, next_block):
+    def _load_checked(self, name: str) -> dict:
+        """A work-dir safetensors file, refused unless it carries this run's fingerprint."""
         from safetensors.torch import load_file
 
+        path = self.work_dir / name
+        found = read_safetensors_fingerprint(path)
+        if found != self.fingerprint:
+            what = "is missing" if not path.is_file() else (
+                "carries no fingerprint" if found is None else "was written by a run with other settings or data")
+            raise ResumeMismatchError(f"{path} {what}; the work dir {self.work_dir} cannot be resumed: delete it "
+                                      "to start afresh")
+        return load_file(str(path))
+
+    def _restore(self, next_block):
         for i in range(next_block):
             block = self.blocks[i]
             for name, lin in hf.block_linears(block).items():
@@ -416,8 +485,8 @@ class _BlockTrainer:
                                       lora_rank=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
                                       dtype=lin.weight.dtype, device=lin.weight.device)
                 hf.set_submodule(block, name, q)
-            block.load_state_dict(load_file(str(self.work_dir / f"block_{i:04d}.safetensors")))
-        acts = load_file(str(self.work_dir / f"acts_{next_block:04d}.safetensors"))
+            block.load_state_dict(self._load_checked(f"block_{i:04d}.safetensors"))
+        acts = self._load_checked(f"acts_{next_block:04d}.safetensors")
         return acts["x_fp"].to(self.act_device), acts["x_q"].to(self.act_device)
 
     def _save_progress(self, i, x_fp, x_q, log, block_seconds):
@@ -427,10 +496,13 @@ class _BlockTrainer:
         from safetensors.torch import save_file
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"fingerprint": self.fingerprint}
         _atomic(self.work_dir / f"block_{i:04d}.safetensors", lambda p: save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.blocks[i].state_dict().items()}, str(p)))
+            {k: v.detach().contiguous().cpu() for k, v in self.blocks[i].state_dict().items()}, str(p),
+            metadata={**meta, "block": str(i)}))
         _atomic(self.work_dir / f"acts_{i + 1:04d}.safetensors", lambda p: save_file(
-            {"x_fp": x_fp.contiguous().cpu(), "x_q": x_q.contiguous().cpu()}, str(p)))
+            {"x_fp": x_fp.contiguous().cpu(), "x_q": x_q.contiguous().cpu()}, str(p),
+            metadata={**meta, "next_block": str(i + 1)}))
         state = {"fingerprint": self.fingerprint, "next_block": i + 1, "log": log, "block_seconds": block_seconds,
                  "config": self.cfg.to_dict(),
                  "rng": torch.get_rng_state().tolist()}
@@ -451,6 +523,142 @@ class _BlockTrainer:
         with open(self.log_path, "a") as f:
             for e in entries:
                 f.write(json.dumps(e) + "\n")
+
+
+# ---------------------------------------------------------------- fingerprints and the work-dir manifest
+# A run is identified by what determines its result: the float model's weights, the calibration samples (token
+# ids: text, tokenizer, nsamples, seqlen and seed), the saliency it uses, the compute precision and the settings.
+# The fingerprint is the sha256 of those components; every file in the work dir carries it (progress.json and
+# the manifest as a field, safetensors files in their metadata) and is reused only when it matches.
+FINGERPRINT_VERSION = 1
+
+
+def _sha256_tensor(h, t: torch.Tensor):
+    t = t.detach().contiguous().cpu()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's class, config shape and every tensor (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256(f"saliq-model-v{FINGERPRINT_VERSION}|{type(model).__name__}".encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        _sha256_tensor(h, t)
+    return h.hexdigest()
+
+
+def samples_fingerprint(samples: torch.Tensor | None) -> str | None:
+    if samples is None:
+        return None
+    h = hashlib.sha256(f"saliq-samples-v{FINGERPRINT_VERSION}|".encode())
+    _sha256_tensor(h, samples.to(torch.int64))
+    return h.hexdigest()
+
+
+def saliency_fingerprint(model_fp: str, samples_fp: str) -> str:
+    """The identity of the saliency computed from this model and these samples (it depends on nothing else)."""
+    return hashlib.sha256(f"saliq-saliency-v{FINGERPRINT_VERSION}|fisher_diagonal_sum|{model_fp}|{samples_fp}"
+                          .encode()).hexdigest()
+
+
+def tensors_digest(tensors: dict) -> str:
+    h = hashlib.sha256(b"saliq-tensors|")
+    for k in sorted(tensors):
+        h.update(k.encode())
+        _sha256_tensor(h, tensors[k])
+    return h.hexdigest()
+
+
+def run_components(cfg: CalibConfig, model_fp: str, samples_fp: str | None, saliency_id: str | None,
+                   amp: bool) -> dict:
+    """Everything a run's result depends on. rtn: the spec and the model; otherwise also the samples, the
+    saliency (when the method uses it), the precision (bf16 autocast or fp32) and every setting. The device is
+    not part of it: a run may resume on another device (equal up to floating-point differences)."""
+    if cfg.method == "rtn":
+        return {"version": FINGERPRINT_VERSION, "model": model_fp, "settings": cfg.fingerprint_dict()}
+    return {"version": FINGERPRINT_VERSION, "model": model_fp, "data": samples_fp,
+            "saliency": saliency_id if cfg.uses_saliency else None,
+            "precision": "bf16-autocast" if amp else "fp32", "settings": cfg.fingerprint_dict()}
+
+
+def fingerprint_of(components: dict) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_COMPONENT_NAMES = {"model": "the model (MODEL)", "data": "the calibration samples (--calib, --nsamples, --seqlen, "
+                    "--seed or the tokenizer)", "saliency": "the saliency (--saliency)",
+                    "precision": "the precision (--no-amp / --device)", "version": "the saliq fingerprint version"}
+
+
+def describe_difference(old: dict | None, new: dict) -> str:
+    """A short human list of what differs between two run_components dicts."""
+    if not isinstance(old, dict) or not old:
+        return "unknown settings (not recorded: written by an older saliq, or damaged)"
+    so, sn = old.get("settings") or {}, new.get("settings") or {}
+    if so.get("method") != sn.get("method"):
+        return f"the method ({so.get('method')} -> {sn.get('method')})"
+    parts = [label for key, label in _COMPONENT_NAMES.items() if old.get(key) != new.get(key)]
+    changed = [f"{k} {so.get(k)!r} -> {sn.get(k)!r}" for k in sorted(set(so) | set(sn)) if so.get(k) != sn.get(k)]
+    if changed:
+        parts.append("settings: " + ", ".join(changed))
+    return "; ".join(parts) if parts else "nothing recorded (same fingerprint)"
+
+
+MANIFEST = "run.json"
+
+
+def read_manifest(work_dir) -> dict | None:
+    """The work dir's manifest ({"fingerprint", "components", ...}); None when there is none, {} when it is
+    unreadable (a run of unknown settings)."""
+    path = Path(work_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_manifest(work_dir, components: dict, extra: dict | None = None):
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data = {"saliq_run": FINGERPRINT_VERSION, "fingerprint": fingerprint_of(components), "components": components,
+            **(extra or {})}
+    _atomic(work_dir / MANIFEST, lambda p: p.write_text(json.dumps(data, indent=1)))
+
+
+def check_or_write_manifest(work_dir, components: dict):
+    """Refuse a work dir that belongs to another run (ResumeMismatchError naming what differs); write the
+    manifest when the work dir has none. A work dir with files but no manifest is refused too."""
+    work_dir = Path(work_dir)
+    found = read_manifest(work_dir)
+    fp = fingerprint_of(components)
+    if found is None:
+        if work_dir.is_dir() and any(work_dir.iterdir()):
+            raise ResumeMismatchError(f"{work_dir} holds files of a calibration run with unknown settings (no "
+                                      f"{MANIFEST}); delete it to start afresh")
+        write_manifest(work_dir, components)
+    elif found.get("fingerprint") != fp:
+        raise ResumeMismatchError(
+            f"{work_dir} holds an unfinished calibration with other settings or data (differs in: "
+            f"{describe_difference(found.get('components'), components)}); rerun with the original settings to "
+            "resume, or delete it to start afresh")
+
+
+def read_safetensors_fingerprint(path) -> str | None:
+    """The `fingerprint` entry of a safetensors file's metadata (None: missing file, no entry, unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _atomic(path: Path, write):

@@ -4,10 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
+
+from .checks import (UsageError, check_float_model, check_model_path, check_number, check_positive,
+                     check_saliency_file, check_text, device_of)
+from .console import human, log, oneline
+from .pipeline import describe_checkpoint, evaluate_model, quantize_model, saliency_for
 
 EXAMPLES = """examples:
   saliq demo
@@ -16,10 +20,6 @@ EXAMPLES = """examples:
   saliq saliency model.gguf --calib lcet10.txt --out saliency.safetensors
   saliq info ckpt/
 """
-
-
-class UsageError(Exception):
-    """Bad arguments found after parsing; the message says what to do."""
 
 
 # ---------------------------------------------------------------- parser
@@ -36,9 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save a checkpoint",
                        description="Quantize MODEL (a transformers directory or a .gguf file) and save a saliq "
                        "checkpoint to --out. Interrupted runs resume from the last finished block when rerun "
-                       "with the same command.")
-    q.add_argument("model", metavar="MODEL", help="transformers model directory or .gguf file")
-    q.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+                       "with the same command; a finished one is not redone. --out must be new, empty, or hold a "
+                       "run of the same model, data and settings; --overwrite replaces a saliq checkpoint or run "
+                       "with other settings, never a directory saliq did not write.")
+    q.add_argument("model", metavar="MODEL", help="transformers model directory or .gguf file (a float model)")
+    q.add_argument("--out", required=True, metavar="DIR",
+                   help="checkpoint directory: new, empty, or a run of the same settings (resumed, or nothing to do "
+                   "when finished); never the model's directory")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a saliq checkpoint or unfinished run in --out made with other settings (the old "
+                   "checkpoint stays until the new one is saved)")
     q.add_argument("--method", default="saliq", choices=METHODS,
                    help="rtn: round to nearest; apiq: LWC + LoRA block-wise (stage opt); saliq: a weight-only "
                    "saliency-penalty stage (wpt), then apiq's stage (default)")
@@ -113,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "of a saliq checkpoint.")
     i.add_argument("dir", metavar="DIR", help="saliq checkpoint directory")
     i.add_argument("--json", action="store_true", help="print the description as one JSON line")
+    _add_debug(i)
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="fetch SmolLM2-135M and compare RTN / ApiQ / saliq at W2 g64",
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="re-quantize even when a checkpoint is cached")
     d.add_argument("--json", action="store_true", help="also print the table as one JSON line")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_debug(d)
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -141,44 +150,11 @@ def _add_calib_args(p, need_calib: bool):
 def _add_common(p):
     p.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_debug(p)
 
 
-# ---------------------------------------------------------------- helpers
-def _device(arg):
-    import torch
-
-    if arg is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(arg)
-    except RuntimeError as e:
-        raise UsageError(f"--device {arg!r} is not a device name; use cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {arg!r}: CUDA is not available here; use --device cpu")
-    return str(dev)
-
-
-def _check_model_path(path: str):
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"MODEL {path!r} does not exist; pass a transformers model directory, a .gguf file or "
-                         "a saliq checkpoint")
-    if p.is_file() and p.suffix != ".gguf":
-        raise UsageError(f"MODEL {path!r} is a file but not a .gguf; pass a .gguf file or a model directory")
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise UsageError(f"MODEL {path!r} has no config.json; pass a transformers model directory")
-
-
-def _check_text(arg: str, flag: str):
-    from .data import HUB_DATASETS
-
-    if arg not in HUB_DATASETS and not Path(arg).is_file():
-        raise UsageError(f"{flag} {arg!r} is not a file; pass a UTF-8 text file (or {' / '.join(HUB_DATASETS)})")
-
-
-def _positive(value, flag: str, minimum: int = 1):
-    if value is not None and value < minimum:
-        raise UsageError(f"{flag}={value} must be >= {minimum}")
+def _add_debug(p):
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
 
 def _parse_schedule(text: str) -> list:
@@ -203,165 +179,38 @@ def _emit(result: dict, as_json: bool):
         print(json.dumps(result), flush=True)
 
 
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1024
-
-
-# ---------------------------------------------------------------- pipelines (also used by the demo)
-def _log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, saliency_path=None, device="cpu",
-                   amp=True, offload_activations=False, eval_text=None, eval_seqlen=512, eval_max_tokens=None,
-                   keep_work=False, progress=True) -> dict:
-    """Load, calibrate, save (and optionally evaluate) one model; returns the result record."""
-    from . import data, hf
-    from . import saliency as sal_mod
-    from .calibrate import calibrate
-
-    out = Path(out)
-    work = out / ".calib"
-    t_start = time.perf_counter()
-    model, tok = hf.load_model(model_path)
-    samples = None
-    if cfg.method != "rtn":
-        samples = data.load_calibration(tok, calib, nsamples, seqlen, cfg.seed)
-    sal, sal_seconds = None, 0.0
-    if cfg.uses_saliency:
-        cached = Path(saliency_path) if saliency_path else work / "saliency.safetensors"
-        if cached.is_file():
-            sal = sal_mod.load_saliency(cached, model)
-            _log(f"saliency: reusing {cached}")
-        else:
-            t0 = time.perf_counter()
-            sal = sal_mod.compute_saliency(model, samples, device=device, progress=progress)
-            sal_seconds = time.perf_counter() - t0
-            sal_mod.save_saliency(sal, cached, {"nsamples": nsamples, "seqlen": seqlen, "seed": cfg.seed})
-            _log(f"saliency: computed in {sal_seconds:.1f} s, saved to {cached}")
-    model.to(device)
-    res = calibrate(model, samples if samples is not None else torch_empty_ids(), cfg, work_dir=work,
-                    saliency=sal, device=device, amp=amp, offload_activations=offload_activations,
-                    progress=progress)
-    if res.resumed_from:
-        _log(f"resumed at block {res.resumed_from}")
-    _log(res.summary())
-    seconds = sal_seconds + res.seconds
-    info = hf.save(model.to("cpu"), out, tok, method=cfg.method,
-                   extra={"calibration": cfg.to_dict(), "seconds": round(seconds, 2),
-                          "calibration_data": {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen}})
-    if (work / "calibration_log.jsonl").is_file():
-        shutil.copy(work / "calibration_log.jsonl", out / "calibration_log.jsonl")
-    if not keep_work and work.exists():
-        shutil.rmtree(work)
-    result = {"out": str(out), "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
-              "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t_start, 2),
-              "bytes": info["bytes"], "peak_memory_bytes": res.peak_memory_bytes,
-              "block_seconds": [round(s, 3) for s in res.block_seconds]}
-    _log(f"saved {out} ({_human(info['bytes'])})")
-    if eval_text is not None:
-        windows = data.load_evaluation(tok, eval_text, eval_seqlen, eval_max_tokens)
-        from .evaluate import perplexity
-
-        ev = perplexity(model.to(device), windows, progress=progress)
-        result.update(perplexity=ev["perplexity"], tokens=ev["tokens"])
-        _log(f"perplexity {ev['perplexity']:.3f} on {ev['tokens']} tokens of {eval_text}")
-    return result
-
-
-def torch_empty_ids():
-    import torch
-
-    return torch.zeros((0, 2), dtype=torch.long)
-
-
-def evaluate_model(model_path, text, seqlen=512, max_tokens=None, device="cpu", progress=True) -> dict:
-    from . import data, hf
-    from .evaluate import perplexity
-
-    model, tok = hf.load_model(model_path)
-    if tok is None:
-        raise ValueError(f"{model_path} has no tokenizer files; it cannot be evaluated on text")
-    windows = data.load_evaluation(tok, text, seqlen, max_tokens)
-    return perplexity(model.to(device), windows, progress=progress)
-
-
-def saliency_for(model_path, calib, nsamples, seqlen, seed, out, device="cpu", offload_blocks=False,
-                 progress=True) -> Path:
-    from . import data, hf
-    from . import saliency as sal_mod
-
-    model, tok = hf.load_model(model_path)
-    if not offload_blocks:
-        model.to(device)
-    samples = data.load_calibration(tok, calib, nsamples, seqlen, seed)
-    sal = sal_mod.compute_saliency(model, samples, device=device, offload_blocks=offload_blocks, progress=progress)
-    sal_mod.save_saliency(sal, out, {"model": str(model_path), "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
-    return Path(out)
-
-
-def describe_checkpoint(ckpt_dir) -> dict:
-    """Quantization config and a size breakdown (packed weights, LoRA, other tensors) of a checkpoint."""
-    from safetensors import safe_open
-
-    from . import hf
-
-    qc = hf.read_quant_config(ckpt_dir)
-    sizes = {"packed": 0, "lora": 0, "other": 0}
-    weights = 0
-    per_word = 32 // (2 if qc["bits"] == 3 else qc["bits"])
-    for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                t = st.get_slice(key)
-                shape = t.get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                nbytes = n * _DTYPE_BYTES.get(t.get_dtype(), 4)
-                leaf = key.rsplit(".", 1)[-1]
-                if leaf in ("qweight", "qweight_hi", "scales", "zeros"):
-                    sizes["packed"] += nbytes
-                    if leaf == "qweight":
-                        weights += shape[0] * per_word * shape[1]
-                elif leaf in ("lora_A", "lora_B"):
-                    sizes["lora"] += nbytes
-                else:
-                    sizes["other"] += nbytes
-    return {"dir": str(ckpt_dir), "quantization_config": {k: v for k, v in qc.items() if k != "modules"},
-            "quantized_layers": len(qc["modules"]), "quantized_weights": weights,
-            "bytes": hf.checkpoint_size(ckpt_dir), "packed_bytes": sizes["packed"], "lora_bytes": sizes["lora"],
-            "other_bytes": sizes["other"],
-            "packed_bits_per_weight": 8 * sizes["packed"] / max(weights, 1)}
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
 # ---------------------------------------------------------------- commands
 def cmd_quantize(args) -> dict:
+    """Check every argument (one line naming the flag, the value and what is allowed), then quantize."""
     from .calibrate import CalibConfig
 
-    _check_model_path(args.model)
+    check_model_path(args.model)
     if args.method != "rtn" and args.calib is None:
         raise UsageError(f"--method {args.method} needs calibration text: pass --calib FILE")
-    if args.calib is not None:
-        _check_text(args.calib, "--calib")
+    if args.calib is not None and args.method == "rtn":
+        log("note: --calib is not used by --method rtn (round to nearest needs no data)")
+    elif args.calib is not None:
+        check_text(args.calib, "--calib")
     if args.eval_text is not None:
-        _check_text(args.eval_text, "--eval")
+        check_text(args.eval_text, "--eval")
     for flag, val in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--batch-size", args.batch_size),
-                      ("--eval-seqlen", args.eval_seqlen)):
-        _positive(val, flag, 2 if "seqlen" in flag else 1)
-    _positive(args.epochs, "--epochs", 0)
-    _positive(args.lora_rank, "--lora-rank", 0)
+                      ("--eval-seqlen", args.eval_seqlen), ("--eval-max-tokens", args.eval_max_tokens)):
+        check_positive(val, flag, 2 if "seqlen" in flag or "tokens" in flag else 1)
+    check_positive(args.epochs, "--epochs", 0)
+    check_positive(args.lora_rank, "--lora-rank", 0)
+    check_number(args.lr_clip, "--lr-clip", minimum=0, note=" (0 freezes the clipping logits)")
+    check_number(args.lr_lora, "--lr-lora", minimum=0, note=" (0 freezes LoRA)")
+    check_number(args.weight_decay, "--weight-decay", minimum=0)
+    check_number(args.lambda_reg, "--lambda-reg", minimum=0, note=" (0 turns the saliency penalty off)")
+    check_number(args.lora_alpha, "--lora-alpha", above=0)
+    check_number(args.init_logit, "--init-logit")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file; pass a directory")
     schedule = _parse_schedule(args.schedule) if args.schedule else []
     mult = _parse_floats(args.block_multipliers, "--block-multipliers") if args.block_multipliers else []
+    for m in mult:
+        check_number(m, "--block-multipliers value", minimum=0)
     try:
         cfg = CalibConfig(method=args.method, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                           schedule=schedule, epochs=args.epochs, lora_rank=args.lora_rank,
@@ -372,33 +221,37 @@ def cmd_quantize(args) -> dict:
                           aug_loss=not args.no_aug_loss, batch_size=args.batch_size, seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    if args.saliency is not None and not cfg.uses_saliency:
+        log(f"note: --saliency is not used by --method {cfg.method} with these settings")
+    device = device_of(args.device)
     return quantize_model(args.model, cfg, out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                          saliency_path=args.saliency, device=_device(args.device), amp=not args.no_amp,
+                          saliency_path=args.saliency, device=device, amp=not args.no_amp,
                           offload_activations=args.offload_activations, eval_text=args.eval_text,
                           eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_max_tokens,
-                          keep_work=args.keep_work, progress=not args.no_progress)
+                          keep_work=args.keep_work, progress=not args.no_progress, overwrite=args.overwrite)
 
 
 def cmd_eval(args) -> dict:
-    _check_model_path(args.model)
-    _check_text(args.text, "--text")
-    _positive(args.seqlen, "--seqlen", 2)
-    _positive(args.max_tokens, "--max-tokens", 2)
+    check_model_path(args.model)
+    check_text(args.text, "--text")
+    check_positive(args.seqlen, "--seqlen", 2)
+    check_positive(args.max_tokens, "--max-tokens", 2)
     res = evaluate_model(args.model, args.text, seqlen=args.seqlen, max_tokens=args.max_tokens,
-                         device=_device(args.device), progress=not args.no_progress)
+                         device=device_of(args.device), progress=not args.no_progress)
     print(f"perplexity {res['perplexity']:.3f} on {res['tokens']} tokens ({res['windows']} windows of "
           f"{args.seqlen}) in {res['seconds']:.1f} s", file=sys.stderr if args.json else sys.stdout)
     return {"perplexity": res["perplexity"], "tokens": res["tokens"], "seconds": round(res["seconds"], 3)}
 
 
 def cmd_saliency(args) -> dict:
-    _check_model_path(args.model)
-    _check_text(args.calib, "--calib")
-    _positive(args.nsamples, "--nsamples")
-    _positive(args.seqlen, "--seqlen", 2)
+    check_float_model(args.model, True, "saliq saliency (to tokenize --calib)")
+    check_text(args.calib, "--calib")
+    check_positive(args.nsamples, "--nsamples")
+    check_positive(args.seqlen, "--seqlen", 2)
+    check_saliency_file(args.out, "--out")
     t0 = time.perf_counter()
     path = saliency_for(args.model, args.calib, args.nsamples, args.seqlen, args.seed, args.out,
-                        device=_device(args.device), offload_blocks=args.offload_blocks,
+                        device=device_of(args.device), offload_blocks=args.offload_blocks,
                         progress=not args.no_progress)
     secs = time.perf_counter() - t0
     print(f"saliency written to {path} in {secs:.1f} s", file=sys.stderr if args.json else sys.stdout)
@@ -421,9 +274,9 @@ def cmd_info(args) -> dict:
               f"{'symmetric' if qc['symmetric'] else 'asymmetric'}, LoRA r{qc['lora_rank']} alpha {qc['lora_alpha']}, "
               f"format v{qc['format_version']}")
         print(f"  quantized layers: {info['quantized_layers']}, {info['quantized_weights']:,} weights")
-        print(f"  size on disk: {_human(info['bytes'])} total; packed weights {_human(info['packed_bytes'])} "
+        print(f"  size on disk: {human(info['bytes'])} total; packed weights {human(info['packed_bytes'])} "
               f"({info['packed_bits_per_weight']:.3f} bits/weight incl. scales and zeros), "
-              f"LoRA {_human(info['lora_bytes'])}, other tensors {_human(info['other_bytes'])}")
+              f"LoRA {human(info['lora_bytes'])}, other tensors {human(info['other_bytes'])}")
     return info
 
 
@@ -434,16 +287,23 @@ def cmd_demo(args) -> dict:
     bad = [m for m in methods if m not in ("rtn", "apiq", "saliq")]
     if bad or not methods:
         raise UsageError(f"--methods {args.methods!r}: unknown {bad}; use a comma-separated subset of rtn,apiq,saliq")
-    _positive(args.epochs, "--epochs", 1)
+    check_positive(args.epochs, "--epochs", 1)
     return run_demo(methods=methods, bits=args.bits, epochs=args.epochs, force=args.force,
                     progress=not args.no_progress)
 
 
 # ---------------------------------------------------------------- main
 def main(argv=None) -> int:
+    """Run one command. Errors print one line (`saliq COMMAND: error: ...`), never a traceback unless --debug:
+    rc 2 for bad arguments (checked before any work), 1 for errors found while working, 130 when interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = getattr(args, "debug", False)
+    if getattr(args, "no_progress", False):  # transformers' own bars (loading weights) too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from .calibrate import NonFiniteLossError, ResumeMismatchError
     from .data import DataError
     from .hf import CheckpointError
@@ -452,14 +312,27 @@ def main(argv=None) -> int:
     try:
         result = args.func(args)
     except UsageError as e:
-        parser.exit(2, f"saliq {args.command}: error: {e}\n")
-    except (DataError, CheckpointError, FetchError, NonFiniteLossError, ResumeMismatchError,
-            FileNotFoundError, ValueError) as e:
-        print(f"saliq {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        if debug:
+            raise
+        parser.exit(2, f"saliq {args.command}: error: {oneline(e)}\n")
     except KeyboardInterrupt:
-        print(f"saliq {args.command}: interrupted", file=sys.stderr)
+        if debug:
+            raise
+        again = "; rerun the same command to resume" if args.command == "quantize" else ""
+        print(f"saliq {args.command}: interrupted{again}", file=sys.stderr)
         return 130
+    except (DataError, CheckpointError, FetchError, NonFiniteLossError, ResumeMismatchError, OSError,
+            ValueError) as e:
+        if debug:
+            raise
+        print(f"saliq {args.command}: error: {oneline(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, not a user error: still one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"saliq {args.command}: error: {type(e).__name__}: {oneline(e)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
     _emit(result, getattr(args, "json", False))
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import torch
 
@@ -23,14 +24,52 @@ def read_text(source: str, split: str = "train") -> str:
     `split` only matters for hub data sets: `train` for calibration, `test` / `validation` for evaluation.
     """
     if os.path.isfile(source):
-        with open(source, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        return read_text_file(source)
     if source in HUB_DATASETS:
         return _read_hub_text(source, split)
     raise DataError(
         f"text source {source!r} is neither a file nor one of {HUB_DATASETS}; "
         "pass the path of a local UTF-8 text file (e.g. lcet10.txt from `saliq demo`'s cache)"
     )
+
+
+# C0 / C1 control characters other than the whitespace ones (\t \n \v \f \r): what binary data decodes to.
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+MAX_CONTROL_SHARE = 0.01  # more than 1% control characters: binary, not text
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of a local file, strictly UTF-8 (a UTF-8 byte-order mark is dropped).
+
+    Refused with a DataError naming the file: NUL bytes (binary, or UTF-16/32), a UTF-16/32 byte-order mark,
+    bytes that are not UTF-8 (Latin-1, Windows-1252...), more than 1% control characters, an empty file."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"text file {path!r} cannot be read: {e.strerror or e}") from e
+    want = "pass a UTF-8 text file"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"text file {path!r} is UTF-16/32 (byte-order mark {raw[:2].hex()}), not UTF-8; convert it "
+                        f"(iconv -f utf-16 -t utf-8) or {want}")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"text file {path!r} is binary (NUL byte at offset {nul}; binary data or UTF-16/32 text), "
+                        f"not UTF-8 text; {want}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"text file {path!r} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}; "
+                        f"Latin-1 or Windows-1252 text? convert it with iconv -f latin1 -t utf-8); {want}") from e
+    if not text:
+        raise DataError(f"text file {path!r} is empty; {want}")
+    bad = len(_CONTROL.findall(text))
+    if bad > MAX_CONTROL_SHARE * len(text):
+        raise DataError(f"text file {path!r} looks binary: {bad} of its {len(text)} characters "
+                        f"({100 * bad / len(text):.1f}%) are control characters (at most "
+                        f"{100 * MAX_CONTROL_SHARE:g}% allowed); {want}")
+    return text
 
 
 def _read_hub_text(name: str, split: str) -> str:

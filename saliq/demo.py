@@ -27,7 +27,8 @@ def run_demo(methods=("rtn", "apiq", "saliq"), bits: int = 2, epochs: int | None
              progress: bool = True) -> dict:
     from . import data, hf
     from .calibrate import CalibConfig
-    from .cli import _human, quantize_model
+    from .console import human
+    from .pipeline import quantize_model
     from .evaluate import perplexity
 
     epochs = epochs or DEMO_EPOCHS
@@ -46,8 +47,11 @@ def run_demo(methods=("rtn", "apiq", "saliq"), bits: int = 2, epochs: int | None
         cfg = CalibConfig(method=method, bits=bits, group_size=GROUP_SIZE, epochs=epochs, seed=SEED)
         out = demo_dir(method, bits)
         if force or not _reusable(out, cfg):
+            if force:
+                _discard(out)
+            # overwrite: the cache folder is saliq's own; a run of the same settings resumes, others are replaced
             quantize_model(str(bed.gguf), cfg, out, calib=str(bed.calib_text), nsamples=NSAMPLES, seqlen=SEQLEN,
-                           progress=progress)
+                           progress=progress, overwrite=True)
         else:
             _say(f"{method}: reusing {out} (pass --force to quantize again)")
         qmodel, _ = hf.load(out)
@@ -63,7 +67,7 @@ def run_demo(methods=("rtn", "apiq", "saliq"), bits: int = 2, epochs: int | None
           f"{bed.eval_text.name}")
     print(f"{'method':<8} {'perplexity':>12} {'time (s)':>10} {'size':>11}  checkpoint")
     for r in rows:
-        print(f"{r['method']:<8} {r['perplexity']:>12.2f} {r['seconds']:>10.1f} {_human(r['bytes']):>11}  "
+        print(f"{r['method']:<8} {r['perplexity']:>12.2f} {r['seconds']:>10.1f} {human(r['bytes']):>11}  "
               f"{r.get('checkpoint', r.get('note', ''))}")
     return {"bits": bits, "group_size": GROUP_SIZE, "epochs": epochs, "rows": rows}
 
@@ -77,6 +81,16 @@ def _reusable(out: Path, cfg) -> bool:
     except (hf.CheckpointError, OSError, json.JSONDecodeError):
         return False
     return qc.get("calibration") == json.loads(json.dumps(cfg.to_dict()))
+
+
+def _discard(out: Path):
+    """--force: remove a cached demo checkpoint (and its resume state), only a folder saliq wrote."""
+    import shutil
+
+    from . import hf
+
+    if out.is_dir() and (hf.is_saliq_checkpoint(out) or (out / ".calib").is_dir() or not any(out.iterdir())):
+        shutil.rmtree(out)
 
 
 def _say(msg: str):

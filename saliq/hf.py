@@ -1,51 +1,36 @@
 """transformers integration: load a model (directory, GGUF file or saliq checkpoint), find its decoder blocks
 and their linears, and save / load quantized checkpoints (safetensors only, no pickle).
 
-Checkpoint layout (a transformers-style directory):
-    config.json                       the model config plus `quantization_config` (quant_method "saliq")
-    model-0000i-of-0000n.safetensors  tensors; quantized linears hold qweight, qweight_hi, scales, zeros, lora_*
-    model.safetensors.index.json      weight_map plus a sha256 per shard, checked on load
-    tokenizer files
+Checkpoint files (layout, manifest, verification, the atomic writer) live in checkpoint.py; docs/FORMAT.md
+("Checkpoint files") describes them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
+from .checkpoint import (  # noqa: F401  (re-exported: callers import them from hf)
+    CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, QUANT_METHOD, CheckpointError, checkpoint_size,
+    is_saliq_checkpoint, read_quant_config, verify,
+)
 from .spec import QuantSpec
 
-QUANT_METHOD = "saliq"
-INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match its config; never load it silently."""
-
-
 # ---------------------------------------------------------------- loading models
-def is_saliq_checkpoint(path: str | os.PathLike) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return qc.get("quant_method") == QUANT_METHOD
-
-
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) from a transformers directory, a `.gguf` file, or a saliq checkpoint directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
-    if p.is_dir() and is_saliq_checkpoint(p):
+    if p.is_dir() and ckpt.looks_like_saliq_checkpoint(p):
         return load(p, device=device)
     if p.is_file() and p.suffix == ".gguf":
         kw = dict(gguf_file=p.name)
@@ -104,16 +89,18 @@ def _quantized_modules(model: nn.Module) -> dict:
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, method: str = "unknown",
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict | None = None) -> dict:
-    """Write `model` (with QuantLinear layers) to `out_dir`; returns {"bytes": total size on disk, ...}.
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict | None = None,
+         files: dict | None = None) -> dict:
+    """Write `model` (with QuantLinear layers) as a checkpoint in `out_dir`, atomically: everything is written to
+    a sibling `<out_dir>.tmp-<random>`, covered by a manifest, fsynced, then put in place of `out_dir` (see
+    checkpoint.write_atomically: an existing saliq checkpoint there is replaced, other entries such as `.calib/`
+    are kept, a directory holding another kind of model is refused). A failure leaves `out_dir` as it was.
 
-    extra: more entries for `quantization_config` (e.g. the calibration settings), informational only."""
-    from safetensors.torch import save_file
-
+    extra: more entries for `quantization_config` (e.g. the calibration settings), informational only.
+    files: {name in the checkpoint: source path} of more files to copy in, covered by the manifest.
+    Returns {"bytes": size of the checkpoint's files, "quantized_weights": ..., "files": [names]}."""
     from .packing import FORMAT_VERSION
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     qmods = _quantized_modules(model)
     if not qmods:
         raise ValueError("save() expects a model whose linears were replaced by saliq QuantLinear layers")
@@ -123,27 +110,19 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, method: s
     spec = specs.pop()
     ranks = {name: _lora_rank(m) for name, m in qmods.items()}
     alphas = {name: _lora_alpha(m) for name, m in qmods.items()}
-
-    tensors = _unique_state_dict(model)
-    shards = _split_shards(tensors, max_shard_bytes)
-    weight_map, checksums = {}, {}
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fname, shard in zip(names, shards):
-        tmp = out / (fname + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, str(tmp),
-                  metadata={"format": "pt", "saliq_format_version": str(FORMAT_VERSION)})
-        os.replace(tmp, out / fname)
-        checksums[fname] = _sha256(out / fname)
-        weight_map.update({k: fname for k in shard})
-
-    total = sum((out / f).stat().st_size for f in names)
-    index = {"metadata": {"total_size": total, "sha256": checksums}, "weight_map": weight_map}
-    _write_json(out / INDEX_NAME, index)
+    reserved = {CONFIG_NAME, INDEX_NAME, MANIFEST_NAME}
+    for name, src in (files or {}).items():
+        if name in reserved or ckpt.SHARD_RE.fullmatch(name):
+            raise ValueError(f"files: {name!r} is a name the checkpoint itself uses")
+        ckpt.check_name(Path(out_dir), name, "files entry")  # a plain relative name
+        if not Path(src).is_file():
+            raise FileNotFoundError(f"files: {name!r}: {src} is not a file")
 
     cfg = model.config.to_dict()
     cfg["quantization_config"] = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
+        "manifest": MANIFEST_NAME,
         "bits": spec.bits,
         "group_size": spec.group_size,
         "symmetric": spec.symmetric,
@@ -154,10 +133,26 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, method: s
                     for name, m in qmods.items()},
         **(extra or {}),
     }
-    _write_json(out / "config.json", cfg)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return {"bytes": total, "quantized_weights": sum(m.in_features * m.out_features for m in qmods.values())}
+    tensors = _unique_state_dict(model)
+
+    def write(tmp: Path):
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            (tmp / GENERATION_CONFIG_NAME).write_text(gen.to_json_string(use_diff=True))
+        ckpt.write_shards(tmp, tensors, max_shard_bytes,
+                          metadata={"format": "pt", "saliq_format_version": str(FORMAT_VERSION)})
+        ckpt.write_json(tmp / CONFIG_NAME, cfg)
+        for name, src in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
+
+    manifest = ckpt.write_atomically(out_dir, write)
+    out = Path(out_dir)
+    total = sum(e["bytes"] for e in manifest["files"].values()) + (out / MANIFEST_NAME).stat().st_size
+    return {"bytes": total, "quantized_weights": sum(m.in_features * m.out_features for m in qmods.values()),
+            "files": sorted(manifest["files"]) + [MANIFEST_NAME]}
 
 
 def _lora_alpha(m) -> float:
@@ -186,86 +181,22 @@ def _unique_state_dict(model: nn.Module) -> dict:
     return out
 
 
-def _split_shards(tensors: dict, max_bytes: int) -> list[dict]:
-    shards, cur, size = [], {}, 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if cur and size + nbytes > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += nbytes
-    shards.append(cur)
-    return shards
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- load
-def read_quant_config(ckpt_dir: str | os.PathLike) -> dict:
-    """The checked `quantization_config` of a saliq checkpoint."""
-    from .packing import FORMAT_VERSION
-
-    d = Path(ckpt_dir)
-    if not (d / "config.json").is_file():
-        raise CheckpointError(f"{str(d)!r} has no config.json: not a saliq checkpoint")
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{d / 'config.json'} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"{d} is not a saliq checkpoint (quantization_config.quant_method != 'saliq')")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{d} uses packed format version {qc.get('format_version')!r}; this saliq reads version "
-            f"{FORMAT_VERSION}. Re-quantize the model or install the saliq version that wrote it"
-        )
-    QuantSpec(bits=qc["bits"], group_size=qc["group_size"], symmetric=qc["symmetric"])  # validates
-    return qc
-
-
 def load(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) rebuilt from a saliq checkpoint, with QuantLinear layers; tokenizer None if absent."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) rebuilt from a saliq checkpoint, with QuantLinear layers; tokenizer None if absent.
 
-    from .nn import QuantLinear
-
-    d = Path(ckpt_dir)
-    qc = read_quant_config(d)
-    spec = QuantSpec(bits=qc["bits"], group_size=qc["group_size"], symmetric=qc["symmetric"])
-    cfg_dict = json.loads((d / "config.json").read_text())
-    cfg_dict.pop("quantization_config")
-    config = AutoConfig.for_model(**cfg_dict)
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-
-    state = _load_verified_tensors(d, load_file, SafetensorError)
-
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, mq in qc["modules"].items():
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError as e:
-            raise CheckpointError(f"config lists quantized module {name!r}, which the model does not have") from e
-        q = QuantLinear.empty(lin.in_features, lin.out_features, spec, bias=bool(mq["bias"]),
-                              lora_rank=int(mq["lora_rank"]), lora_alpha=float(mq["lora_alpha"]), dtype=dtype)
-        set_submodule(model, name, q)
+    Every file is verified against the checkpoint's manifest first (checkpoint.verify, as `saliq info` does);
+    a damaged or inconsistent checkpoint raises CheckpointError, never loads as a different model."""
+    ck = verify(ckpt_dir)
+    d = ck.dir
+    try:
+        model = _build_model(ck, dtype)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{d / CONFIG_NAME}: the model it describes cannot be built "
+                              f"({ckpt.one_line(e)})") from None
+    state = ck.load_tensors()
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -280,14 +211,50 @@ def load(ckpt_dir: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | 
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{d}: tensor {k} has shape {tuple(v.shape)}, the config implies "
                                   f"{tuple(expected[k].shape)}")
+        if v.dtype != expected[k].dtype and not (v.is_floating_point() and expected[k].is_floating_point()):
+            raise CheckpointError(f"{d}: tensor {k} has dtype {v.dtype}, the config implies {expected[k].dtype}")
     model.load_state_dict(state, strict=False)
     if missing:
         model.tie_weights()
     model.eval().requires_grad_(False)
-    tokenizer = None
-    if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(d))
+    tokenizer = ck.load_tokenizer()
     return model.to(device), tokenizer
+
+
+def _build_model(ck, dtype):
+    """The model the verified config describes, its quantized linears empty QuantLinear layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .nn import QuantLinear
+
+    qc = ck.quant_config
+    spec = QuantSpec(bits=qc["bits"], group_size=qc["group_size"], symmetric=qc["symmetric"])
+    cfg_dict = dict(ck.config)
+    cfg_dict.pop("quantization_config")
+    config = AutoConfig.for_model(**cfg_dict)
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{ck.dir / CONFIG_NAME}: dtype {dtype!r} is not a float dtype")
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, mq in qc["modules"].items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{ck.dir / CONFIG_NAME}: lists quantized module {name!r}, which the model does "
+                                  "not have") from None
+        if not isinstance(lin, nn.Linear):
+            raise CheckpointError(f"{ck.dir / CONFIG_NAME}: lists quantized module {name!r}, which is not a linear "
+                                  "layer")
+        q = QuantLinear.empty(lin.in_features, lin.out_features, spec, bias=bool(mq["bias"]),
+                              lora_rank=int(mq["lora_rank"]), lora_alpha=float(mq["lora_alpha"]), dtype=dtype)
+        set_submodule(model, name, q)
+    raw = ck.data(GENERATION_CONFIG_NAME)
+    if raw is not None:
+        model.generation_config = GenerationConfig.from_dict(json.loads(raw))
+    return model
 
 
 def _tied_keys(model) -> list[str]:
@@ -295,31 +262,6 @@ def _tied_keys(model) -> list[str]:
     sd = model.state_dict()
     kept = _unique_state_dict(model)
     return [k for k in sd if k not in kept]
-
-
-def _load_verified_tensors(d: Path, load_file, SafetensorError) -> dict:
-    if not (d / INDEX_NAME).is_file():
-        raise CheckpointError(f"{d} has no {INDEX_NAME}: incomplete checkpoint")
-    index = json.loads((d / INDEX_NAME).read_text())
-    checksums = index.get("metadata", {}).get("sha256", {})
-    state = {}
-    for fname in sorted(set(index["weight_map"].values())):
-        path = d / fname
-        if not path.is_file():
-            raise CheckpointError(f"{d}: shard {fname} is missing")
-        if fname in checksums and _sha256(path) != checksums[fname]:
-            raise CheckpointError(f"{path} is corrupt: its sha256 does not match the index; re-download or "
-                                  "re-quantize")
-        try:
-            state.update(load_file(str(path)))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    return state
-
-
-def checkpoint_size(ckpt_dir: str | os.PathLike) -> int:
-    """Bytes on disk of the checkpoint's tensor shards."""
-    return sum(p.stat().st_size for p in Path(ckpt_dir).glob("*.safetensors"))
 
 
 # ---------------------------------------------------------------- running blocks one at a time

@@ -144,6 +144,15 @@ def load_saliency(path: str | os.PathLike, model: nn.Module | None = None) -> di
         sal = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"saliency file {str(path)!r} is not a readable safetensors file: {e}") from e
+    for key, t in sal.items():  # a Fisher diagonal is a sum of squares: finite and >= 0
+        if not t.is_floating_point():
+            raise ValueError(f"saliency {key} in {str(path)!r} has dtype {t.dtype}; a saliency is floating point: "
+                             "recompute it with `saliq saliency`")
+        bad = int((~torch.isfinite(t) | (t < 0)).sum())
+        if bad:
+            raise ValueError(f"saliency {key} in {str(path)!r} has {bad} negative or non-finite values; a saliency "
+                             "(Fisher diagonal, a sum of squares) must be finite and >= 0: recompute it with "
+                             "`saliq saliency`")
     if model is not None:
         prefix = hf.blocks_prefix(model)
         for i, b in enumerate(hf.decoder_blocks(model)):
@@ -156,3 +165,18 @@ def load_saliency(path: str | os.PathLike, model: nn.Module | None = None) -> di
                     raise ValueError(f"saliency {key} in {str(path)!r} has shape {tuple(sal[key].shape)}, the "
                                      f"model's weight is {tuple(lin.weight.shape)}: it belongs to another model")
     return sal
+
+
+def saliency_metadata(path: str | os.PathLike) -> dict | None:
+    """The metadata of a saliency file written by save_saliency; None when `path` is not one (missing file,
+    another safetensors file, not safetensors at all)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    return meta if "saliq_saliency" in meta else None

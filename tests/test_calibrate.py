@@ -133,11 +133,22 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         calibrate(make_tiny_llama(), samples, _cfg(method="apiq", epochs=2), work_dir=tmp_path, progress=False)
 
 
+def test_a_non_finite_loss_in_the_first_block_says_no_block_was_finished(tmp_path, monkeypatch):
+    from saliq import calibrate as C
+
+    step = C._BlockTrainer._step_loss
+    monkeypatch.setattr(C._BlockTrainer, "_step_loss", lambda *a: (lambda r: (r[0] * float("nan"), *r[1:]))(step(*a)))
+    model = make_tiny_llama()
+    with pytest.raises(NonFiniteLossError, match=r"block 0, stage opt, epoch 0; no block was finished\.") as exc:
+        calibrate(model, random_samples(n=4), _cfg(method="apiq", epochs=1), work_dir=tmp_path, progress=False)
+    assert "0..-1" not in str(exc.value)
+
+
 def test_a_non_finite_loss_names_block_and_epoch_and_keeps_finished_blocks(tmp_path):
     model = make_tiny_llama()
     # block 1's MLP output turns NaN (a NaN weight would be refused before any work)
     hf.decoder_blocks(model)[1].mlp.register_forward_hook(lambda module, inputs, out: out * float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"block 1, stage opt, epoch 0.*blocks 0\.\.0"):
+    with pytest.raises(NonFiniteLossError, match=r"block 1, stage opt, epoch 0.*block 0 is checkpointed"):
         calibrate(model, random_samples(n=4), _cfg(method="apiq", epochs=1), work_dir=tmp_path, progress=False)
     assert (tmp_path / "block_0000.safetensors").is_file()
     assert json.loads((tmp_path / "progress.json").read_text())["next_block"] == 1
@@ -152,6 +163,14 @@ def test_a_non_finite_loss_names_block_and_epoch_and_keeps_finished_blocks(tmp_p
     (dict(saliency_norm="max"), "saliency_norm='max'"),
     (dict(clip_init="grid"), "clip_init='grid'"),
     (dict(after_lora="yes"), "after_lora='yes'"),
+    (dict(lr_clip=-1e-3), r"lr_clip=-0.001 must be >= 0 and finite"),
+    (dict(lr_lora=float("nan")), r"lr_lora=nan must be >= 0 and finite"),
+    (dict(weight_decay=-0.1), r"weight_decay=-0.1 must be"),
+    (dict(lambda_reg=float("inf")), r"lambda_reg=inf must be >= 0 and finite"),
+    (dict(lora_alpha=-16.0), r"lora_alpha=-16.0 must be > 0 and finite"),
+    (dict(init_logit=float("nan")), r"init_logit=nan must be a finite number"),
+    (dict(epochs=-1), r"epochs=-1 must be >= 0"),
+    (dict(block_multipliers=[1, float("nan")]), r"block_multipliers=\[1.0, nan\] must all be >= 0 and finite"),
 ])
 def test_bad_settings_are_rejected_with_what_is_allowed(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -183,3 +202,47 @@ def test_block_multipliers_must_cover_every_block():
     with pytest.raises(ValueError, match="block_multipliers has 3 values"):
         calibrate(make_tiny_llama(), random_samples(n=2), _cfg(method="apiq", epochs=1, block_multipliers=[1, 1, 1]),
                   progress=False)
+
+
+def _rewrite_metadata(path, fingerprint):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(path)), str(path), metadata={"fingerprint": fingerprint})
+
+
+@pytest.mark.parametrize("victim", ["acts_0001.safetensors", "block_0000.safetensors"])
+def test_work_dir_files_of_another_run_are_refused_not_reused(tmp_path, victim):
+    samples = random_samples(n=2)
+    cfg = _cfg(method="apiq", epochs=1)
+    calibrate(make_tiny_llama(), samples, cfg, work_dir=tmp_path, progress=False, stop_after_block=0)
+    _rewrite_metadata(tmp_path / victim, "0" * 64)  # as if left there by a run with other settings
+    with pytest.raises(ResumeMismatchError, match=f"{victim} was written by a run with other settings or data"):
+        calibrate(make_tiny_llama(), samples, cfg, work_dir=tmp_path, progress=False)
+    (tmp_path / victim).unlink()
+    with pytest.raises(ResumeMismatchError, match=f"{victim} is missing"):
+        calibrate(make_tiny_llama(), samples, cfg, work_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("change, what", [
+    (dict(samples=random_samples(n=2, seed=1)), "the calibration samples"),
+    (dict(model=make_tiny_llama(seed=1)), "the model"),
+    (dict(cfg=_cfg(method="apiq", epochs=1, lr_clip=1e-2)), "settings: lr_clip 0.005 -> 0.01"),
+])
+def test_a_work_dir_names_what_differs_when_it_cannot_be_resumed(tmp_path, change, what):
+    samples, cfg = random_samples(n=2), _cfg(method="apiq", epochs=1)
+    calibrate(make_tiny_llama(), samples, cfg, work_dir=tmp_path, progress=False, stop_after_block=0)
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert manifest["components"]["settings"]["lr_clip"] == 0.005 and len(manifest["fingerprint"]) == 64
+    with pytest.raises(ResumeMismatchError, match=f"other settings or data \\(differs in: {what}"):
+        calibrate(change.get("model", make_tiny_llama()), change.get("samples", samples), change.get("cfg", cfg),
+                  work_dir=tmp_path, progress=False)
+
+
+def test_a_saliency_passed_in_is_part_of_the_fingerprint(tmp_path):
+    samples = random_samples(n=2)
+    sal = S.compute_saliency(make_tiny_llama(), samples)
+    cfg = _cfg(method="saliq", schedule=[("wpt", 1)])
+    calibrate(make_tiny_llama(), samples, cfg, work_dir=tmp_path, saliency=sal, progress=False, stop_after_block=0)
+    other = {k: v * 2 for k, v in sal.items()}
+    with pytest.raises(ResumeMismatchError, match="the saliency"):
+        calibrate(make_tiny_llama(), samples, cfg, work_dir=tmp_path, saliency=other, progress=False)

@@ -55,12 +55,36 @@ def test_saliency_command_output_is_reused_by_quantize(tiny_model_dir, text_file
     (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--schedule", "wpt1"], "STAGE:EPOCHS"),
     (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--method", "apiq", "--schedule", "wpt:1"], "opt' only"),
     (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--nsamples", "0"], "--nsamples=0 must be >= 1"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--nsamples", "-3"], "--nsamples=-3 must be >= 1"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--seqlen", "-1"], "--seqlen=-1 must be >= 2"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--epochs", "-1"], "--epochs=-1 must be >= 0"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--batch-size", "0"], "--batch-size=0 must be >= 1"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lora-rank", "-8"], "--lora-rank=-8 must be >= 0"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lr-clip", "-0.001"],
+     r"--lr-clip=-0\.001 must be a finite number >= 0"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lr-clip", "nan"], "--lr-clip=nan must be a finite"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lr-lora", "-0.0001"], "--lr-lora=-0.0001 must be"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lr-lora", "inf"], "--lr-lora=inf must be a finite"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--weight-decay", "-0.1"], "--weight-decay=-0.1 must"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lambda-reg", "-0.1"], "--lambda-reg=-0.1 must be"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lambda-reg", "inf"], "--lambda-reg=inf must be"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--lora-alpha", "0"], "--lora-alpha=0.0 must be a finite "
+     "number > 0"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--init-logit", "nan"], "--init-logit=nan must be"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--block-multipliers", "1,-1"],
+     r"--block-multipliers value=-1\.0 must be a finite number >= 0"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--block-multipliers", "1,2,3"],
+     "--block-multipliers has 3 values; the model has 2 decoder blocks"),
+    (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--eval-max-tokens", "-5"], "--eval-max-tokens=-5"),
+    (["saliency", "MODEL", "--out", "s.safetensors", "--calib", "TEXT", "--nsamples", "-1"], "--nsamples=-1"),
     (["quantize", "MODEL", "--out", "o", "--calib", "TEXT", "--device", "cuda:0"], "CUDA is not available|--device"),
     (["eval", "MODEL", "--text", "TEXT", "--seqlen", "1"], "--seqlen=1"),
     (["info", "MODEL"], "not a saliq checkpoint"),
     (["demo", "--methods", "rtn,gptq"], "unknown"),
 ])
-def test_bad_arguments_exit_2_with_a_message_that_says_what_to_do(argv, match, tiny_model_dir, text_file, capsys):
+def test_bad_arguments_exit_2_with_a_message_that_says_what_to_do(argv, match, tiny_model_dir, text_file, capsys,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     argv = [str(tiny_model_dir) if a == "MODEL" else str(text_file) if a == "TEXT" else a for a in argv]
     import torch
 
@@ -69,7 +93,10 @@ def test_bad_arguments_exit_2_with_a_message_that_says_what_to_do(argv, match, t
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert __import__("re").search(match, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert __import__("re").search(match, err), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_argparse_rejects_values_outside_the_choices(capsys):
@@ -78,11 +105,20 @@ def test_argparse_rejects_values_outside_the_choices(capsys):
     assert exc.value.code == 2 and "invalid choice: 5" in capsys.readouterr().err
 
 
-def test_group_size_that_does_not_divide_the_layer_is_an_error_not_a_crash(tiny_model_dir, text_file, tmp_path,
-                                                                            capsys):
-    rc = main(["quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "128", "--out",
-               str(tmp_path / "o"), "--no-progress"])
-    assert rc == 1 and "group_size=128 does not divide in_features=64" in capsys.readouterr().err
+@pytest.mark.parametrize("method", ["rtn", "saliq"])
+def test_group_size_that_does_not_divide_the_layer_is_refused_before_any_work(method, tiny_model_dir, text_file,
+                                                                              tmp_path, capsys, monkeypatch):
+    from saliq import saliency
+
+    monkeypatch.setattr(saliency, "compute_saliency", lambda *a, **k: pytest.fail("the saliency pass ran"))
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tiny_model_dir), "--method", method, "--group-size", "128", "--out", str(tmp_path / "o"),
+              "--no-progress", *(["--calib", str(text_file)] if method != "rtn" else [])])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--group-size 128 does not divide in_features=64 of model.layers.0.self_attn.q_proj" in err
+    assert "group sizes that fit this model: 32, 64, -1" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("command", ["quantize", "eval", "saliency", "info", "demo"])

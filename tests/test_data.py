@@ -65,3 +65,27 @@ def test_local_file_is_tokenized_into_windows(tmp_path):
     ev = data.load_evaluation(tok, str(p), seqlen=64)
     assert cal.shape == (3, 16) and ev.shape == (len(TEXT) // 64, 64)
     assert tok.decode(ev[0].tolist()) == TEXT[:64]
+
+
+@pytest.mark.parametrize("payload, match", [
+    (b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)) * 4, r"is binary \(NUL byte at offset 7"),
+    ("caf\u00e9 au lait, cr\u00e8me br\u00fbl\u00e9e. ".encode("latin-1") * 20, r"not valid UTF-8 \(byte 0xe9 at offset 3"),
+    ("plain text in UTF-16. ".encode("utf-16") * 10, r"UTF-16/32 \(byte-order mark fffe\)"),
+    ("plain text in UTF-16 without a mark. ".encode("utf-16-le") * 10, "is binary"),
+    (("text" + "\x01\x02\x1b\x7f" * 5) .encode() * 10, r"looks binary: 200 of its 240 characters"),
+    (b"", "is empty"),
+])
+def test_binary_or_non_utf8_text_is_refused_naming_the_file(tmp_path, payload, match):
+    p = tmp_path / "calib.txt"
+    p.write_bytes(payload)
+    with pytest.raises(data.DataError, match=match) as exc:
+        data.read_text(str(p))
+    assert str(p) in str(exc.value) and "pass a UTF-8 text file" in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_utf8_text_with_a_byte_order_mark_and_a_few_control_characters_is_read(tmp_path):
+    p = tmp_path / "t.txt"
+    text = "Alice\tand the \u00e9l\u00e8ve\r\n\fpage two " * 30 + "\x1a"  # an old end-of-file mark
+    p.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert data.read_text(str(p)) == text  # the byte-order mark is dropped; whitespace and one control are fine

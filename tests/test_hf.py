@@ -92,16 +92,24 @@ def checkpoint(tmp_path):
     return tmp_path / "ck"
 
 
-def _edit_config(ck, fn):
+def _edit_config(ck, fn, resign=True):
+    """Edit config.json; resign: update the manifest too (a consistent checkpoint that does not match its model),
+    otherwise the edit is damage the manifest must catch."""
     cfg = json.loads((ck / "config.json").read_text())
     fn(cfg)
     (ck / "config.json").write_text(json.dumps(cfg))
+    if resign:
+        from saliq.checkpoint import MANIFEST_NAME, build_manifest
+
+        build_manifest(ck, list(json.loads((ck / MANIFEST_NAME).read_text())["files"]))
 
 
 @pytest.mark.parametrize("damage, match", [
     (lambda ck: _flip_a_byte(next(ck.glob("model-*.safetensors"))), "sha256 does not match"),
     (lambda ck: next(ck.glob("model-*.safetensors")).unlink(), "missing"),
-    (lambda ck: (ck / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda ck: (ck / "config.json").write_text("{not json"), "config.json: 9 bytes, the manifest says"),
+    (lambda ck: _edit_config(ck, lambda c: c["quantization_config"].update(lora_alpha=160.0), resign=False),
+     "config.json: .*(sha256 does not match|the manifest says)"),
     (lambda ck: _edit_config(ck, lambda c: c["quantization_config"].update(bits=3)), "shape"),
     (lambda ck: _edit_config(ck, lambda c: c["quantization_config"].update(format_version=99)), "format version 99"),
     (lambda ck: _edit_config(ck, lambda c: c.update(num_hidden_layers=3)), "missing"),
