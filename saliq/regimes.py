@@ -16,8 +16,6 @@ import torch
 
 from . import backends
 
-DECODE_DTYPES = (torch.float16, torch.bfloat16)
-
 
 def packed_matmul_backend(x: torch.Tensor, names: list[str]) -> str:
     """The backend among `names` (those available on CUDA) that serves x [M, K] @ packed weight."""

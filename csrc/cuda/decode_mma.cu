@@ -27,10 +27,6 @@ int multiprocessors() {
   return cached[device];
 }
 
-}  // namespace
-
-namespace {
-
 int decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int64_t N, int64_t group_len, int bits,
                const int32_t* qweight, const int32_t* qweight_hi, const void* scales, const int16_t* zeros,
                const void* bias, void* y, int warps, intptr_t stream, int* query_warps) {
