@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.saliq-installed
 TORCH  := torch==2.13.0
 TRITON := triton==3.7.1
 
-.PHONY: install build test test-fast demo bench gpu-report gpu-check clean
+.PHONY: install build test test-fast demo bench reproduce mutation-check gpu-report gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,16 @@ demo: build
 # CPU timings: passive OpenMP waiting keeps a busy machine from stalling every multi-threaded call
 bench: build
 	OMP_WAIT_POLICY=passive $(PY) -m pytest benchmarks -q -o python_files='bench_*.py' --benchmark-enable
+
+# The README's quality and CPU-speed tables from scratch (about 30 minutes on a 2-core CPU; REPRODUCE_ARGS=--quick
+# for a small budget that only checks the pipeline). Writes benchmarks/results/ (scripts/reproduce.py).
+reproduce: build
+	OMP_WAIT_POLICY=passive $(PY) scripts/reproduce.py $(REPRODUCE_ARGS)
+
+# Breaks the method and the kernels on purpose in a temporary copy and expects the tests to notice
+# (scripts/mutation_check.py, docs/TESTING.md); by hand, before a release.
+mutation-check: build
+	$(PY) scripts/mutation_check.py $(MUTATION_ARGS)
 
 gpu-report: build
 	$(PY) benchmarks/gpu_report.py

@@ -7,6 +7,7 @@ penalty fused). Speedups are printed at the end and written to benchmarks/result
 
     python -m pytest benchmarks/bench_cpu_fake_quant.py --benchmark-enable -q
     SALIQ_BENCH_THREADS=1 python -m pytest ...   # pin both sides to one thread
+    SALIQ_BENCH_RESULTS=DIR python -m pytest ... # write the tables to DIR (default benchmarks/results)
 
 On a machine shared with other multi-threaded jobs, run with OMP_WAIT_POLICY=passive: with libgomp's default
 spin-waiting, every parallel region (saliq's and F.linear's alike) can stall for a scheduler time slice.
@@ -21,10 +22,10 @@ import pytest
 import torch
 from common import print_uncaptured
 
-from saliq import backends, ops
+from saliq import backends, ops, ref
 from saliq.spec import QuantSpec
 
-cpp = pytest.importorskip("saliq.cpp_backend", reason="saliq._C is not built")
+from saliq import cpp_backend as cpp  # noqa: E402,F401  (saliq._C not built: a collection error, not a skip)
 
 CASES = [  # (N, K, bits, group, saliency)
     (4096, 4096, 2, 64, False),
@@ -32,6 +33,7 @@ CASES = [  # (N, K, bits, group, saliency)
     (1536, 576, 3, 64, False),
 ]
 RESULTS: dict = {}
+EXPECTED: dict = {}
 # Threads for both saliq and the baselines (0: torch default). The ratios use the best round of each case:
 # on a shared machine, preemption only ever adds time.
 BENCH_THREADS = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
@@ -91,7 +93,7 @@ def report(request):
         return
     text = "\n".join(lines)
     print_uncaptured(request, text)
-    out_dir = os.path.join(os.path.dirname(__file__), "results")
+    out_dir = os.environ.get("SALIQ_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "cpu_fake_quant.md"), "w") as f:
         f.write(text + "\n")
@@ -116,9 +118,19 @@ def test_fake_quant_fwd_bwd(benchmark, case, provider):
             what, reg = out if S is not None else (out, None)
         loss = (what * grad).sum() + (0.1 * reg if reg is not None else 0.0)
         loss.backward()
-        return hi.grad
+        return what.detach(), hi.grad, lo.grad
 
     benchmark.group = f"fake_quant {n}x{k} w{bits}g{group}{' +S' if saliency else ''}"
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    what, dhi, dlo = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    # what both sides time, forward and backward, against the reference (computed once per case)
+    if case not in EXPECTED:
+        EXPECTED.clear()
+        what_r, _ = ref.fake_quant_lwc_fwd(W, hi0, lo0, S, None, bits, group, False)
+        EXPECTED[case] = (what_r, *ref.fake_quant_lwc_bwd(grad, torch.tensor(0.1), W, hi0, lo0, S, None, bits, group,
+                                                          False, False)[1:3])
+    what_r, dhi_r, dlo_r = EXPECTED[case]
+    for name, got, want in (("What", what, what_r), ("dhi", dhi, dhi_r), ("dlo", dlo, dlo_r)):
+        err = float((got.double() - want.double()).norm() / want.double().norm())
+        assert err <= 1e-5, f"{provider} {name}: relative error {err:.3g}"
     if benchmark.stats is not None:
         RESULTS[(provider,) + case] = benchmark.stats.stats.min

@@ -8,6 +8,7 @@ over F.linear are printed and written to benchmarks/results/.
 
     python -m pytest benchmarks/bench_cpu_packed_linear.py --benchmark-enable -q
     SALIQ_BENCH_THREADS=1 python -m pytest ...   # pin both sides to one thread
+    SALIQ_BENCH_RESULTS=DIR python -m pytest ... # write the tables to DIR (default benchmarks/results)
 
 On a machine shared with other multi-threaded jobs, run with OMP_WAIT_POLICY=passive: with libgomp's default
 spin-waiting, every parallel region (saliq's and F.linear's alike) can stall for a scheduler time slice.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from saliq import packing
 from saliq.spec import QuantSpec
 
-cpp = pytest.importorskip("saliq.cpp_backend", reason="saliq._C is not built")
+from saliq import cpp_backend as cpp  # noqa: E402  (saliq._C not built: a collection error, not a skip)
 
 SHAPES = [(4096, 4096), (11008, 4096)]  # (N out_features, K in_features)
 BITS = [2, 3]
@@ -63,9 +64,14 @@ def weights(n, k, bits):
         scales = torch.rand(n, k // GROUP, generator=g) * 0.01 + 0.005
         zeros = torch.randint(0, 1 << bits, (n, k // GROUP), generator=g).float()
         packed = {dt: packing.pack_weight(q, scales, zeros, spec, dtype=dt) for dt in (torch.float32, torch.bfloat16)}
-        W = torch.randn(n, k, generator=g) * 0.02
+        # The weight the levels encode, computed here: the dense baselines multiply by it (their time does not
+        # depend on the values), and every provider's output is checked against x W^T in fp64.
+        dense = {}
+        for dt in (torch.float32, torch.bfloat16):
+            s = scales.to(dt).float().repeat_interleave(GROUP, dim=1)
+            dense[dt] = (q.float() - zeros.repeat_interleave(GROUP, dim=1)) * s  # fp32, from the stored scales
         _cache.clear()  # keep one shape's weights alive at a time
-        _cache[key] = (packed, {torch.float32: W, torch.bfloat16: W.to(torch.bfloat16)})
+        _cache[key] = (packed, dense)
     return _cache[key]
 
 
@@ -111,7 +117,7 @@ def report(request):
                     f"{gbs:.1f} ({100 * gbs / RESULTS['copy_gbs']:.0f}%) |")
     text = "\n".join(lines)
     print_uncaptured(request, text)
-    out_dir = os.path.join(os.path.dirname(__file__), "results")
+    out_dir = os.environ.get("SALIQ_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "cpu_packed_linear.md"), "w") as f:
         f.write(text + "\n")
@@ -139,10 +145,14 @@ def test_packed_linear(benchmark, n, k, bits, m, provider):
         if bits != BITS[0]:  # the dense baseline does not depend on bits: measure it once per shape and M
             RESULTS[(provider, n, k, bits, m)] = RESULTS.get((provider, n, k, BITS[0], m))
             pytest.skip("dense baseline measured with bits=2")
-        W = dense[dtype]
+        W = dense[dtype].to(dtype)
         fn = lambda: F.linear(x, W)  # noqa: E731
     benchmark.group = f"{n}x{k} M={m} bits={bits}"
     benchmark.extra_info["bytes"] = bytes_moved(provider, n, k, bits, m)
-    benchmark.pedantic(fn, rounds=30 if m == 1 else 10, iterations=1, warmup_rounds=3)
+    y = benchmark.pedantic(fn, rounds=30 if m == 1 else 10, iterations=1, warmup_rounds=3)
+    W64 = dense[dtype]
+    expected = torch.cat([x.double() @ W64[i : i + 1024].double().t() for i in range(0, n, 1024)], dim=1)
+    err = float((y.double() - expected).norm() / expected.norm())
+    assert y.dtype == dtype and err <= (1e-5 if dtype == torch.float32 else 1e-2), f"{provider}: error {err:.3g}"
     if benchmark.stats is not None:
         RESULTS[(provider, n, k, bits, m)] = benchmark.stats.stats.min

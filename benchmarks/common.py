@@ -125,8 +125,10 @@ def nbytes(*tensors) -> int:
 
 
 # ---------------------------------------------------------------- inputs
-def random_packed(n: int, k: int, bits: int, group_size: int, dtype=torch.float16):
-    """A random PackedWeight (zero points partly outside [0, Q], as LWC produces them)."""
+def random_packed(n: int, k: int, bits: int, group_size: int, dtype=torch.float16, with_weight: bool = False):
+    """A random PackedWeight (zero points partly outside [0, Q], as LWC produces them). with_weight: also the
+    fp32 W = (q - z) * s it encodes, computed here from the levels (not by any saliq op), to check results
+    against."""
     from saliq import packing
     from saliq.spec import QuantSpec
 
@@ -134,7 +136,18 @@ def random_packed(n: int, k: int, bits: int, group_size: int, dtype=torch.float1
     q = torch.randint(0, 2**bits, (n, k), device=DEVICE)
     s = torch.rand(n, k // g, device=DEVICE) * 0.02 + 0.001
     z = torch.randint(-1, 2**bits + 1, (n, k // g), device=DEVICE).float()
-    return packing.pack_weight(q, s, z, QuantSpec(bits=bits, group_size=group_size), dtype=dtype)
+    packed = packing.pack_weight(q, s, z, QuantSpec(bits=bits, group_size=group_size), dtype=dtype)
+    if not with_weight:
+        return packed
+    s_stored = s.to(dtype).float()  # the scales as stored
+    W = ((q.float().reshape(n, -1, g) - z[..., None]) * s_stored[..., None]).reshape(n, k)
+    return packed, W
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    """||out - expected|| / ||expected|| in fp64."""
+    out, expected = out.detach().double(), expected.detach().double()
+    return float((out - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def lwc_inputs(n: int, k: int, group_size: int, dtype=torch.float16):

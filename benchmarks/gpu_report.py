@@ -11,6 +11,8 @@ Sections (one JSON record per case, `op` names the section):
 - `decode`: benchmarks/decode_e2e.py, tokens/s of the whole model with CUDA graphs against fp16;
 - `fake_quant_fwd_bwd`: the fused fake quantization with the saliency term, forward + backward, against the
   ApiQ-style eager composite and its torch.compile version, fp32 / fp16 / bf16;
+- `calibration`: benchmarks/calib_bench.py, one LLaMA-2-7B-shaped block calibrated with the default backends
+  against the eager `ref`, and the projected time of whole 7B / 13B / 70B models at ApiQ's budget;
 - `target`: the bars of the issues, met or not.
 
     python benchmarks/gpu_report.py              # on a GPU, a few minutes
@@ -61,6 +63,8 @@ BARS = [
     (f"fake-quant fwd+bwd 4096x11008 2-bit {dt}: x torch.compile",
      dict(op="fake_quant_fwd_bwd", N=4096, K=11008, bits=2, dtype=dt), "x_compile", 2.5)
     for dt in ("float32", "float16", "bfloat16")
+] + [
+    ("calibration, 7B-shaped block: x eager", dict(op="calibration"), "x_eager", 2.0),
 ]
 
 
@@ -277,8 +281,8 @@ def main(argv=None) -> int:
                     help="2-bit prefill and end-to-end only, no torch.compile, no fake quant")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
-    ap.add_argument("--sections", nargs="+", default=["decode", "prefill", "lora", "e2e", "fq"],
-                    help="which sections to run (decode prefill lora e2e fq)")
+    ap.add_argument("--sections", nargs="+", default=["decode", "prefill", "lora", "e2e", "fq", "calib"],
+                    help="which sections to run (decode prefill lora e2e fq calib)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
     args = ap.parse_args(argv)
     if not HAS_GPU and not args.smoke:
@@ -323,6 +327,10 @@ def main(argv=None) -> int:
         fq_shapes = [(4096, 11008)] if HAS_GPU else [(37, 128)]
         rows += bench_fake_quant(fq_shapes, [2], [torch.float32, torch.float16, torch.bfloat16], bw,
                                  compile_baselines)
+    if "calib" in sections and not args.quick:
+        import calib_bench
+
+        rows += calib_bench.run(smoke=args.smoke)
     targets = check_targets(rows)
     meta["seconds"] = time.perf_counter() - started
 
@@ -346,6 +354,10 @@ def main(argv=None) -> int:
           + "\n## Fake quantization forward + backward with the saliency term\n\n"
           + table("fake_quant_fwd_bwd", ["N", "K", "bits", "dtype", "backend", "ms", "ms_triton", "ms_cuda",
                                          "pct_bw", "x_eager", "x_compile"])
+          + "\n## Calibration of one LLaMA-2-7B-shaped block (W2 g64, saliq: search, wpt 1, opt 1)\n\n"
+          + table("calibration", ["model", "dtype", "nsamples", "seqlen", "s_block", "s_block_eager", "x_eager",
+                                  "s_saliency", "peak_gib", "peak_gib_eager", "projected_h_7B", "projected_h_13B",
+                                  "projected_h_70B"])
           + "\n## Bars\n\n" + markdown_table(targets, ["target", "value", "required", "met"])
           + f"\n(report took {meta['seconds']:.0f} s)\n")
     out = args.out

@@ -5,7 +5,10 @@
   default), since timing the interpreter measures nothing and multi-config autotuning needs a GPU driver;
 - otherwise the cached winner for (device name, op, key) (the user's cache, else the table measured on that GPU
   model and shipped in saliq/kernels/configs/), or, on a miss, the fastest candidate measured with CUDA events
-  on the caller's own arguments, then written to the cache.
+  on the caller's own arguments, then written to the cache;
+- tuning is bounded: each process spends at most SALIQ_TUNE_BUDGET_S seconds (default 2) measuring
+  candidates (every candidate compiles, ~1 s each). Past the budget a miss takes the default candidate without
+  recording it, so a first run never stalls and a later run can still tune what this one skipped.
 
 The cache is one JSON file per GPU model under $SALIQ_CACHE/triton-configs (default ~/.cache/saliq), keyed by
 op and shape bucket; entries carry the Triton version so an upgrade re-tunes. Keys must be built from shape
@@ -18,6 +21,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -28,6 +32,7 @@ from .common import is_interpreter
 
 _lock = threading.Lock()
 _memory: dict[str, dict] = {}  # device name -> {key: config}
+_spent = [0.0]  # seconds this process has spent tuning
 
 
 def cache_dir() -> Path:
@@ -37,6 +42,18 @@ def cache_dir() -> Path:
 
 def autotune_enabled() -> bool:
     return os.environ.get("SALIQ_AUTOTUNE", "1") != "0"
+
+
+def tune_budget_s() -> float:
+    """Seconds of tuning this process may spend (SALIQ_TUNE_BUDGET_S, default 2; 0 turns tuning off)."""
+    value = os.environ.get("SALIQ_TUNE_BUDGET_S", "2")
+    try:
+        budget = float(value)
+    except ValueError:
+        raise ValueError(f"SALIQ_TUNE_BUDGET_S={value!r} must be a number of seconds >= 0") from None
+    if not budget >= 0:
+        raise ValueError(f"SALIQ_TUNE_BUDGET_S={value!r} must be a number of seconds >= 0")
+    return budget
 
 
 def m_bucket(m: int) -> int:
@@ -143,13 +160,22 @@ def choose(op: str, key: Sequence, candidates: Sequence[dict], run: Callable[[di
     cached = lookup(op, key, device)
     if cached is not None and cached in candidates:
         return cached
-    best, best_ms = candidates[0], float("inf")
-    for cfg in candidates:
+    budget = tune_budget_s()
+    if _spent[0] >= budget:
+        return candidates[0]  # out of tuning time: the default, not recorded (a later run may tune it)
+    start = time.perf_counter()
+    best, best_ms, complete = candidates[0], float("inf"), True
+    for i, cfg in enumerate(candidates):
+        if i and _spent[0] + time.perf_counter() - start >= budget:
+            complete = False
+            break
         try:
             ms = cuda_time_ms(lambda: run(cfg))
         except Exception:  # a config that does not compile or fit on this GPU (shared memory, registers)
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    record(op, key, best, device)
+    _spent[0] += time.perf_counter() - start
+    if complete:
+        record(op, key, best, device)
     return best

@@ -1,4 +1,4 @@
-"""LWC fake quantization (ARCHITECTURE.md 1.1) with the fused saliency term: forward and backward kernels.
+"""LWC fake quantization (docs/ARCHITECTURE.md 1.1) with the fused saliency term: forward and backward kernels.
 
 Computes exactly saliq.ref.fake_quant_lwc_fwd / fake_quant_lwc_bwd (fp32 inside, outputs cast at the end).
 
@@ -51,7 +51,8 @@ def _div_by_int(x, D: tl.constexpr, INV_D: tl.constexpr, TORCH_RECIP: tl.constex
 def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr,
                  INV_HALF: tl.constexpr, TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr):
     """Group statistics and the quantization of w [BLOCK_R, BLOCK_G] (fp32), as ref._forward_parts
-    (the clamp bounds 1e-5, 1e4 are ref.SCALE_MIN, SCALE_MAX and ref.ZERO_BOUND).
+    (the clamp bounds 1e-5, 1e4 are ref.SCALE_MIN, SCALE_MAX and ref.ZERO_BOUND; 2^-13 is
+    ref.SCALE_FLOOR_FACTOR).
 
     Every fp32 operation rounds once, as torch's separate eager ops do: the kernels are compiled without
     fp contraction (EXACT_OPTIONS: fmax * wmax - fmin * wmin would otherwise become one fma), divisions by
@@ -66,18 +67,21 @@ def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, IN
     xmin = fmin * wmin
     if SYMMETRIC:
         s_raw = _div_by_int(tl.maximum(tl.abs(xmax), tl.abs(xmin)), HALF, INV_HALF, TORCH_RECIP)
+        s_lo = tl.full(s_raw.shape, 1e-5, tl.float32)
         s = tl.minimum(tl.maximum(s_raw, 1e-5), 1e4)
         z = tl.full(s.shape, HALF, tl.float32)
     else:
         s_raw = _div_by_int(xmax - xmin, QMAX, INV_QMAX, TORCH_RECIP)
-        s = tl.minimum(tl.maximum(s_raw, 1e-5), 1e4)
+        # degenerate groups: s >= max(|xmax|, |xmin|) / 2^13 (ref.SCALE_FLOOR_FACTOR; exact, a power of two)
+        s_lo = tl.minimum(tl.maximum(tl.maximum(tl.abs(xmax), tl.abs(xmin)) * 0.0001220703125, 1e-5), 1e4)
+        s = tl.minimum(tl.maximum(s_raw, s_lo), 1e4)
         z = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(-xmin, s), -1e4), 1e4))
     u = tl.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
     r = _round_half_even(u)
     t = r + z[:, None]
     q = tl.minimum(tl.maximum(t, 0.0), QMAX * 1.0)
     what = (q - z[:, None]) * s[:, None]
-    return wmax, wmin, xmax, xmin, s_raw, s, z, u, r, t, q, what
+    return wmax, wmin, xmax, xmin, s_raw, s_lo, s, z, u, r, t, q, what
 
 
 @triton.jit
@@ -95,7 +99,7 @@ def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partia
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
     fmin = tl.load(fmin_ptr + rows, mask=row_ok, other=1.0)
-    _, _, _, _, _, _, _, _, _, _, _, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF, INV_QMAX, INV_HALF,
+    _, _, _, _, _, _, _, _, _, _, _, _, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF, INV_QMAX, INV_HALF,
                                                          TORCH_RECIP, SYMMETRIC)
     tl.store(what_ptr + offs, what.to(what_ptr.dtype.element_ty), mask=mask)
     if HAS_S:
@@ -126,9 +130,9 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
     fmin = tl.load(fmin_ptr + rows, mask=row_ok, other=1.0)
     # recompute the group statistics instead of saving them: W is read anyway, and nothing full-size is kept
-    wmax, wmin, xmax, xmin, s_raw, s, z, u, r, t, q, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF,
-                                                                         INV_QMAX, INV_HALF, TORCH_RECIP,
-                                                                         SYMMETRIC)
+    wmax, wmin, xmax, xmin, s_raw, s_lo, s, z, u, r, t, q, what = _group_quant(w, mask, fmax, fmin, QMAX,
+                                                                               HALF, INV_QMAX, INV_HALF,
+                                                                               TORCH_RECIP, SYMMETRIC)
     if HAS_S:
         # d reg / d Weff = 2 grad_reg S (Weff - W): added to the incoming gradient of What
         sal = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -144,7 +148,7 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
     # straight-through: inside the range dWhat/ds = round(u) - u, where clamped to c it is c - z
     dwhat_ds = tl.where(inrange, r - u, q - z[:, None])
     g_s = tl.sum(tl.where(mask, gw * dwhat_ds, 0.0), axis=1)
-    g_s = tl.where((s_raw >= 1e-5) & (s_raw <= 1e4), g_s, 0.0)
+    g_s = tl.where((s_raw >= s_lo) & (s_raw <= 1e4), g_s, 0.0)
     if SYMMETRIC:
         g_abs = _div_by_int(g_s, HALF, INV_HALF, TORCH_RECIP)
         amax = tl.abs(xmax)

@@ -1,4 +1,4 @@
-"""Block-wise calibration (ARCHITECTURE.md 1.3): ApiQ-bw with saliency-aware regularisation.
+"""Block-wise calibration (docs/ARCHITECTURE.md 1.3): ApiQ-bw with saliency-aware regularisation.
 
 Each decoder block in turn: its linears become FakeQuantLinear (frozen W, LWC logits, LoRA), trained with
 AdamW on
@@ -8,15 +8,13 @@ then packed into QuantLinear layers, and the activations move on: X_fp <- F_fp(X
 
 Stages (lambda_loss, lambda_reg): opt = (1, 0), wpt = (0, lambda), mixed = (1, lambda); a schedule is a list
 such as [("wpt", 2), ("opt", 2)]. After every block the state (finished blocks, activations, log, RNG) is
-checkpointed atomically into `work_dir`; the same call with the same settings resumes where it stopped.
+checkpointed atomically into `work_dir`; the same call with the same settings resumes where it stopped
+(the bookkeeping, fingerprints and work dir, is saliq/resume.py).
 """
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import math
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,9 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hf, ops
+from . import distributed, hf, ops
 from . import saliency as saliency_mod
 from .clip_search import search_clipping
+from .resume import (MANIFEST, PROGRESS, ResumeMismatchError, WorkDir, check_or_write_manifest,  # noqa: F401
+                     describe_difference, fingerprint_of, model_fingerprint, read_manifest,
+                     read_safetensors_fingerprint, run_components, saliency_fingerprint, samples_fingerprint,
+                     tensors_digest, write_manifest)
 from .nn import FakeQuantLinear, QuantLinear
 from .spec import QuantSpec
 
@@ -35,15 +37,10 @@ METHODS = ("rtn", "apiq", "saliq")
 STAGES = {"opt": (1.0, 0.0), "wpt": (0.0, 1.0), "mixed": (1.0, 1.0)}  # (lambda_loss, uses lambda_reg)
 LOSS_NORMS = ("none", "channel", "outlier")
 CLIP_INITS = ("fixed", "search")
-PROGRESS = "progress.json"
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/inf; finished blocks stay checkpointed in the work dir."""
-
-
-class ResumeMismatchError(RuntimeError):
-    """The work dir holds a run with other settings."""
 
 
 @dataclass
@@ -230,6 +227,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, config: CalibConfig, work
         quantize_rtn(model, config.spec)
         return CalibResult([], [], _peak_memory(device), time.perf_counter() - start)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    distributed.check_batch(config.batch_size)
     if config.uses_saliency and saliency is None:
         saliency = saliency_mod.compute_saliency(model, samples, device=device, progress=progress)
     elif config.uses_saliency and saliency_id is None and run_info is None:
@@ -262,13 +260,15 @@ class _BlockTrainer:
             raise ValueError(f"block_multipliers={self.mult} must all be >= 0")
         self.run_info = run_info if run_info is not None else self._run_info()
         self.fingerprint = fingerprint_of(self.run_info)
+        self.work = WorkDir(self.work_dir, self.fingerprint) if self.work_dir is not None else None
 
     # ----- driver
     def run(self, start, stop_after_block):
         log, block_seconds, first = [], [], 0
         x_fp = x_q = None
-        if self.work_dir is not None:
+        if self.work_dir is not None and distributed.is_main():
             check_or_write_manifest(self.work_dir, self.run_info)
+        distributed.barrier()  # under torchrun only process 0 writes; the others read what it wrote
         state = self._load_progress()
         if state is not None:
             first, log, block_seconds = state["next_block"], state["log"], state["block_seconds"]
@@ -284,7 +284,7 @@ class _BlockTrainer:
         self._rewrite_log(log)
 
         bar = None
-        if self.progress:
+        if self.progress and distributed.is_main():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.blocks), initial=first, desc="calibrate", unit="block")
@@ -325,10 +325,11 @@ class _BlockTrainer:
                 with torch.no_grad():
                     m.hi.copy_(hi)
                     m.lo.copy_(lo)
+        params = [p for m in fq.values() for p in (m.hi, m.lo, m.lora_A, m.lora_B) if p is not None]
         opt = torch.optim.AdamW([
             {"params": [p for m in fq.values() for p in (m.hi, m.lo)], "lr": cfg.lr_clip},
             {"params": [p for m in fq.values() for p in (m.lora_A, m.lora_B) if p is not None], "lr": cfg.lr_lora},
-        ], weight_decay=cfg.weight_decay)
+        ], weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")  # one kernel per step on a GPU
         gen = torch.Generator().manual_seed(cfg.seed + i)
         n = x_q.shape[0]
         entries, epoch_index = [], 0
@@ -341,29 +342,33 @@ class _BlockTrainer:
                 m.set_saliency(sal[name] if lam_reg else None, after_lora=cfg.after_lora)
             for _ in range(epochs):
                 t0 = time.perf_counter()
-                sums = {"loss": 0.0, "mse": 0.0, "penalty": 0.0}
+                # the epoch's sums stay on the device: no host synchronisation per step
+                sums = torch.zeros(3, dtype=torch.float64, device=self.device)
                 order = torch.randperm(n, generator=gen)
                 for b0 in range(0, n, cfg.batch_size):
                     idx = order[b0 : b0 + cfg.batch_size]
-                    loss, mse, pen = self._step_loss(block, fq, x_q, y_fp, y_aug, scale, idx, lam_loss, lam_reg)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({float(loss.detach())}) at block {i}, stage {stage}, epoch "
-                            f"{epoch_index}; {self._finished_blocks(i)}. Lower --lr-clip / --lr-lora or "
-                            "--lambda-reg, or use fp32 (--no-amp)")
+                    # under torchrun each process takes an equal share of the batch (distributed.py)
+                    loss, mse, pen = self._step_loss(block, fq, x_q, y_fp, y_aug, scale, distributed.shard(idx),
+                                                     lam_loss, lam_reg)
+                    step_sums = torch.stack([loss.detach().double(), torch.as_tensor(mse, dtype=torch.float64,
+                                             device=self.device), torch.as_tensor(pen, dtype=torch.float64,
+                                                                                  device=self.device)])
+                    if self.device.type != "cuda" and distributed.world_size() == 1 and not torch.isfinite(loss):
+                        self._non_finite(loss, i, stage, epoch_index)  # on the CPU checking costs nothing
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    distributed.average_gradients(params)
                     opt.step()
-                    k = len(idx) / n
-                    sums["loss"] += float(loss.detach()) * k
-                    sums["mse"] += float(mse) * k
-                    sums["penalty"] += float(pen) * k
-                entry = {"block": i, "stage": stage, "epoch": epoch_index, **sums,
-                         "seconds": round(time.perf_counter() - t0, 4)}
+                    sums += step_sums * (len(idx) / n)
+                loss_sum, mse_sum, pen_sum = distributed.mean_(sums).tolist()
+                if not math.isfinite(loss_sum):  # on a GPU: checked once per epoch, before anything is saved
+                    self._non_finite(loss_sum, i, stage, epoch_index)
+                entry = {"block": i, "stage": stage, "epoch": epoch_index, "loss": loss_sum, "mse": mse_sum,
+                         "penalty": pen_sum, "seconds": round(time.perf_counter() - t0, 4)}
                 entries.append(entry)
                 epoch_index += 1
                 if bar is not None:
-                    bar.set_postfix(block=i, epoch=epoch_index, loss=f"{sums['loss']:.4g}")
+                    bar.set_postfix(block=i, epoch=epoch_index, loss=f"{loss_sum:.4g}")
         # Pack: the block now holds QuantLinear layers (LoRA kept), then the quantized activations move on.
         for name, m in fq.items():
             m.set_saliency(None)
@@ -372,6 +377,11 @@ class _BlockTrainer:
             x_q = self._run_all(block, x_q)
         block.to(home)
         return y_fp, x_q, entries
+
+    def _non_finite(self, loss, i, stage, epoch_index):
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(loss)}) at block {i}, stage {stage}, epoch {epoch_index}; "
+            f"{self._finished_blocks(i)}. Lower --lr-clip / --lr-lora or --lambda-reg, or use fp32 (--no-amp)")
 
     def _step_loss(self, block, fq, x_q, y_fp, y_aug, scale, idx, lam_loss, lam_reg):
         zero = torch.zeros((), device=self.device)
@@ -448,34 +458,7 @@ class _BlockTrainer:
         return run_components(self.cfg, model_fp, data_fp, sal, self.amp)
 
     def _load_progress(self):
-        if self.work_dir is None or not (self.work_dir / PROGRESS).is_file():
-            return None
-        try:
-            state = json.loads((self.work_dir / PROGRESS).read_text())
-        except json.JSONDecodeError as e:
-            raise ResumeMismatchError(f"{self.work_dir / PROGRESS} is corrupt ({e}); delete {self.work_dir} to "
-                                      "start afresh") from e
-        if state.get("fingerprint") != self.fingerprint:
-            raise ResumeMismatchError(
-                f"{self.work_dir} holds an unfinished calibration with other settings or data; delete it (or "
-                "choose another output folder) to start afresh, or rerun with the original settings to resume")
-        if not 0 <= int(state.get("next_block", -1)) <= len(self.blocks):
-            raise ResumeMismatchError(f"{self.work_dir / PROGRESS} names block {state.get('next_block')!r}, the "
-                                      f"model has {len(self.blocks)}; delete {self.work_dir} to start afresh")
-        return state
-
-    def _load_checked(self, name: str) -> dict:
-        """A work-dir safetensors file, refused unless it carries this run's fingerprint."""
-        from safetensors.torch import load_file
-
-        path = self.work_dir / name
-        found = read_safetensors_fingerprint(path)
-        if found != self.fingerprint:
-            what = "is missing" if not path.is_file() else (
-                "carries no fingerprint" if found is None else "was written by a run with other settings or data")
-            raise ResumeMismatchError(f"{path} {what}; the work dir {self.work_dir} cannot be resumed: delete it "
-                                      "to start afresh")
-        return load_file(str(path))
+        return None if self.work is None else self.work.load_progress(len(self.blocks))
 
     def _restore(self, next_block):
         for i in range(next_block):
@@ -485,186 +468,27 @@ class _BlockTrainer:
                                       lora_rank=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
                                       dtype=lin.weight.dtype, device=lin.weight.device)
                 hf.set_submodule(block, name, q)
-            block.load_state_dict(self._load_checked(f"block_{i:04d}.safetensors"))
-        acts = self._load_checked(f"acts_{next_block:04d}.safetensors")
+            block.load_state_dict(self.work.load_checked(f"block_{i:04d}.safetensors"))
+        acts = self.work.load_checked(f"acts_{next_block:04d}.safetensors")
         return acts["x_fp"].to(self.act_device), acts["x_q"].to(self.act_device)
 
     def _save_progress(self, i, x_fp, x_q, log, block_seconds):
-        """Commit block i: its state, the next block's inputs, then progress.json (the commit point)."""
-        if self.work_dir is None:
-            return
-        from safetensors.torch import save_file
-
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"fingerprint": self.fingerprint}
-        _atomic(self.work_dir / f"block_{i:04d}.safetensors", lambda p: save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.blocks[i].state_dict().items()}, str(p),
-            metadata={**meta, "block": str(i)}))
-        _atomic(self.work_dir / f"acts_{i + 1:04d}.safetensors", lambda p: save_file(
-            {"x_fp": x_fp.contiguous().cpu(), "x_q": x_q.contiguous().cpu()}, str(p),
-            metadata={**meta, "next_block": str(i + 1)}))
-        state = {"fingerprint": self.fingerprint, "next_block": i + 1, "log": log, "block_seconds": block_seconds,
-                 "config": self.cfg.to_dict(),
-                 "rng": torch.get_rng_state().tolist()}
-        _atomic(self.work_dir / PROGRESS, lambda p: p.write_text(json.dumps(state)))
-        old = self.work_dir / f"acts_{i:04d}.safetensors"
-        if old.exists():
-            old.unlink()
+        if self.work is not None and distributed.is_main():
+            self.work.commit_block(i, self.blocks[i].state_dict(), x_fp, x_q,
+                                   {"log": log, "block_seconds": block_seconds, "config": self.cfg.to_dict()})
 
     def _rewrite_log(self, log):
-        if self.log_path is None:
+        if self.log_path is None or not distributed.is_main():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_text("".join(json.dumps(e) + "\n" for e in log))
 
     def _append_log(self, entries):
-        if self.log_path is None:
+        if self.log_path is None or not distributed.is_main():
             return
         with open(self.log_path, "a") as f:
             for e in entries:
                 f.write(json.dumps(e) + "\n")
-
-
-# ---------------------------------------------------------------- fingerprints and the work-dir manifest
-# A run is identified by what determines its result: the float model's weights, the calibration samples (token
-# ids: text, tokenizer, nsamples, seqlen and seed), the saliency it uses, the compute precision and the settings.
-# The fingerprint is the sha256 of those components; every file in the work dir carries it (progress.json and
-# the manifest as a field, safetensors files in their metadata) and is reused only when it matches.
-FINGERPRINT_VERSION = 1
-
-
-def _sha256_tensor(h, t: torch.Tensor):
-    t = t.detach().contiguous().cpu()
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's class, config shape and every tensor (names, shapes, dtypes, bytes)."""
-    h = hashlib.sha256(f"saliq-model-v{FINGERPRINT_VERSION}|{type(model).__name__}".encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        _sha256_tensor(h, t)
-    return h.hexdigest()
-
-
-def samples_fingerprint(samples: torch.Tensor | None) -> str | None:
-    if samples is None:
-        return None
-    h = hashlib.sha256(f"saliq-samples-v{FINGERPRINT_VERSION}|".encode())
-    _sha256_tensor(h, samples.to(torch.int64))
-    return h.hexdigest()
-
-
-def saliency_fingerprint(model_fp: str, samples_fp: str) -> str:
-    """The identity of the saliency computed from this model and these samples (it depends on nothing else)."""
-    return hashlib.sha256(f"saliq-saliency-v{FINGERPRINT_VERSION}|fisher_diagonal_sum|{model_fp}|{samples_fp}"
-                          .encode()).hexdigest()
-
-
-def tensors_digest(tensors: dict) -> str:
-    h = hashlib.sha256(b"saliq-tensors|")
-    for k in sorted(tensors):
-        h.update(k.encode())
-        _sha256_tensor(h, tensors[k])
-    return h.hexdigest()
-
-
-def run_components(cfg: CalibConfig, model_fp: str, samples_fp: str | None, saliency_id: str | None,
-                   amp: bool) -> dict:
-    """Everything a run's result depends on. rtn: the spec and the model; otherwise also the samples, the
-    saliency (when the method uses it), the precision (bf16 autocast or fp32) and every setting. The device is
-    not part of it: a run may resume on another device (equal up to floating-point differences)."""
-    if cfg.method == "rtn":
-        return {"version": FINGERPRINT_VERSION, "model": model_fp, "settings": cfg.fingerprint_dict()}
-    return {"version": FINGERPRINT_VERSION, "model": model_fp, "data": samples_fp,
-            "saliency": saliency_id if cfg.uses_saliency else None,
-            "precision": "bf16-autocast" if amp else "fp32", "settings": cfg.fingerprint_dict()}
-
-
-def fingerprint_of(components: dict) -> str:
-    return hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()
-
-
-_COMPONENT_NAMES = {"model": "the model (MODEL)", "data": "the calibration samples (--calib, --nsamples, --seqlen, "
-                    "--seed or the tokenizer)", "saliency": "the saliency (--saliency)",
-                    "precision": "the precision (--no-amp / --device)", "version": "the saliq fingerprint version"}
-
-
-def describe_difference(old: dict | None, new: dict) -> str:
-    """A short human list of what differs between two run_components dicts."""
-    if not isinstance(old, dict) or not old:
-        return "unknown settings (not recorded: written by an older saliq, or damaged)"
-    so, sn = old.get("settings") or {}, new.get("settings") or {}
-    if so.get("method") != sn.get("method"):
-        return f"the method ({so.get('method')} -> {sn.get('method')})"
-    parts = [label for key, label in _COMPONENT_NAMES.items() if old.get(key) != new.get(key)]
-    changed = [f"{k} {so.get(k)!r} -> {sn.get(k)!r}" for k in sorted(set(so) | set(sn)) if so.get(k) != sn.get(k)]
-    if changed:
-        parts.append("settings: " + ", ".join(changed))
-    return "; ".join(parts) if parts else "nothing recorded (same fingerprint)"
-
-
-MANIFEST = "run.json"
-
-
-def read_manifest(work_dir) -> dict | None:
-    """The work dir's manifest ({"fingerprint", "components", ...}); None when there is none, {} when it is
-    unreadable (a run of unknown settings)."""
-    path = Path(work_dir) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_manifest(work_dir, components: dict, extra: dict | None = None):
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    data = {"saliq_run": FINGERPRINT_VERSION, "fingerprint": fingerprint_of(components), "components": components,
-            **(extra or {})}
-    _atomic(work_dir / MANIFEST, lambda p: p.write_text(json.dumps(data, indent=1)))
-
-
-def check_or_write_manifest(work_dir, components: dict):
-    """Refuse a work dir that belongs to another run (ResumeMismatchError naming what differs); write the
-    manifest when the work dir has none. A work dir with files but no manifest is refused too."""
-    work_dir = Path(work_dir)
-    found = read_manifest(work_dir)
-    fp = fingerprint_of(components)
-    if found is None:
-        if work_dir.is_dir() and any(work_dir.iterdir()):
-            raise ResumeMismatchError(f"{work_dir} holds files of a calibration run with unknown settings (no "
-                                      f"{MANIFEST}); delete it to start afresh")
-        write_manifest(work_dir, components)
-    elif found.get("fingerprint") != fp:
-        raise ResumeMismatchError(
-            f"{work_dir} holds an unfinished calibration with other settings or data (differs in: "
-            f"{describe_difference(found.get('components'), components)}); rerun with the original settings to "
-            "resume, or delete it to start afresh")
-
-
-def read_safetensors_fingerprint(path) -> str | None:
-    """The `fingerprint` entry of a safetensors file's metadata (None: missing file, no entry, unreadable)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not Path(path).is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("fingerprint")
-    except (SafetensorError, OSError):
-        return None
-
-
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _peak_memory(device) -> int:

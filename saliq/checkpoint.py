@@ -32,6 +32,7 @@ from .spec import QuantSpec
 QUANT_METHOD = "saliq"
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"  # one file of tensors without an index, as transformers writes small models
 MANIFEST_NAME = "saliq-manifest.json"
 MANIFEST_VERSION = 1
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -56,10 +57,20 @@ def member_path(d: Path, name, what: str = "file") -> Path:
     p = d / name
     root = os.path.realpath(d)
     real = os.path.realpath(p)
-    if real == root or os.path.commonpath([root, real]) != root:
+    if not any(real != r and os.path.commonpath([r, real]) == r for r in (root, *_hub_blobs(d))):
         raise CheckpointError(f"{d}: {what} {name!r} is a symbolic link to {real}, outside the checkpoint; "
                               "refusing to read it")
     return p
+
+
+def _hub_blobs(d: Path) -> tuple[str, ...]:
+    """The blob store of a Hugging Face cache snapshot (`<repo>/snapshots/<revision>`, whose files are links into
+    `<repo>/blobs`): the one place outside the directory that its links may lead to."""
+    d = Path(os.path.abspath(d))
+    blobs = d.parent.parent / "blobs"
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--") and blobs.is_dir():
+        return (os.path.realpath(blobs),)
+    return ()
 
 
 def check_name(d, name, what: str = "file"):
@@ -239,6 +250,7 @@ class Checkpoint:
     files: dict[str, int]                 # verified file -> size (manifest order)
     extra: list[str]                      # entries of the directory the manifest does not list (ignored)
     legacy: bool = False                  # written before manifests: shards verified, other files not
+    weights_file: str = INDEX_NAME        # the file that names the shards: the index, or one model.safetensors
     manifest_bytes: int = 0               # size of saliq-manifest.json (0 for a legacy checkpoint)
     _data: dict[str, bytes] = field(default_factory=dict, repr=False)
 
@@ -274,28 +286,36 @@ class Checkpoint:
 
     def tensor_headers(self):
         """(name, dtype, shape) of every tensor, read from the shards' safetensors headers only."""
-        out = []
+        return [(key, dtype, shape) for shard in self.shards for key, (dtype, shape) in _shard_header(self.path(shard))
+                .items()]
+
+    def check_tensors(self, expected: dict, optional=frozenset()):
+        """Compare the shards' headers (nothing else is read) with the tensors a model expects: every shard holds
+        exactly the tensors the weight_map gives it, no tensor is missing (except `optional` ones, e.g. tied
+        weights), none is unexpected, and each has the expected shape and dtype (float dtypes may differ: they are
+        cast on load). expected: {name: (shape, torch dtype)}. Raises CheckpointError."""
+        found = {}
         for shard in self.shards:
-            p = self.path(shard)
-            try:
-                with open(p, "rb") as f:
-                    head = f.read(8)
-                    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-                    if n < 0 or n > min(_MAX_JSON, os.fstat(f.fileno()).st_size - 8):
-                        raise CheckpointError(f"{p}: not a safetensors file (bad header length)")
-                    header = _parse_json(f.read(n), p, "the safetensors header")
-            except OSError as e:
-                raise CheckpointError(f"{p}: shard cannot be read ({e.strerror or e})") from None
-            if not isinstance(header, dict):
-                raise CheckpointError(f"{p}: not a safetensors file (bad header)")
-            for key, t in header.items():
-                if key == "__metadata__":
-                    continue
-                if (not isinstance(t, dict) or not isinstance(t.get("dtype"), str)
-                        or not isinstance(t.get("shape"), list) or not all(_is_int(s) and s >= 0 for s in t["shape"])):
-                    raise CheckpointError(f"{p}: tensor {key!r} has a bad safetensors header entry")
-                out.append((key, t["dtype"], list(t["shape"])))
-        return out
+            header = _shard_header(self.path(shard))
+            want = {k for k, v in self.weight_map.items() if v == shard}
+            if set(header) != want:
+                odd = sorted(set(header) ^ want)[:3]
+                raise CheckpointError(f"{self.path(shard)}: holds other tensors than the index's weight_map gives it "
+                                      f"(e.g. {odd})")
+            found.update(header)
+        missing = [k for k in expected if k not in found and k not in optional]
+        unexpected = [k for k in found if k not in expected]
+        if missing or unexpected:
+            raise CheckpointError(f"{self.dir}: tensors do not match the config: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        for k, (dtype, shape) in found.items():
+            want_shape, want_dtype = expected[k]
+            if tuple(shape) != tuple(want_shape):
+                raise CheckpointError(f"{self.dir}: tensor {k} has shape {tuple(shape)}, the config implies "
+                                      f"{tuple(want_shape)}")
+            is_float = dtype in _FLOAT_CODES
+            if _DTYPE_CODES.get(want_dtype) != dtype and not (is_float and want_dtype.is_floating_point):
+                raise CheckpointError(f"{self.dir}: tensor {k} has dtype {dtype}, the config implies {want_dtype}")
 
     def load_tokenizer(self):
         """The tokenizer, built only from verified files (copied aside, so that stray files are never read);
@@ -312,7 +332,7 @@ class Checkpoint:
             tmp = tempfile.TemporaryDirectory(prefix="saliq-tokenizer-")
             src = tmp.name
             for name in self.files:
-                if name in self.shards or name == INDEX_NAME:
+                if name in self.shards or name in (INDEX_NAME, SINGLE_NAME):
                     continue
                 raw = self._data.get(name)
                 if raw is None:  # a large file the tokenizer does not need
@@ -334,9 +354,13 @@ class Checkpoint:
         return tok
 
 
-def verify(ckpt_dir: str | os.PathLike, hashes: bool = True) -> Checkpoint:
+def verify(ckpt_dir: str | os.PathLike, hashes: bool = True, need=None) -> Checkpoint:
     """Check a checkpoint directory: manifest, config, index, and the size and sha256 of every file the manifest
-    lists (hashes=False: sizes only). Raises CheckpointError naming the file and what is wrong."""
+    lists (hashes=False: sizes only). Raises CheckpointError naming the file and what is wrong.
+
+    need: check only config.json, the index, the shards and these listed files (what a model loader reads; the
+    tokenizer files are then neither read nor required). The weights may be one `model.safetensors` instead of an
+    index and shards."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a directory: not a saliq checkpoint")
@@ -345,9 +369,12 @@ def verify(ckpt_dir: str | os.PathLike, hashes: bool = True) -> Checkpoint:
         return _verify_legacy(d, hashes)
     manifest_bytes = manifest.pop(MANIFEST_NAME)[0]
     man_path = d / MANIFEST_NAME
-    for name in (CONFIG_NAME, INDEX_NAME):
-        if name not in manifest:
-            raise CheckpointError(f"{man_path}: has no checksum for {name}; the manifest is damaged")
+    if CONFIG_NAME not in manifest:
+        raise CheckpointError(f"{man_path}: has no checksum for {CONFIG_NAME}; the manifest is damaged")
+    weights = INDEX_NAME if INDEX_NAME in manifest or SINGLE_NAME not in manifest else SINGLE_NAME
+    if weights not in manifest:
+        raise CheckpointError(f"{man_path}: has no checksum for {INDEX_NAME} (or {SINGLE_NAME}); the manifest is "
+                              "damaged")
     data = {}
 
     def check(name, keep):
@@ -367,20 +394,63 @@ def verify(ckpt_dir: str | os.PathLike, hashes: bool = True) -> Checkpoint:
             data[name] = raw
 
     check(CONFIG_NAME, True)
-    check(INDEX_NAME, True)
     config = _json_of(d, CONFIG_NAME, data, "config.json")
     qc = check_quant_config(config, d / CONFIG_NAME)
-    weight_map, shards = _check_index(d, _json_of(d, INDEX_NAME, data, "the index"))
+    if weights == INDEX_NAME:
+        check(INDEX_NAME, True)
+        weight_map, shards = _check_index(d, _json_of(d, INDEX_NAME, data, "the index"))
+    else:  # the header is read only after the file's checksum matched
+        check(SINGLE_NAME, False)
+        weight_map, shards = {k: SINGLE_NAME for k in _shard_header(member_path(d, SINGLE_NAME))}, [SINGLE_NAME]
     for shard in shards:
         if shard not in manifest:
             raise CheckpointError(f"{d / INDEX_NAME}: shard {shard!r} has no checksum in {MANIFEST_NAME}; "
                                   "the checkpoint is damaged")
+    wanted = None if need is None else {CONFIG_NAME, weights, *shards, *need}
     for name, (size, _) in manifest.items():
-        if name not in (CONFIG_NAME, INDEX_NAME):
+        if name not in (CONFIG_NAME, weights) and (wanted is None or name in wanted):
             check(name, keep=name not in shards and size <= _SMALL_FILE)
     return Checkpoint(dir=d, config=config, quant_config=qc, weight_map=weight_map, shards=shards,
                       files={n: s for n, (s, _) in manifest.items()}, extra=_extra_entries(d, manifest),
-                      manifest_bytes=manifest_bytes, _data=data)
+                      manifest_bytes=manifest_bytes, weights_file=weights, _data=data)
+
+
+_DTYPE_CODES = {}  # torch dtype -> safetensors dtype code, filled on first use (torch is imported lazily)
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _fill_dtype_codes():
+    import torch
+
+    _DTYPE_CODES.update({torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                         torch.uint8: "U8", torch.bool: "BOOL"})
+
+
+def _shard_header(p: Path) -> dict:
+    """{tensor name: (safetensors dtype code, shape)} from a safetensors file's header."""
+    if not _DTYPE_CODES:
+        _fill_dtype_codes()
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if n < 0 or n > min(_MAX_JSON, os.fstat(f.fileno()).st_size - 8):
+                raise CheckpointError(f"{p}: not a safetensors file (bad header length)")
+            header = _parse_json(f.read(n), p, "the safetensors header")
+    except OSError as e:
+        raise CheckpointError(f"{p}: shard cannot be read ({e.strerror or e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p}: not a safetensors file (bad header)")
+    out = {}
+    for key, t in header.items():
+        if key == "__metadata__":
+            continue
+        if (not isinstance(t, dict) or not isinstance(t.get("dtype"), str)
+                or not isinstance(t.get("shape"), list) or not all(_is_int(s) and s >= 0 for s in t["shape"])):
+            raise CheckpointError(f"{p}: tensor {key!r} has a bad safetensors header entry")
+        out[key] = (t["dtype"], list(t["shape"]))
+    return out
 
 
 def _json_of(d: Path, name: str, data: dict, what: str):
@@ -499,6 +569,43 @@ def looks_like_saliq_checkpoint(path: str | os.PathLike) -> bool:
     except (ValueError, AttributeError, OSError):
         return False
     return isinstance(meta, dict) and ("manifest" in meta or "sha256" in meta)
+
+
+def describe(ckpt_dir) -> dict:
+    """Quantization config and a size breakdown (packed weights, LoRA, other tensors) of a checkpoint, after the
+    verification `saliq.load` does (every file against the manifest): CheckpointError names a damaged file.
+
+    bytes: the checkpoint's own files (the manifest's); extra_files: entries of the directory it does not list
+    (ignored by the loader, not counted)."""
+    ck = verify(ckpt_dir)
+    qc = ck.quant_config
+    sizes = {"packed": 0, "lora": 0, "other": 0}
+    weights = 0
+    per_word = 32 // (2 if qc["bits"] == 3 else qc["bits"])
+    for key, dtype, shape in ck.tensor_headers():
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * _DTYPE_BYTES.get(dtype, 4)
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in ("qweight", "qweight_hi", "scales", "zeros"):
+            sizes["packed"] += nbytes
+            if leaf == "qweight" and len(shape) == 2:
+                weights += shape[0] * per_word * shape[1]
+        elif leaf in ("lora_A", "lora_B"):
+            sizes["lora"] += nbytes
+        else:
+            sizes["other"] += nbytes
+    return {"dir": str(ckpt_dir), "quantization_config": {k: v for k, v in qc.items() if k != "modules"},
+            "quantized_layers": len(qc["modules"]), "quantized_weights": weights,
+            "bytes": ck.total_bytes, "packed_bytes": sizes["packed"], "lora_bytes": sizes["lora"],
+            "other_bytes": sizes["other"],
+            "packed_bits_per_weight": 8 * sizes["packed"] / max(weights, 1),
+            "files": len(ck.files) + (0 if ck.legacy else 1), "extra_files": ck.extra,
+            "verified": "legacy: shards only (no manifest)" if ck.legacy else "all files (manifest)"}
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def checkpoint_size(ckpt_dir: str | os.PathLike) -> int:

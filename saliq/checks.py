@@ -26,6 +26,20 @@ def device_of(arg):
     return str(dev)
 
 
+def resolve_model(arg: str, flag: str = "MODEL") -> str:
+    """A local path as it is; a model id `org/name` that is not a local path: its snapshot in the Hugging Face
+    cache (downloaded when the hub is reachable; HF_HUB_OFFLINE=1 uses the cache only)."""
+    from .checkpoint import CheckpointError
+    from .hub import is_repo_id, resolve
+
+    if Path(arg).exists() or not is_repo_id(arg):
+        return arg
+    try:
+        return str(resolve(arg))
+    except CheckpointError as e:
+        raise UsageError(f"{flag} {arg!r}: {e}") from e
+
+
 def check_model_path(path: str):
     p = Path(path)
     if not p.exists():
@@ -163,3 +177,12 @@ def check_saliency_file(path: str, flag: str):
                              "pass a saliency file from `saliq saliency` or a new path")
     else:
         check_writable_dir(p.parent, f"{flag} {path!r}: directory")
+
+
+def check_context_length(model, seqlen: int, flag: str):
+    """Windows longer than the model's context (max_position_embeddings) run, but on positions it never saw
+    in training: the perplexity or calibration would be quietly wrong."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise UsageError(f"{flag} {seqlen} is longer than the model's context of {limit} tokens "
+                         f"(max_position_embeddings); choose {flag} <= {limit}")

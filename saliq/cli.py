@@ -9,16 +9,20 @@ import time
 from pathlib import Path
 
 from .checks import (UsageError, check_float_model, check_model_path, check_number, check_positive,
-                     check_saliency_file, check_text, device_of)
-from .console import human, log, oneline
+                     check_saliency_file, check_text, device_of, resolve_model)
+from .console import human, log, main_process, oneline
 from .pipeline import describe_checkpoint, evaluate_model, quantize_model, saliency_for
 
 EXAMPLES = """examples:
   saliq demo
   saliq quantize model.gguf --bits 2 --group-size 64 --method saliq --calib lcet10.txt --out ckpt/
   saliq eval ckpt/ --text alice29.txt --json
+  saliq eval ckpt/ --tasks piqa,arc_easy,arc_challenge,hellaswag,winogrande --output results.json
+  saliq export-adapter ckpt/ adapter/
+  saliq export ckpt/ gptq/ --format gptq
   saliq saliency model.gguf --calib lcet10.txt --out saliency.safetensors
   saliq info ckpt/
+  saliq generate ckpt/ --prompt "What is a quantized model?" --chat --max-new-tokens 64
 """
 
 
@@ -94,10 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a checkpoint or model on a text",
-                       description="Perplexity on non-overlapping --seqlen windows of TEXT.")
-    e.add_argument("model", metavar="DIR_OR_MODEL", help="saliq checkpoint, transformers directory or .gguf file")
-    e.add_argument("--text", required=True, help="text file (or wikitext2 / c4 with `datasets` and a hub)")
+    e = sub.add_parser("eval", help="perplexity on a text, or accuracy on lm-eval tasks",
+                       description="Perplexity on non-overlapping --seqlen windows of --text, or zero-shot accuracy "
+                       "on lm-evaluation-harness --tasks (pip install saliq[eval]; the tasks' datasets come from the "
+                       "Hugging Face hub, local tasks from --include-path).")
+    e.add_argument("model", metavar="DIR_OR_MODEL", help="saliq checkpoint, transformers directory, .gguf file or "
+                   "model id")
+    e.add_argument("--text", default=None, help="text file (or wikitext2 / c4 with `datasets` and a hub)")
+    e.add_argument("--tasks", default=None, metavar="TASK,...",
+                   help="lm-eval tasks, e.g. piqa,arc_easy,arc_challenge,hellaswag,winogrande")
+    e.add_argument("--include-path", default=None, metavar="DIR", help="directory of extra lm-eval task YAML files")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default: the task's)")
+    e.add_argument("--limit", type=float, default=None, help="lm-eval: only the first N documents per task "
+                   "(a fraction if < 1); for testing, not for reported figures")
+    e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    e.add_argument("--output", default=None, metavar="FILE", help="write lm-eval's results JSON here")
     e.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
     e.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     e.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
@@ -122,6 +137,73 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the description as one JSON line")
     _add_debug(i)
     i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="stream a completion from a checkpoint or model, with tokens/s",
+                       description="Generate text after --prompt with transformers' generate, streaming tokens as "
+                       "they come, then print one line with the prompt length, the prefill and the decode speed "
+                       "(tokens/s). MODEL is a saliq checkpoint or an unquantized model (a transformers directory or "
+                       ".gguf), so the two can be compared with the same command. Greedy unless --temperature > 0.")
+    g.add_argument("model", metavar="CKPT_OR_MODEL", help="saliq checkpoint, transformers directory, .gguf file or "
+                   "model id")
+    g.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from standard input)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 picks the most likely token every step (greedy, the default)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample only from the smallest set of tokens whose probability reaches P (0 < P <= 1; "
+                   "default 1: all tokens); used when --temperature > 0")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: not seeded)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message in the tokenizer's chat template (instruct models)")
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the checkpoint's own; float32 for a float model)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    g.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    g.add_argument("--json", action="store_true",
+                   help="stream the text to stderr and print the result (text, tokens, tokens/s) as one JSON line")
+    _add_debug(g)
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("export-adapter", help="write a checkpoint's calibrated LoRA as a PEFT adapter",
+                       description="Write the calibrated LoRA of CKPT as a standard PEFT LoRA adapter in OUT "
+                       "(adapter_config.json, adapter_model.safetensors) and the LoRA-free base it applies to as a "
+                       "saliq checkpoint (--base, default OUT/base), named by the adapter's base_model_name_or_path: "
+                       "PeftModel.from_pretrained(base, OUT) computes what CKPT computes, and trains further.")
+    a.add_argument("ckpt", metavar="CKPT", help="saliq checkpoint directory or model id")
+    a.add_argument("out", metavar="OUT", help="adapter directory to create (new or empty)")
+    a.add_argument("--base", default=None, metavar="DIR", help="where the LoRA-free base checkpoint goes "
+                   "(default OUT/base)")
+    _add_common(a)
+    a.set_defaults(func=cmd_export_adapter)
+
+    x = sub.add_parser("export", help="write a checkpoint in another format (gptq, for vLLM)",
+                       description="Write CKPT as a GPTQ checkpoint (float16) in OUT, with its calibrated "
+                       "LoRA as a PEFT adapter in OUT/lora, for `vllm serve OUT --quantization gptq --enable-lora`. "
+                       "Groups whose zero point GPTQ cannot hold are moved exactly when their levels leave room, "
+                       "otherwise refused (or re-fitted with --refit-zeros, which changes their weights and reports "
+                       "by how much). docs/FORMAT.md, 'GPTQ export'.")
+    x.add_argument("ckpt", metavar="CKPT", help="saliq checkpoint directory or model id")
+    x.add_argument("out", metavar="OUT", help="directory to create (new or empty)")
+    x.add_argument("--format", required=True, choices=("gptq",), help="output format")
+    x.add_argument("--refit-zeros", action="store_true", help="re-fit the groups whose zero point GPTQ cannot "
+                   "hold instead of refusing the export")
+    x.add_argument("--no-adapter", action="store_true", help="leave the calibrated LoRA out")
+    x.add_argument("--checkpoint-format", default="gptq", choices=("gptq", "gptq_v2"),
+                   help="gptq (v1, default): read by every GPTQ loader, zero points 1..2^b; gptq_v2: zero points "
+                   "0..2^b-1 (more groups exact), only for loaders that know v2 (an older vLLM misreads it)")
+    _add_common(x)
+    x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("card", help="write a model card (README.md) with the evaluation table",
+                       description="Write a model card for CKPT: quantization settings and size, an evaluation "
+                       "table from --results files (lm-eval results JSON from `saliq eval --tasks ... --output`, "
+                       "or the --json line of `saliq eval --text`), how to load it, and the versions. Default "
+                       "CKPT/README.md, a file the checkpoint's manifest does not list (the loader ignores it).")
+    c.add_argument("ckpt", metavar="CKPT", help="saliq checkpoint directory")
+    c.add_argument("--results", nargs="*", default=[], metavar="FILE", help="evaluation results files")
+    c.add_argument("--out", default=None, metavar="FILE", help="where to write the card (default CKPT/README.md)")
+    _add_debug(c)
+    c.set_defaults(func=cmd_card)
 
     d = sub.add_parser("demo", help="fetch SmolLM2-135M and compare RTN / ApiQ / saliq at W2 g64",
                        description="Fetch the testbed (SmolLM2-135M-Instruct GGUF and Canterbury texts from "
@@ -175,7 +257,7 @@ def _parse_floats(text: str, flag: str) -> list:
 
 
 def _emit(result: dict, as_json: bool):
-    if as_json:
+    if as_json and main_process():
         print(json.dumps(result), flush=True)
 
 
@@ -184,6 +266,7 @@ def cmd_quantize(args) -> dict:
     """Check every argument (one line naming the flag, the value and what is allowed), then quantize."""
     from .calibrate import CalibConfig
 
+    args.model = resolve_model(args.model)
     check_model_path(args.model)
     if args.method != "rtn" and args.calib is None:
         raise UsageError(f"--method {args.method} needs calibration text: pass --calib FILE")
@@ -224,15 +307,37 @@ def cmd_quantize(args) -> dict:
     if args.saliency is not None and not cfg.uses_saliency:
         log(f"note: --saliency is not used by --method {cfg.method} with these settings")
     device = device_of(args.device)
-    return quantize_model(args.model, cfg, out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                          saliency_path=args.saliency, device=device, amp=not args.no_amp,
-                          offload_activations=args.offload_activations, eval_text=args.eval_text,
-                          eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_max_tokens,
-                          keep_work=args.keep_work, progress=not args.no_progress, overwrite=args.overwrite)
+    res = quantize_model(args.model, cfg, out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                         saliency_path=args.saliency, device=device, amp=not args.no_amp,
+                         offload_activations=args.offload_activations, eval_text=args.eval_text,
+                         eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_max_tokens,
+                         keep_work=args.keep_work, progress=not args.no_progress, overwrite=args.overwrite)
+    res["provenance"] = _quantize_provenance(args)
+    return res
+
+
+def _quantize_provenance(args) -> dict:
+    from .provenance import file_sha256, model_record, versions
+
+    rec = {**model_record(args.model), "versions": versions()}
+    if args.calib is not None and args.method != "rtn":
+        rec.update(calib=args.calib, calib_sha256=file_sha256(args.calib), nsamples=args.nsamples,
+                   seqlen=args.seqlen, seed=args.seed)
+    if args.eval_text is not None:
+        rec.update(eval_text=args.eval_text, eval_text_sha256=file_sha256(args.eval_text),
+                   eval_seqlen=args.eval_seqlen)
+    return rec
 
 
 def cmd_eval(args) -> dict:
+    from .provenance import file_sha256, model_record, versions
+
+    if (args.text is None) == (args.tasks is None):
+        raise UsageError("pass exactly one of --text FILE (perplexity) and --tasks TASK,... (lm-eval accuracy)")
+    args.model = resolve_model(args.model)
     check_model_path(args.model)
+    if args.tasks is not None:
+        return _eval_tasks(args)
     check_text(args.text, "--text")
     check_positive(args.seqlen, "--seqlen", 2)
     check_positive(args.max_tokens, "--max-tokens", 2)
@@ -240,10 +345,37 @@ def cmd_eval(args) -> dict:
                          device=device_of(args.device), progress=not args.no_progress)
     print(f"perplexity {res['perplexity']:.3f} on {res['tokens']} tokens ({res['windows']} windows of "
           f"{args.seqlen}) in {res['seconds']:.1f} s", file=sys.stderr if args.json else sys.stdout)
-    return {"perplexity": res["perplexity"], "tokens": res["tokens"], "seconds": round(res["seconds"], 3)}
+    return {"perplexity": res["perplexity"], "tokens": res["tokens"], "seconds": round(res["seconds"], 3),
+            "provenance": {**model_record(args.model), "text": args.text, "text_sha256": file_sha256(args.text),
+                           "seqlen": args.seqlen, "max_tokens": args.max_tokens, "windows": res["windows"],
+                           "versions": versions()}}
+
+
+def _eval_tasks(args) -> dict:
+    try:
+        from . import lm_eval_support as lme
+    except ImportError as e:
+        raise UsageError(f"--tasks needs lm-evaluation-harness: pip install 'saliq[eval]' ({e})") from e
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError(f"--tasks {args.tasks!r} names no task; e.g. --tasks piqa,arc_easy")
+    check_positive(args.num_fewshot, "--num-fewshot", 0)
+    check_positive(args.batch_size, "--batch-size", 1)
+    check_number(args.limit, "--limit", above=0)
+    try:
+        manager = lme.task_manager(args.include_path, tasks)
+        lme.check_tasks(tasks, manager)
+    except lme.TaskError as e:
+        raise UsageError(str(e)) from e
+    res = lme.evaluate_tasks(args.model, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                             limit=args.limit, batch_size=args.batch_size, device=device_of(args.device),
+                             output=args.output, manager=manager)
+    print(lme.table(res), file=sys.stderr if args.json else sys.stdout)
+    return {"results": lme.summary(res), "output": args.output, "provenance": res.get("saliq", {})}
 
 
 def cmd_saliency(args) -> dict:
+    args.model = resolve_model(args.model)
     check_float_model(args.model, True, "saliq saliency (to tokenize --calib)")
     check_text(args.calib, "--calib")
     check_positive(args.nsamples, "--nsamples")
@@ -254,13 +386,15 @@ def cmd_saliency(args) -> dict:
                         device=device_of(args.device), offload_blocks=args.offload_blocks,
                         progress=not args.no_progress)
     secs = time.perf_counter() - t0
-    print(f"saliency written to {path} in {secs:.1f} s", file=sys.stderr if args.json else sys.stdout)
+    if main_process():
+        print(f"saliency written to {path} in {secs:.1f} s", file=sys.stderr if args.json else sys.stdout)
     return {"saliency": str(path), "seconds": round(secs, 3)}
 
 
 def cmd_info(args) -> dict:
     from .hf import CheckpointError, read_quant_config
 
+    args.dir = resolve_model(args.dir, "DIR")
     if not Path(args.dir).is_dir():
         raise UsageError(f"DIR {args.dir!r} is not a directory; pass a saliq checkpoint directory")
     try:
@@ -278,6 +412,119 @@ def cmd_info(args) -> dict:
               f"({info['packed_bits_per_weight']:.3f} bits/weight incl. scales and zeros), "
               f"LoRA {human(info['lora_bytes'])}, other tensors {human(info['other_bytes'])}")
     return info
+
+
+def _new_dir(path: str, flag: str):
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise UsageError(f"{flag} {path!r} exists and is not an empty directory; choose a new directory")
+
+
+def _saliq_checkpoint_arg(arg: str) -> str:
+    from .hf import CheckpointError, read_quant_config
+
+    arg = resolve_model(arg, "CKPT")
+    if not Path(arg).is_dir():
+        raise UsageError(f"CKPT {arg!r} is not a directory; pass a saliq checkpoint directory")
+    try:
+        read_quant_config(arg)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from e
+    return arg
+
+
+def cmd_export_adapter(args) -> dict:
+    from .adapters import export_adapter
+
+    ckpt = _saliq_checkpoint_arg(args.ckpt)
+    _new_dir(args.out, "OUT")
+    if args.base is not None:
+        _new_dir(args.base, "--base")
+    info = export_adapter(ckpt, args.out, args.base)
+    info.pop("config")
+    print(f"adapter: {info['adapter']} (r {info['r']}, alpha {info['lora_alpha']}, {info['layers']} layers); "
+          f"base: {info['base']}", file=sys.stderr if args.json else sys.stdout)
+    return info
+
+
+def cmd_export(args) -> dict:
+    from .export_gptq import GPTQExportError, export_gptq, vllm_command
+
+    ckpt = _saliq_checkpoint_arg(args.ckpt)
+    _new_dir(args.out, "OUT")
+    try:
+        info = export_gptq(ckpt, args.out, refit=args.refit_zeros, adapter=not args.no_adapter,
+                           checkpoint_format=args.checkpoint_format)
+    except GPTQExportError as e:
+        raise UsageError(str(e)) from e
+    info["vllm"] = vllm_command(args.out, info["lora_rank"])
+    where = sys.stderr if args.json else sys.stdout
+    print(f"GPTQ W{info['bits']} g{info['group_size']}: {info['layers']} layers, {info['groups_moved']} groups "
+          f"moved exactly, {info['groups_refitted']} re-fitted (largest relative weight change "
+          f"{info['max_refit_rel_error']:.2e}); serve with:\n  {info['vllm']}", file=where)
+    return info
+
+
+def cmd_card(args) -> dict:
+    from .model_card import write_card
+
+    from .hub import snapshot_repo
+
+    ckpt = _saliq_checkpoint_arg(args.ckpt)
+    if args.out is None and snapshot_repo(Path(ckpt)) is not None:
+        raise UsageError(f"CKPT {args.ckpt!r} is a download in the Hugging Face cache; pass --out FILE")
+    for f in args.results:
+        if not Path(f).is_file():
+            raise UsageError(f"--results {f!r} is not a file")
+    path = write_card(ckpt, args.results, args.out)
+    print(f"model card written to {path}")
+    return {"card": str(path)}
+
+
+def cmd_generate(args) -> dict:
+    """Check the arguments, load, stream the completion to stdout (stderr with --json), close with the speeds."""
+    import torch
+
+    from .generate import DTYPES, context_length, generate_text, has_chat_template, load_for_generation, prompt_ids
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise UsageError("--prompt is empty; pass the text to continue (or '-' to read it from standard input)")
+    args.model = resolve_model(args.model)
+    check_model_path(args.model)
+    check_positive(args.max_new_tokens, "--max-new-tokens", 1)
+    check_number(args.temperature, "--temperature", minimum=0, note=" (0: greedy)")
+    check_number(args.top_p, "--top-p", above=0, note=" and <= 1")
+    if args.top_p > 1:
+        raise UsageError(f"--top-p={args.top_p} must be a finite number > 0 and <= 1")
+    check_positive(args.seed, "--seed", 0)
+    check_positive(args.threads, "--threads", 1)
+    if args.temperature == 0 and (args.top_p != 1.0 or args.seed is not None):
+        log("note: --top-p and --seed only matter when sampling (--temperature > 0); decoding greedily")
+    device = device_of(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok, kind = load_for_generation(args.model, DTYPES.get(args.dtype), device)
+    if tok is None:
+        raise UsageError(f"{args.model!r} has no tokenizer files; saliq generate needs one to read --prompt")
+    if args.chat and not has_chat_template(tok):
+        raise UsageError(f"--chat: the tokenizer of {args.model!r} has no chat template; drop --chat to continue the "
+                         "prompt as plain text")
+    ids = prompt_ids(tok, prompt, args.chat)
+    ctx = context_length(model)
+    if ctx is not None and ids.shape[1] + args.max_new_tokens > ctx:
+        raise UsageError(f"--max-new-tokens={args.max_new_tokens}: the prompt ({ids.shape[1]} tokens) plus the new "
+                         f"tokens exceed the model's context of {ctx} tokens; allowed: at most "
+                         f"{max(ctx - ids.shape[1], 0)}")
+    log(f"{args.model}: {'saliq checkpoint' if kind == 'saliq' else 'float model'}, "
+        f"{str(model.dtype).replace('torch.', '')}, loaded in {time.perf_counter() - t0:.1f} s; {torch.get_num_threads()} "
+        f"threads on {device}")
+    res = generate_text(model, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, chat=args.chat, input_ids=ids,
+                        out=sys.stderr if args.json else sys.stdout)
+    log(res.summary())
+    return {"model": args.model, "kind": kind, "device": device, "threads": torch.get_num_threads(), **res.to_dict()}
 
 
 def cmd_demo(args) -> dict:

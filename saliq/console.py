@@ -1,6 +1,7 @@
 """Progress lines on stderr and human-readable sizes, shared by the CLI and the pipelines."""
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -15,6 +16,12 @@ def human(nbytes: float) -> str:
         nbytes /= 1024
 
 
+def main_process() -> bool:
+    """False in the processes torchrun starts besides the first (RANK > 0): they work but do not print."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 # ---------------------------------------------------------------- pipelines (also used by the demo)
 def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+    if main_process():
+        print(msg, file=sys.stderr, flush=True)

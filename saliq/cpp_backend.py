@@ -61,6 +61,26 @@ def packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_fe
     return _C.packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
 
 
+def packed_linear(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, lora_A, lora_B,
+                  lora_scale):
+    """x What^T + lora_scale (x A^T) B^T + bias in one call (saliq/ref.py packed_linear for x [M, K])."""
+    return _C.quant_linear(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, lora_A, lora_B,
+                           lora_scale)
+
+
+# ops.packed_linear_trusted runs a backend's packed_matmul and LoRA term in one call where the backend offers it
+packed_matmul.with_lora = packed_linear
+
+DENSE_MAX_ROWS = 4  # decode, batch <= 4; more rows are a GEMM, which torch does well
+
+
+def dense_linear(x, weight, bias=None):
+    """x W^T + bias for a float W: rows of W split across threads for a few rows of x, else F.linear."""
+    if x.numel() > DENSE_MAX_ROWS * x.shape[-1] or x.dtype != weight.dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _C.dense_linear(x, weight, bias)
+
+
 def fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric):
     return _C.fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric)
 
@@ -74,6 +94,7 @@ def saliency_sq_error(A, B, S, need_grad):
 
 
 for _op, _fn in (("pack", pack), ("unpack", unpack), ("dequantize", dequantize), ("packed_matmul", packed_matmul),
+                 ("dense_linear", dense_linear),
                  ("fake_quant_lwc_fwd", fake_quant_lwc_fwd), ("fake_quant_lwc_bwd", fake_quant_lwc_bwd),
                  ("saliency_sq_error", saliency_sq_error)):
     backends.register("cpp", _op, _fn)

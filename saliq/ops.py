@@ -79,7 +79,7 @@ _fake_quant_lwc.register_autograd(_fq_backward, setup_context=_fq_setup)
 
 def fake_quant_lwc(W: Tensor, hi: Tensor, lo: Tensor, spec: QuantSpec, S: Optional[Tensor] = None,
                    delta: Optional[Tensor] = None):
-    """LWC fake quantization (ARCHITECTURE.md 1.1) with straight-through gradients.
+    """LWC fake quantization (docs/ARCHITECTURE.md 1.1) with straight-through gradients.
 
     W [N, K] (fp32/fp16/bf16), hi, lo [N, G] fp32 clipping logits. Returns What [N, K] in W.dtype; when
     the saliency S [N, K] is given, returns (What, reg) with reg = sum S (What + delta - W)^2 (fp32 scalar,
@@ -219,14 +219,32 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
         x2 = x2.contiguous()
     args = (x2, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
     if type(x2) is Tensor and not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad))):
-        y = backends.resolve("packed_matmul", x2.device.type, *args)(*args)
+            torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad) or (
+                lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad)))):
+        impl = backends.resolve("packed_matmul", x2.device.type, *args)
+        with_lora = getattr(impl, "with_lora", None)
+        if with_lora is not None:  # the backend applies bias and LoRA in the same call (cpp)
+            y = with_lora(*args, lora_A, lora_B, lora_scale)
+            return y.reshape(*x.shape[:-1], qweight.shape[1])
+        y = impl(*args)
     else:
         y = _packed_matmul(*args)
     if lora_A is not None:
         # two small GEMMs, the scale and the sum folded into the second (addmm): two launches, not four
         y = torch.addmm(y, x2 @ lora_A.t(), lora_B.t(), alpha=lora_scale)
     return y.reshape(*x.shape[:-1], qweight.shape[1])
+
+
+def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear for the float layers of a quantized model (its LM head). In eager CPU inference the backend's
+    dense_linear runs (cpp: for decode-sized x, an fp32 GEMV over rows of W shared by the threads; torch's fp32
+    GEMV runs on one thread here, at a third of the speed); with autograd, under torch.compile or on other devices,
+    F.linear."""
+    if type(x) is Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        return backends.resolve("dense_linear", "cpu", x, weight, bias)(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 @torch.library.custom_op("saliq::pack", mutates_args=())

@@ -3,7 +3,11 @@ what a rerun does with it (resume, nothing to do, refuse, or replace with --over
 "Checkpoint and resume"."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,39 @@ class OutState:
 
     finished: dict | None = None
     unfinished: dict | None = None
+
+
+@contextlib.contextmanager
+def out_lock(out: Path):
+    """Hold an exclusive lock on --out for the whole run, so two runs never write one directory at once.
+
+    The lock file lives in a per-user directory under the system's temp dir, named by the resolved path, so
+    it works before --out exists and leaves nothing behind in the user's directories. The OS releases the
+    lock when the process dies, so a killed run never blocks the next one."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): runs are not serialised
+        yield
+        return
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:32]
+    lock_dir = Path(tempfile.gettempdir()) / f"saliq-locks-{os.getuid()}"
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise UsageError(f"--out {str(out)!r} is being written by another saliq run (pid {holder}); wait for it "
+                             "to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 
 def inspect_out(out: Path, model_path, overwrite: bool) -> OutState:

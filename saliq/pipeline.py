@@ -1,16 +1,16 @@
 """The pipelines behind the CLI and the demo: quantize a model into a checkpoint (with resume and fingerprints),
-evaluate perplexity, compute a saliency file, describe a checkpoint."""
+evaluate perplexity, compute a saliency file. (A checkpoint's description is checkpoint.describe.)"""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-from .checks import UsageError, check_float_model, check_saliency_file, has_tokenizer
+from .checkpoint import describe as describe_checkpoint  # noqa: F401  (the CLI and tests import it from here)
+from .checks import UsageError, check_context_length, check_float_model, check_saliency_file, has_tokenizer
 from .console import human, log
-from .outdir import WORK_DIR, decide_out, inspect_out
+from .outdir import WORK_DIR, decide_out, inspect_out, out_lock
 
 class _SaliencySource:
     """Where the saliency comes from: `path` (OUT/.calib/saliency.safetensors, or --saliency), `ident` (its
@@ -108,10 +108,24 @@ def _check_model_fits(model, cfg):
                          "blocks: pass one value per block")
 
 
-def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, saliency_path=None, device="cpu",
-                   amp=True, offload_activations=False, eval_text=None, eval_seqlen=512, eval_max_tokens=None,
-                   keep_work=False, progress=True, overwrite=False) -> dict:
-    """Load, calibrate, save (and optionally evaluate) one model; returns the result record.
+def quantize_model(model_path, cfg, out, **options) -> dict:
+    """Load, calibrate, save (and optionally evaluate) one model; returns the result record. One run at a
+    time per --out (`out_lock`); the options are those of `_quantize_model`. Under torchrun every process
+    calibrates its share of each batch and process 0 writes (saliq/distributed.py)."""
+    import contextlib
+
+    from . import distributed
+
+    if distributed.launched():
+        options["device"] = distributed.init(options.get("device", "cpu"))
+    with out_lock(Path(out)) if distributed.is_main() else contextlib.nullcontext():
+        return _quantize_model(model_path, cfg, out, **options)
+
+
+def _quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, saliency_path=None, device="cpu",
+                    amp=True, offload_activations=False, eval_text=None, eval_seqlen=512, eval_max_tokens=None,
+                    keep_work=False, progress=True, overwrite=False) -> dict:
+    """The run itself, under the --out lock.
 
     Everything that can be checked is checked before the first write: MODEL is a float model, --out follows
     the policy of `inspect_out` / `decide_out` (a run of the same fingerprint resumes, a finished one is not
@@ -120,9 +134,10 @@ def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, sa
     import torch
 
     from . import calibrate as cal
-    from . import data, hf
+    from . import data, distributed, hf
     from . import saliency as sal_mod
 
+    main = distributed.is_main()
     out = Path(out)
     work = out / WORK_DIR
     t_start = time.perf_counter()
@@ -135,6 +150,10 @@ def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, sa
 
     model, tok = _load_float_model(model_path, need_tok)
     _check_model_fits(model, cfg)
+    if cfg.method != "rtn":
+        check_context_length(model, seqlen, "--seqlen")
+    if eval_text is not None:
+        check_context_length(model, eval_seqlen, "--eval-seqlen")
     samples = windows = None
     try:
         if cfg.method != "rtn":
@@ -153,15 +172,18 @@ def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, sa
     fingerprint = cal.fingerprint_of(components)
     action = decide_out(out, state, components, overwrite)
     if action == "noop":
+        if not main:
+            return {"out": str(out), "method": cfg.method, "rank": distributed.rank(), "reused": True}
         return _already_done(out, cfg, fingerprint, device, eval_text, windows, keep_work, progress, t_start)
     sal, sal_seconds = None, 0.0
     if source is not None and not source.cached and source.path.is_file():
         sal = _load_saliency(source, model, work)  # a --saliency file is checked before anything is written
-    if action == "replace":
+    if action == "replace" and main:
         log(f"--overwrite: discarding the unfinished run in {work}")
         shutil.rmtree(work)
-    if cfg.method != "rtn":  # the manifest first: a kill at any later point leaves a run of known settings
+    if cfg.method != "rtn" and main:  # the manifest first: a kill at any later point leaves a run of known settings
         cal.check_or_write_manifest(work, components)
+    distributed.barrier()
     if source is not None and sal is None:
         if source.path.is_file():
             sal = _load_saliency(source, model, work)
@@ -169,8 +191,9 @@ def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, sa
             t0 = time.perf_counter()
             sal = sal_mod.compute_saliency(model, samples, device=device, progress=progress)
             sal_seconds = time.perf_counter() - t0
-            sal_mod.save_saliency(sal, source.path, _saliency_meta(model_fp, data_fp, source.ident, model_path,
-                                                                   calib, nsamples, seqlen, cfg.seed))
+            if main:
+                sal_mod.save_saliency(sal, source.path, _saliency_meta(model_fp, data_fp, source.ident, model_path,
+                                                                       calib, nsamples, seqlen, cfg.seed))
             log(f"saliency: computed in {sal_seconds:.1f} s, saved to {source.path}")
     model.to(device)
     res = cal.calibrate(model, samples if samples is not None else torch_empty_ids(), cfg,
@@ -180,12 +203,16 @@ def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, sa
         log(f"resumed at block {res.resumed_from}")
     log(res.summary())
     seconds = sal_seconds + res.seconds
+    if not main:  # process 0 saves and evaluates
+        distributed.barrier()
+        return {"out": str(out), "method": cfg.method, "rank": distributed.rank()}
     info = hf.save(model.to("cpu"), out, tok, method=cfg.method,
                    extra={"calibration": cfg.to_dict(), "seconds": round(seconds, 2),
                           "calibration_data": {"source": str(calib) if cfg.method != "rtn" else None,
                                                "nsamples": nsamples, "seqlen": seqlen},
-                          "run": {"fingerprint": fingerprint, "components": components}})
-    _write_log(out, res.log)
+                          "run": {"fingerprint": fingerprint, "components": components}},
+                   files=_log_file(work, res.log))
+    _drop_stale_log(out, res.log)
     _finish_work_dir(work, fingerprint, keep_work)
     result = {"out": str(out), "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
               "seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - t_start, 2),
@@ -194,18 +221,27 @@ def quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, sa
     log(f"saved {out} ({human(info['bytes'])})")
     if windows is not None:
         result.update(_evaluate_loaded(model.to(device), windows, eval_text, progress))
+    distributed.barrier()
     return result
 
 
-def _write_log(out: Path, log: list):
-    """OUT/calibration_log.jsonl: this run's per-block, per-epoch losses (none for rtn: a stale one goes)."""
-    path = out / "calibration_log.jsonl"
-    if log:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in log))
-        os.replace(tmp, path)
-    elif path.is_file():
-        path.unlink()
+LOG_NAME = "calibration_log.jsonl"
+
+
+def _log_file(work: Path, log: list) -> dict:
+    """This run's per-block, per-epoch losses as a file of the checkpoint (so the manifest covers it)."""
+    if not log:
+        return {}
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"checkpoint-{LOG_NAME}"
+    path.write_text("".join(json.dumps(e) + "\n" for e in log))
+    return {LOG_NAME: path}
+
+
+def _drop_stale_log(out: Path, log: list):
+    """An rtn checkpoint has no calibration log: one carried over from an earlier run in OUT goes."""
+    if not log and (out / LOG_NAME).is_file():
+        (out / LOG_NAME).unlink()
 
 
 def _finish_work_dir(work: Path, fingerprint: str, keep_work: bool):
@@ -233,16 +269,11 @@ def _remove_work_dir(work: Path):
 def _already_done(out: Path, cfg, fingerprint, device, eval_text, windows, keep_work, progress, t_start) -> dict:
     """OUT already holds the checkpoint of this model, data and settings: nothing to compute."""
     from . import hf
-    from .calibrate import read_manifest
 
     work = out / WORK_DIR
     log(f"{out} already holds this checkpoint (same model, calibration data and settings): nothing to do; "
          "delete it or choose another --out to quantize again")
-    if work.is_dir() and (read_manifest(work) or {}).get("fingerprint") == fingerprint:
-        log_path = work / "calibration_log.jsonl"  # a run stopped between the save and the clean-up
-        if log_path.is_file() and not (out / "calibration_log.jsonl").is_file():
-            shutil.copy(log_path, out / "calibration_log.jsonl")
-    _finish_work_dir(work, fingerprint, keep_work)
+    _finish_work_dir(work, fingerprint, keep_work)  # a run stopped between the save and the clean-up
     qc = hf.read_quant_config(out)
     result = {"out": str(out), "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,
               "seconds": qc.get("seconds", 0.0), "total_seconds": round(time.perf_counter() - t_start, 2),
@@ -274,6 +305,7 @@ def evaluate_model(model_path, text, seqlen=512, max_tokens=None, device="cpu", 
     model, tok = hf.load_model(model_path)
     if tok is None:
         raise ValueError(f"{model_path} has no tokenizer files; it cannot be evaluated on text")
+    check_context_length(model, seqlen, "--seqlen")
     windows = data.load_evaluation(tok, text, seqlen, max_tokens)
     return perplexity(model.to(device), windows, progress=progress)
 
@@ -285,51 +317,19 @@ def saliency_for(model_path, calib, nsamples, seqlen, seed, out, device="cpu", o
 
     from .calibrate import model_fingerprint, saliency_fingerprint, samples_fingerprint
 
+    from . import distributed
+
+    if distributed.launched():  # torchrun: each process takes a share of the samples, process 0 writes
+        device = distributed.init(device)
     model, tok = hf.load_model(model_path)
+    check_context_length(model, seqlen, "--seqlen")
     samples = data.load_calibration(tok, calib, nsamples, seqlen, seed)
     model_fp, data_fp = model_fingerprint(model), samples_fingerprint(samples)
     if not offload_blocks:
         model.to(device)
     sal = sal_mod.compute_saliency(model, samples, device=device, offload_blocks=offload_blocks, progress=progress)
-    sal_mod.save_saliency(sal, out, _saliency_meta(model_fp, data_fp, saliency_fingerprint(model_fp, data_fp),
-                                                   model_path, calib, nsamples, seqlen, seed))
+    if distributed.is_main():
+        sal_mod.save_saliency(sal, out, _saliency_meta(model_fp, data_fp, saliency_fingerprint(model_fp, data_fp),
+                                                       model_path, calib, nsamples, seqlen, seed))
+    distributed.barrier()
     return Path(out)
-
-
-def describe_checkpoint(ckpt_dir) -> dict:
-    """Quantization config and a size breakdown (packed weights, LoRA, other tensors) of a checkpoint, after the
-    verification `saliq.load` does (every file against the manifest): CheckpointError names a damaged file.
-
-    bytes: the checkpoint's own files (the manifest's); extra_files: entries of the directory it does not list
-    (ignored by the loader, not counted)."""
-    from .checkpoint import verify
-
-    ck = verify(ckpt_dir)
-    qc = ck.quant_config
-    sizes = {"packed": 0, "lora": 0, "other": 0}
-    weights = 0
-    per_word = 32 // (2 if qc["bits"] == 3 else qc["bits"])
-    for key, dtype, shape in ck.tensor_headers():
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n * _DTYPE_BYTES.get(dtype, 4)
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf in ("qweight", "qweight_hi", "scales", "zeros"):
-            sizes["packed"] += nbytes
-            if leaf == "qweight" and len(shape) == 2:
-                weights += shape[0] * per_word * shape[1]
-        elif leaf in ("lora_A", "lora_B"):
-            sizes["lora"] += nbytes
-        else:
-            sizes["other"] += nbytes
-    return {"dir": str(ckpt_dir), "quantization_config": {k: v for k, v in qc.items() if k != "modules"},
-            "quantized_layers": len(qc["modules"]), "quantized_weights": weights,
-            "bytes": ck.total_bytes, "packed_bytes": sizes["packed"], "lora_bytes": sizes["lora"],
-            "other_bytes": sizes["other"],
-            "packed_bits_per_weight": 8 * sizes["packed"] / max(weights, 1),
-            "files": len(ck.files) + (0 if ck.legacy else 1), "extra_files": ck.extra,
-            "verified": "legacy: shards only (no manifest)" if ck.legacy else "all files (manifest)"}
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

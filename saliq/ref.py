@@ -2,7 +2,7 @@
 
 Shapes: W [N, K] (out_features, in_features), G groups of g consecutive elements along K.
 Group statistics and all arithmetic are in fp32; outputs are cast to the input dtype at the end.
-Formulas: ARCHITECTURE.md section 1.1 (LWC fake quantization, straight-through gradients) and 1.3.
+Formulas: docs/ARCHITECTURE.md section 1.1 (LWC fake quantization, straight-through gradients) and 1.3.
 """
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from . import packing
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4
 ZERO_BOUND = 1e4
+# Degenerate groups (docs/FORMAT.md): an asymmetric scale is at least max(|xmax|, |xmin|) / 2^13, so
+# |xmin / s| <= 2^13 and the zero point never reaches ZERO_BOUND; a constant group c >= 2^13 * SCALE_MIN
+# then gets s = c / 2^13 and z = -round(c / s) and dequantizes to c exactly. A power of two keeps it exact.
+SCALE_FLOOR_FACTOR = 2.0 ** -13
+WEIGHT_BOUND = SCALE_MAX  # larger weights would clamp s at SCALE_MAX and zero the rest of their group
 
 
 def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -25,20 +30,23 @@ def _grouped(W: torch.Tensor, group_size: int) -> torch.Tensor:
 def scale_zero(wmax, wmin, fmax, fmin, bits: int, symmetric: bool):
     """Scale and zero point of 1.1 from group extremes and clipping factors (all [N, G] fp32).
 
-    Returns (s, z, s_raw, xmax, xmin): s_raw is the scale before clamping (its clamp gates gradients).
+    Returns (s, z, s_raw, s_lo, xmax, xmin): s_raw is the scale before clamping and s_lo its lower bound;
+    gradients flow through s only where SCALE_MIN <= s_lo <= s_raw <= SCALE_MAX.
     """
     qmax = (1 << bits) - 1
     xmax, xmin = fmax * wmax, fmin * wmin
     if symmetric:
         half = (1 << (bits - 1)) - 1
         s_raw = torch.maximum(xmax.abs(), xmin.abs()) / half
+        s_lo = torch.full_like(s_raw, SCALE_MIN)  # s_raw >= max(|xmax|, |xmin|) / 2^13 already
         s = s_raw.clamp(SCALE_MIN, SCALE_MAX)
         z = torch.full_like(s, float(half))
     else:
         s_raw = (xmax - xmin) / qmax
-        s = s_raw.clamp(SCALE_MIN, SCALE_MAX)
+        s_lo = (torch.maximum(xmax.abs(), xmin.abs()) * SCALE_FLOOR_FACTOR).clamp(SCALE_MIN, SCALE_MAX)
+        s = torch.minimum(torch.maximum(s_raw, s_lo), torch.full_like(s_raw, SCALE_MAX))
         z = (-xmin / s).clamp(-ZERO_BOUND, ZERO_BOUND).round()
-    return s, z, s_raw, xmax, xmin
+    return s, z, s_raw, s_lo, xmax, xmin
 
 
 def lwc_quantize(W, hi, lo, bits: int, group_size: int, symmetric: bool):
@@ -62,13 +70,13 @@ def _forward_parts(W, hi, lo, bits, group_size, symmetric):
     Wg = _grouped(W, group_size)
     wmax, wmin = Wg.amax(-1), Wg.amin(-1)
     fmax, fmin = torch.sigmoid(hi.float()), torch.sigmoid(lo.float())
-    s, z, s_raw, xmax, xmin = scale_zero(wmax, wmin, fmax, fmin, bits, symmetric)
+    s, z, s_raw, s_lo, xmax, xmin = scale_zero(wmax, wmin, fmax, fmin, bits, symmetric)
     u = Wg / s[..., None]
     r = torch.round(u)
     t = r + z[..., None]
     q = t.clamp(0, (1 << bits) - 1)
     what = (q - z[..., None]) * s[..., None]
-    return dict(Wg=Wg, wmax=wmax, wmin=wmin, fmax=fmax, fmin=fmin, s=s, z=z, s_raw=s_raw, xmax=xmax,
+    return dict(Wg=Wg, wmax=wmax, wmin=wmin, fmax=fmax, fmin=fmin, s=s, z=z, s_raw=s_raw, s_lo=s_lo, xmax=xmax,
                 xmin=xmin, u=u, r=r, t=t, q=q, what=what)
 
 
@@ -106,7 +114,7 @@ def fake_quant_lwc_bwd(grad_what, grad_reg, W, hi, lo, S, delta, bits: int, grou
     qmax = (1 << bits) - 1
     inrange = (p["t"] >= 0) & (p["t"] <= qmax)
     dwhat_ds = torch.where(inrange, p["r"] - p["u"], p["q"] - p["z"][..., None])
-    g_s = (g_what * dwhat_ds).sum(-1) * ((p["s_raw"] >= SCALE_MIN) & (p["s_raw"] <= SCALE_MAX))
+    g_s = (g_what * dwhat_ds).sum(-1) * ((p["s_raw"] >= p["s_lo"]) & (p["s_raw"] <= SCALE_MAX))
     if symmetric:
         g_abs = g_s / ((1 << (bits - 1)) - 1)
         amax, amin = p["xmax"].abs(), p["xmin"].abs()
@@ -175,3 +183,8 @@ def packed_linear(x, packed: "packing.PackedWeight", bias=None, lora_A=None, lor
     if lora_A is not None:
         y = y + (lora_scale * ((x2.float() @ lora_A.float().t()) @ lora_B.float().t())).to(y.dtype)
     return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+def dense_linear(x, weight, bias=None):
+    """y = x W^T + bias for a float W [N, K] (a quantized model's float layers, e.g. its LM head): F.linear."""
+    return torch.nn.functional.linear(x, weight, bias)

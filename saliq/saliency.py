@@ -1,11 +1,13 @@
-"""Fisher-diagonal saliency of every linear in every decoder block (ARCHITECTURE.md 1.2).
+"""Fisher-diagonal saliency of every linear in every decoder block (docs/ARCHITECTURE.md 1.2).
 
 S_l[n, k] = sum over calibration samples of (d loss_sample / d W_l[n, k])^2, loss_sample the mean next-token
 cross-entropy of one sample (SqueezeLLM's estimate; the seed paper's code uses this raw sum).
 
 The backward pass runs one block at a time: a forward pass stores each block's input, then the blocks are
 re-run in reverse with gradients, so only one block (plus the embeddings and head) needs to sit on the
-compute device, and the fp32 accumulators can stay on the CPU. The result equals a plain full backward.
+compute device. Samples go through in batches; each linear's per-sample gradient dY_b^T X_b is formed from
+the captured inputs and output gradients and squared into fp32 accumulators on the compute device (on the
+CPU when they do not fit). The result equals a plain full backward per sample.
 
 Normalisations applied at calibration time (the file keeps the raw sums):
   raw       S as accumulated (the seed paper; lambda then depends on the model, the data and the layer size)
@@ -23,37 +25,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hf
+from . import distributed, hf
 
 NORMALISATIONS = ("raw", "mean", "relative")
 
 
+DEFAULT_BATCH = 8
+
+
 def compute_saliency(model: nn.Module, samples: torch.Tensor, device: str | torch.device | None = None,
-                     accum_device: str | torch.device = "cpu", offload_blocks: bool = False,
-                     progress: bool = False) -> dict[str, torch.Tensor]:
-    """Fisher-diagonal saliency {qualified linear name: fp32 [N, K]} from int64 samples [n, seqlen].
+                     accum_device: str | torch.device = "auto", offload_blocks: bool = False,
+                     progress: bool = False, batch_size: int = DEFAULT_BATCH) -> dict[str, torch.Tensor]:
+    """Fisher-diagonal saliency {qualified linear name: fp32 [N, K] on the CPU} from int64 samples [n, seqlen].
 
     device: where blocks compute (default: where the model is). offload_blocks: keep blocks on the CPU and
     move each to `device` only while it runs (for models that do not fit). accum_device: where the fp32
-    accumulators live.
+    accumulators live; "auto" keeps them on `device` when they fit in half its free memory, else on the CPU
+    (the progress line says so). batch_size: samples per forward / backward pass; each sample's weight
+    gradient is still formed and squared on its own, so the result does not depend on it.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
     blocks = hf.decoder_blocks(model)
     prefix = hf.blocks_prefix(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     names = {i: hf.block_linears(b) for i, b in enumerate(blocks)}
-    sal = {
-        f"{prefix}.{i}.{n}": torch.zeros(lin.weight.shape, dtype=torch.float32, device=accum_device)
-        for i, lins in names.items() for n, lin in lins.items()
-    }
+    shapes = {f"{prefix}.{i}.{n}": lin.weight.shape for i, lins in names.items() for n, lin in lins.items()}
+    accum_device, where = _accumulator_device(accum_device, device, shapes)
+    sal = {key: torch.zeros(shape, dtype=torch.float32, device=accum_device) for key, shape in shapes.items()}
     norm, head = hf.final_norm(model), model.get_output_embeddings()
 
-    it = range(samples.shape[0])
-    if progress:
+    samples = distributed.shard(samples)  # under torchrun: this process's share, summed below
+    bar = None
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="saliency", unit="sample")
-    for j in it:
-        ids = samples[j : j + 1]
+        bar = tqdm(total=samples.shape[0], desc=f"saliency{where}", unit="sample")
+    for j in range(0, samples.shape[0], batch_size):
+        ids = samples[j : j + batch_size]
         x0, kwargs = hf.capture_block_inputs(model, ids)
         kwargs = hf.kwargs_to(kwargs, device)
         xs = [x0.to(device)]
@@ -64,32 +73,67 @@ def compute_saliency(model: nn.Module, samples: torch.Tensor, device: str | torc
         h = xs[-1].detach().requires_grad_(True)
         with torch.enable_grad():
             logits = head(norm(h)).float()
-            loss = F.cross_entropy(logits[0, :-1], ids[0, 1:].to(device))
+            targets = ids[:, 1:].to(device)
+            # the sum of the per-sample mean losses: each sample's gradient is that of its own loss
+            per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                        reduction="none")
+            loss = per_token.view(targets.shape).mean(1).sum()
             (g,) = torch.autograd.grad(loss, h)
+        del logits, per_token
         for i in reversed(range(len(blocks))):
             g = _block_backward(blocks[i], xs[i], g, kwargs, device, offload_blocks,
                                 [(sal[f"{prefix}.{i}.{n}"], lin) for n, lin in names[i].items()])
-    return sal
+        if bar is not None:
+            bar.update(ids.shape[0])
+    if bar is not None:
+        bar.close()
+    distributed.sum_(sal.values(), device if device.type == "cuda" else None)
+    # returned in CPU memory, as before: calibration moves one block's saliency to the GPU at a time
+    return {key: acc.cpu() for key, acc in sal.items()}
+
+
+def _accumulator_device(accum_device, device: torch.device, shapes) -> tuple[torch.device, str]:
+    """Where the accumulators go, and a note for the progress line when they leave the compute device."""
+    if accum_device != "auto":
+        return torch.device(accum_device), ""
+    if device.type != "cuda":
+        return device, ""
+    need = 4 * sum(torch.Size(s).numel() for s in shapes.values())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= free // 2:
+        return device, ""
+    return torch.device("cpu"), f" (fp32 accumulators on the CPU: {need / 2**30:.1f} GiB do not fit the GPU)"
 
 
 def _block_backward(block, x, grad_out, kwargs, device, offload, targets) -> torch.Tensor:
-    """Re-run `block` on x with gradients, add the squared weight gradients into the accumulators in place,
-    and return the gradient with respect to the block's input."""
+    """Re-run `block` on x [B, L, H] with gradients, add each sample's squared weight gradients into the
+    accumulators in place, and return the gradient with respect to the block's input.
+
+    A linear's weight gradient for sample b is dY_b^T X_b: the inputs and output gradients of every linear
+    are captured for the whole batch, and the per-sample products are formed one at a time (memory of one
+    weight, not B)."""
+    seen: dict[int, tuple] = {}
+
+    def capture(module, args, output):
+        seen[id(module)] = (args[0], output)
+
     with _on(block, device, offload), torch.enable_grad():
-        weights = [lin.weight for _, lin in targets]
-        flags = [w.requires_grad for w in weights]
-        for w in weights:
-            w.requires_grad_(True)
+        handles = [lin.register_forward_hook(capture) for _, lin in targets]
         try:
             xin = x.detach().requires_grad_(True)
             y = hf.run_block(block, xin, kwargs)
-            grads = torch.autograd.grad(y, [xin, *weights], grad_outputs=grad_out)
         finally:
-            for w, f in zip(weights, flags):
-                w.requires_grad_(f)
-        for (acc, _), gw in zip(targets, grads[1:]):
-            gw = gw.to(device=acc.device, dtype=torch.float32)
-            acc.addcmul_(gw, gw)
+            for hnd in handles:
+                hnd.remove()
+        inputs = [seen[id(lin)][0] for _, lin in targets]
+        outputs = [seen[id(lin)][1] for _, lin in targets]
+        grads = torch.autograd.grad(y, [xin, *outputs], grad_outputs=grad_out)
+        for (acc, _), xl, gy in zip(targets, inputs, grads[1:]):
+            xl = xl.detach().reshape(xl.shape[0], -1, xl.shape[-1])
+            gy = gy.reshape(gy.shape[0], -1, gy.shape[-1])
+            for b in range(xl.shape[0]):
+                gw = (gy[b].float().t() @ xl[b].float()).to(acc.device)
+                acc.addcmul_(gw, gw)
     return grads[0]
 
 

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import ref
 from .packing import PackedWeight, validate_packed
 from .spec import ALLOWED_BITS, QuantSpec
 
@@ -21,13 +22,20 @@ def _tensor(name: str, t, dims: Optional[int] = None, dtypes=None) -> None:
         raise ValueError(f"{name} has dtype {t.dtype}; allowed: {dtypes}")
 
 
-def finite_weight(name: str, W: Tensor) -> None:
-    """A weight to quantize must be finite: one inf or NaN would set its group's scale (docs/FORMAT.md)."""
+def quantizable_weight(name: str, W: Tensor) -> None:
+    """A weight to quantize must be finite and within +-ref.WEIGHT_BOUND: one inf, NaN or huge value would
+    set its group's scale and zero the rest of the group (docs/FORMAT.md, degenerate groups)."""
     bad = ~torch.isfinite(W)
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name} has {int(bad.sum())} non-finite values (first at index {where}: "
                          f"{W[where].item()}); quantization needs finite weights")
+    huge = W.abs() > ref.WEIGHT_BOUND
+    if bool(huge.any()):
+        where = tuple(int(i) for i in huge.nonzero()[0])
+        raise ValueError(f"{name} has {int(huge.sum())} values beyond +-{ref.WEIGHT_BOUND:g} (first at index "
+                         f"{where}: {W[where].item():g}); the largest quantization scale is {ref.SCALE_MAX:g}, so "
+                         f"quantizable weights lie within +-{ref.WEIGHT_BOUND:g}")
 
 
 def saliency_values(name: str, S: Tensor) -> None:

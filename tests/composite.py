@@ -20,7 +20,10 @@ def omniquant_fake_quant(W, hi, lo, bits, group_size, symmetric):
         scale = (abs_max / (2 ** (bits - 1) - 1)).clamp(min=1e-5, max=1e4)
         zero_point = (2 ** (bits - 1) - 1) * torch.ones_like(scale)
     else:
-        scale = ((xmax - xmin) / (2**bits - 1)).clamp(min=1e-5, max=1e4)
+        scale = (xmax - xmin) / (2**bits - 1)
+        # saliq's rule for degenerate groups (docs/FORMAT.md): s >= max(|xmax|, |xmin|) / 2^13, no gradient there
+        floor = (torch.max(xmax.abs(), xmin.abs()) * 2.0**-13).clamp(min=1e-5, max=1e4).detach()
+        scale = torch.where(scale < floor, floor, scale).clamp(max=1e4)
         zero_point = -xmin / scale
     round_zero_point = zero_point.clamp(min=-1e4, max=1e4).round()
     x_int = (round_ste(x / scale) + round_zero_point).clamp(0, 2**bits - 1)

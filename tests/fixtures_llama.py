@@ -68,6 +68,14 @@ def text_file(tmp_path):
     return p
 
 
+def write_model_and_text(d):
+    """d/model (the tiny Llama with its tokenizer, as transformers saves it) and d/text.txt; returns d."""
+    make_tiny_llama().save_pretrained(d / "model")
+    make_byte_tokenizer().save_pretrained(d / "model")
+    (d / "text.txt").write_text(TEXT)
+    return d
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A transformers model directory (config, safetensors, tokenizer) holding the tiny Llama."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_llama import TEXT, make_byte_tokenizer, make_tiny_llama
+from fixtures_llama import TEXT, make_tiny_llama, write_model_and_text
 from saliq import hf
 from saliq.cli import UsageError, main
 
@@ -17,11 +17,7 @@ SMALL = ["--group-size", "32", "--nsamples", "4", "--seqlen", "32", "--lora-rank
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("policy")
-    make_tiny_llama().save_pretrained(d / "model")
-    make_byte_tokenizer().save_pretrained(d / "model")
-    (d / "text.txt").write_text(TEXT)
-    return d
+    return write_model_and_text(tmp_path_factory.mktemp("policy"))
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +235,9 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(files, tm
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--method", "apiq", "--calib", "TEXT", "--seqlen", "100000"], "--calib '{TEXT}' (--nsamples 4, --seqlen "
-     "100000): the calibration text has"),
-    (["--method", "rtn", "--eval", "TEXT", "--eval-seqlen", "100000"], "--eval '{TEXT}' (--eval-seqlen 100000): "
+    (["--method", "apiq", "--calib", "TEXT", "--seqlen", "200"], "--calib '{TEXT}' (--nsamples 4, --seqlen "
+     "200): the calibration text has"),
+    (["--method", "rtn", "--eval", "TEXT", "--eval-seqlen", "200"], "--eval '{TEXT}' (--eval-seqlen 200): "
      "the evaluation text has"),
 ])
 def test_texts_too_short_for_the_windows_are_reported_before_the_work(files, tmp_path, capsys, monkeypatch, extra,
@@ -249,7 +245,8 @@ def test_texts_too_short_for_the_windows_are_reported_before_the_work(files, tmp
     from saliq import calibrate as C
 
     monkeypatch.setattr(C, "calibrate", lambda *a, **k: pytest.fail("calibration ran"))
-    text = str(files / "text.txt")
+    text = str(tmp_path / "short.txt")
+    Path(text).write_text(TEXT[:150])
     _refused(capsys, ["quantize", str(files / "model"), "--out", str(tmp_path / "o"), *SMALL,
                       *[text if a == "TEXT" else a for a in extra]], match.replace("{TEXT}", text))
     assert not (tmp_path / "o").exists()
@@ -280,3 +277,30 @@ def test_demo_force_discards_only_a_folder_saliq_wrote(rtn_ckpt, tmp_path):
     _discard(ours)
     _discard(theirs)
     assert not ours.exists() and (theirs / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--method", "apiq", "--calib", "TEXT", "--seqlen", "300"], "--seqlen 300"),
+    (["--method", "rtn", "--eval", "TEXT", "--eval-seqlen", "257"], "--eval-seqlen 257"),
+])
+def test_windows_longer_than_the_model_context_are_refused_before_the_work(files, tmp_path, capsys, monkeypatch,
+                                                                           extra, flag):
+    from saliq import calibrate as C
+
+    monkeypatch.setattr(C, "calibrate", lambda *a, **k: pytest.fail("calibration ran"))
+    text = str(files / "text.txt")
+    _refused(capsys, ["quantize", str(files / "model"), "--out", str(tmp_path / "o"), *SMALL,
+                      *[text if a == "TEXT" else a for a in extra]],
+             f"{flag} is longer than the model's context of 256 tokens (max_position_embeddings); choose "
+             f"{flag.split()[0]} <= 256")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(files, tmp_path, capsys):
+    from saliq.outdir import out_lock
+
+    out = tmp_path / "o"
+    with out_lock(out):  # a run in progress (flock: a second open of the lock file conflicts, even in-process)
+        _refused(capsys, _rtn(files, out), f"--out '{out}' is being written by another saliq run (pid {os.getpid()})")
+        assert not out.exists()
+    assert main(_rtn(files, out)) == 0  # released: the next run goes ahead

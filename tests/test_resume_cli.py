@@ -13,6 +13,7 @@ import torch
 from fixtures_llama import TEXT, make_byte_tokenizer, make_tiny_llama
 from saliq import calibrate as C
 from saliq import hf, pipeline
+from saliq import resume as R
 from saliq import saliency as S
 from saliq.cli import main
 
@@ -92,15 +93,15 @@ def kill_at(monkeypatch, owner, name, n=1, when=None):
 
 KILL_POINTS = {
     "before the saliency pass": lambda mp: kill_at(mp, S, "compute_saliency"),
-    "during the saliency pass": lambda mp: kill_at(mp, S, "_block_backward", n=3),
+    "during the saliency pass": lambda mp: kill_at(mp, S, "_block_backward", n=2),
     "while the saliency file is written": lambda mp: kill_at(
         mp, os, "replace", when=lambda src, dst, **k: str(dst).endswith("saliency.safetensors")),
     "after the saliency pass, before block 0": lambda mp: kill_at(mp, C._BlockTrainer, "_calibrate_block"),
     "in the middle of block 1": lambda mp: kill_at(mp, C._BlockTrainer, "_step_loss", n=STEPS_PER_BLOCK + 3),
     "between block 0's files and its commit": lambda mp: kill_at(
-        mp, C, "_atomic", when=lambda path, write: path.name == C.PROGRESS),
+        mp, R, "_atomic", when=lambda path, write: path.name == R.PROGRESS),
     "after the last block, before the save": lambda mp: kill_at(mp, hf, "save"),
-    "after the save, before the clean-up": lambda mp: kill_at(mp, pipeline, "_write_log"),
+    "after the save, before the clean-up": lambda mp: kill_at(mp, pipeline, "_finish_work_dir"),
 }
 RERUN_SAYS = {
     "after the saliency pass, before block 0": "saliency: reusing",
@@ -136,6 +137,9 @@ def test_a_finished_run_rerun_is_a_no_op(files, reference, capsys):
     captured = capsys.readouterr()
     assert "nothing to do" in captured.err and json.loads(captured.out.splitlines()[-1])["reused"] is True
     assert {p.name: p.stat().st_mtime_ns for p in reference["a.txt"].iterdir()} == before
+    # the calibration log is a file of the checkpoint: its checksum is in the manifest
+    manifest = json.loads((reference["a.txt"] / hf.MANIFEST_NAME).read_text())
+    assert "calibration_log.jsonl" in manifest["files"]
 
 
 def test_a_cached_saliency_is_never_reused_for_other_calibration_text(files, reference, tmp_path, capsys,

@@ -24,15 +24,21 @@ def _full_backward_fisher(model, samples):
     return ref
 
 
-def test_blockwise_fisher_equals_a_full_backward():
+@pytest.mark.parametrize("batch_size", [1, 2, 8])  # 2: a last, partial batch
+def test_blockwise_fisher_equals_a_full_backward(batch_size):
     model, samples = make_tiny_llama(), random_samples(n=3, seqlen=16)
-    sal = S.compute_saliency(model, samples)
+    sal = S.compute_saliency(model, samples, batch_size=batch_size)
     ref = _full_backward_fisher(model, samples)
     assert set(sal) == set(ref) and len(sal) == 14  # 7 linears x 2 blocks
     for k in ref:
         assert sal[k].dtype == torch.float32 and sal[k].device.type == "cpu"
         assert torch.allclose(sal[k], ref[k], rtol=1e-4, atol=1e-12), k
         assert float(sal[k].min()) >= 0 and float(sal[k].sum()) > 0
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        S.compute_saliency(make_tiny_llama(), random_samples(n=1, seqlen=8), batch_size=0)
 
 
 def test_offloading_blocks_gives_the_same_saliency():

@@ -1,8 +1,8 @@
 """The demo testbed: fetching (fast, offline checks) and an end-to-end quality check (slow, real model)."""
+import math
 import subprocess
 
 import pytest
-import torch
 
 from saliq import testbed
 
@@ -26,27 +26,55 @@ def test_cache_location_honours_SALIQ_CACHE(tmp_path, monkeypatch):
     assert testbed.cache_dir().name == "saliq"
 
 
-@pytest.mark.slow
-def test_apiq_and_saliq_beat_rtn_by_10x_and_saliq_beats_apiq_on_smollm2_w2g64():
-    """W2 g64 on SmolLM2-135M at the demo budget (16 x 256 tokens, 2 epochs; 4k eval tokens). 8 x 128 tokens at
-    1 epoch was measured too small: ApiQ 225k against RTN 794k, only 3.5x. saliq's defaults measured about 10x
-    below ApiQ on 20k eval tokens (docs/NOTES.md); 3x leaves room for the shorter evaluation."""
+# W2 g64 on SmolLM2-135M at the demo budget (16 x 256 calibration tokens of lcet10.txt, seed 42, 2 epochs per
+# block), perplexity on the first 4,096 tokens of alice29.txt: the figures recorded at exactly this setting on the
+# 2-core CPU (docs/NOTES.md, "Tests that fail when the method breaks"). A second seed moves saliq by under 1%; the
+# band leaves room for other CPUs' float sums; a saliency replaced by ones (482 in the mutation check) falls outside.
+RECORDED = {"rtn": 648_907.0, "apiq": 1_328.3, "saliq": 171.93}
+BAND = {"rtn": 0.10, "saliq": 0.15}  # RTN trains nothing: only the evaluation's float sums can move it
+SALIQ_MARGIN = 6.0  # ApiQ / saliq was 7.7; with a saliency of ones 2.8
+EVAL_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def testbed_perplexity():
+    """method -> perplexity, each method calibrated once, when first asked for (a test of saliq alone runs saliq
+    alone)."""
     from saliq import data, hf
-    from saliq.calibrate import CalibConfig, calibrate
-    from saliq.evaluate import perplexity
 
     bed = testbed.fetch()
     _, tok = hf.load_model(bed.gguf)
     samples = data.load_calibration(tok, str(bed.calib_text), nsamples=16, seqlen=256, seed=42)
-    windows = data.load_evaluation(tok, str(bed.eval_text), seqlen=512, max_tokens=4096)
-    ppl = {}
-    for method in ("rtn", "apiq", "saliq"):
-        model, _ = hf.load_model(bed.gguf)
-        calibrate(model, samples, CalibConfig(method=method, bits=2, group_size=64, epochs=2), progress=False)
-        ppl[method] = perplexity(model, windows)["perplexity"]
-        del model
-    print(ppl)
-    assert ppl["apiq"] * 10 < ppl["rtn"], ppl
-    assert ppl["saliq"] * 10 < ppl["rtn"], ppl
-    assert ppl["saliq"] * 3 < ppl["apiq"], ppl
-    assert torch.isfinite(torch.tensor(list(ppl.values()))).all()
+    windows = data.load_evaluation(tok, str(bed.eval_text), seqlen=512, max_tokens=EVAL_TOKENS)
+    assert windows.numel() == EVAL_TOKENS
+    cache = {}
+
+    def ppl(method):
+        from saliq.calibrate import CalibConfig, calibrate
+        from saliq.evaluate import perplexity
+
+        if method not in cache:
+            model, _ = hf.load_model(bed.gguf)
+            calibrate(model, samples, CalibConfig(method=method, bits=2, group_size=64, epochs=2), progress=False)
+            cache[method] = perplexity(model, windows)["perplexity"]
+            print(f"{method}: perplexity {cache[method]:.2f} on {EVAL_TOKENS} tokens")
+        return cache[method]
+
+    return ppl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["saliq", "rtn"])
+def test_perplexity_stays_in_the_band_recorded_at_this_evaluation_length(testbed_perplexity, method):
+    ppl = testbed_perplexity(method)
+    assert math.isfinite(ppl)
+    assert abs(ppl / RECORDED[method] - 1) <= BAND[method], (
+        f"{method}: perplexity {ppl:.2f}, recorded {RECORDED[method]:.2f} (band {BAND[method]:.0%})")
+
+
+@pytest.mark.slow
+def test_saliq_beats_apiq_by_the_margin_and_apiq_beats_rtn_tenfold(testbed_perplexity):
+    saliq, apiq, rtn = (testbed_perplexity(m) for m in ("saliq", "apiq", "rtn"))
+    assert math.isfinite(apiq)
+    assert saliq * SALIQ_MARGIN < apiq, f"saliq {saliq:.1f} x {SALIQ_MARGIN} is not below ApiQ {apiq:.1f}"
+    assert apiq * 10 < rtn, f"ApiQ {apiq:.1f} x 10 is not below RTN {rtn:.1f}"

@@ -18,6 +18,9 @@ namespace saliq {
 constexpr float kScaleMin = 1e-5f;
 constexpr float kScaleMax = 1e4f;
 constexpr float kZeroBound = 1e4f;
+// An asymmetric scale is at least max(|xmax|, |xmin|) / 2^13 (ref.SCALE_FLOOR_FACTOR): the zero point stays
+// inside +-2^13 and a constant group dequantizes to itself exactly (docs/FORMAT.md, degenerate groups).
+constexpr float kScaleFloorFactor = 1.0f / 8192.0f;
 
 SALIQ_HD int qmax_of(int bits) { return (1 << bits) - 1; }
 SALIQ_HD int symmetric_half(int bits) { return (1 << (bits - 1)) - 1; }
@@ -55,7 +58,7 @@ SALIQ_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 SALIQ_HD float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
 struct LwcGroup {
-  float s, z, s_raw, xmax, xmin;
+  float s, z, s_raw, s_lo, xmax, xmin;  // s_lo: the lower bound of s (its clamp gates gradients)
 };
 
 // Scale and zero point from the group extremes and clipping factors (ref.scale_zero).
@@ -66,11 +69,13 @@ SALIQ_HD LwcGroup lwc_scale_zero(float wmax, float wmin, float fmax, float fmin,
   if (symmetric) {
     const float half = (float)symmetric_half(bits);
     p.s_raw = fmaxf(fabsf(p.xmax), fabsf(p.xmin)) / half;
+    p.s_lo = kScaleMin;  // s_raw >= max(|xmax|, |xmin|) / 2^13 already
     p.s = clamp_nan(p.s_raw, kScaleMin, kScaleMax);
     p.z = half;
   } else {
     p.s_raw = (p.xmax - p.xmin) / (float)qmax_of(bits);
-    p.s = clamp_nan(p.s_raw, kScaleMin, kScaleMax);
+    p.s_lo = clamp_nan(fmaxf(fabsf(p.xmax), fabsf(p.xmin)) * kScaleFloorFactor, kScaleMin, kScaleMax);
+    p.s = clamp_nan(p.s_raw, p.s_lo, kScaleMax);
     p.z = rintf(clamp_nan(-p.xmin / p.s, -kZeroBound, kZeroBound));
   }
   return p;
@@ -113,7 +118,7 @@ struct LwcGroupGrads {
 SALIQ_HD LwcGroupGrads lwc_group_grads(float g_s_sum, const LwcGroup& p, float wmax, float wmin, float fmax,
                                        float fmin, int bits, bool symmetric) {
   LwcGroupGrads g;
-  const float unclamped = (p.s_raw >= kScaleMin && p.s_raw <= kScaleMax) ? 1.0f : 0.0f;
+  const float unclamped = (p.s_raw >= p.s_lo && p.s_raw <= kScaleMax) ? 1.0f : 0.0f;
   const float g_s = g_s_sum * unclamped;
   if (symmetric) {
     const float g_abs = g_s / (float)symmetric_half(bits);

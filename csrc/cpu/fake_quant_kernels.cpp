@@ -1,4 +1,4 @@
-// LWC fake quantization (ARCHITECTURE.md 1.1) on the CPU: forward (with the fused saliency term),
+// LWC fake quantization (docs/ARCHITECTURE.md 1.1) on the CPU: forward (with the fused saliency term),
 // closed-form straight-through backward, and the saliency squared error.
 // Work split: OpenMP over weight rows (dynamic chunks of 8 rows); a row's groups are processed by one
 // thread, each group in two passes over its elements (extremes, then values). Reductions: per-row

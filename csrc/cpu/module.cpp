@@ -7,6 +7,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/cuda_ops.h"
 #include "cpu/ops.h"
+#include "cpu/work_pool.h"
 #ifdef SALIQ_WITH_CUDA
 #include "cuda/launchers.h"
 #endif
@@ -19,6 +20,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpack", &saliq::unpack_cpu, "format v1 -> uint8 [N, K] (CPU)");
   m.def("dequantize", &saliq::dequantize_cpu, "format v1 -> W [N, K] in the scales' dtype (CPU)");
   m.def("packed_matmul", &saliq::packed_matmul_cpu, "x W^T + bias with W in format v1 (CPU)");
+  m.def("quant_linear", &saliq::quant_linear_cpu,
+        "x W^T + lora_scale (x A^T) B^T + bias with W in format v1, in one call (CPU)");
+  m.def("decode_serial_calls", &saliq::run_claimed_serial_calls,
+        "calls that ran on one thread after a parallel call waited for a descheduled worker (a busy machine)");
+  m.def("dense_linear", &saliq::dense_linear_cpu, "x W^T + bias for a dense W, small M (CPU)");
   m.def("packed_matmul_gemv_max_m", &saliq::packed_matmul_gemv_max_m);
   m.def("set_packed_matmul_gemv_max_m", &saliq::set_packed_matmul_gemv_max_m,
         "largest M served by the GEMV kernels (above: dequantized tiles + at::mm)");

@@ -16,6 +16,13 @@ at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qweight_h
 at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
                              const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
                              int64_t in_features, const std::optional<at::Tensor>& bias);
+// QuantLinear's forward in one call: x What^T + lora_scale (x A^T) B^T + bias (quant_linear_ops.cpp).
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                            const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                            int64_t in_features, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                            double lora_scale);
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 // Largest M that packed_matmul_cpu serves with the GEMV kernels (above it: dequantized tiles + at::mm).
 int64_t packed_matmul_gemv_max_m();
 void set_packed_matmul_gemv_max_m(int64_t m);

@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include <vector>
+
 #include "cpu/cpu_features.h"
 
 namespace saliq {
@@ -26,17 +28,41 @@ struct PackedGemvProblem {
   bool x_is_bf16;             // x holds bf16 values (exactly representable): the bf16 dot-product path may run
 };
 
-// Columns [n_begin, n_end), any M, any CPU.
-void packed_gemv_portable(const PackedGemvProblem& p, int64_t n_begin, int64_t n_end);
-// Each returns how many leading columns it computed (a multiple of its column block); the rest is left
-// to the portable kernel. Only callable when active_isa() allows them.
-int64_t packed_gemv_avx2(const PackedGemvProblem& p);
-int64_t packed_gemv_avx512(const PackedGemvProblem& p);
-// bf16 activations on CPUs with AVX512_BF16 (vdpbf16ps); any M.
-int64_t packed_gemv_avx512_bf16(const PackedGemvProblem& p);
+// The kernels compute whole blocks of columns. A plan, made once per call, picks the kernel for the active ISA
+// and the shape and holds what every block shares (the LUT kernel's tables, the bf16 kernel's rearranged x);
+// then any thread may compute any block, and each output element is written by exactly one block, so results do
+// not depend on the schedule. Callers with their own parallel loop (quant_linear_ops.cpp) run blocks directly.
+enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable };
 
-// Chooses the best path for the active ISA and covers all columns. Parallel (OpenMP) over column blocks.
-void packed_gemv(const PackedGemvProblem& p);
+struct PackedGemvPlan {
+  GemvKernel kernel = GemvKernel::Portable;
+  int64_t block = 16;        // columns per block of the main kernel
+  int64_t main_columns = 0;  // leading columns the main kernel covers (whole blocks); the rest: portable blocks of 16
+  std::vector<float> tables;    // Lut: per row of x, the pair tables, then (3-bit) the hi tables
+  std::vector<uint32_t> pairs;  // Bf16: x as pairs of bf16 values in the order the words hold the codes
+};
+
+constexpr int64_t kPortableBlock = 16;
+
+// Chooses the kernel and builds the shared data (serial; a few microseconds).
+void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan);
+// Number of blocks of the plan over all N columns.
+int64_t packed_gemv_blocks(const PackedGemvProblem& p, const PackedGemvPlan& plan);
+// Computes block b (all rows of x) and returns its columns [*n0, *n1).
+void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, int64_t b, int64_t* n0, int64_t* n1);
+// Whether a call of this size is worth waking more threads for (small layers are faster on one).
+bool packed_gemv_parallel(const PackedGemvProblem& p, int64_t extra_bytes = 0);
+
+// Per-ISA block kernels (only callable when active_isa() allows them).
+void portable_columns(const PackedGemvProblem& p, int64_t n0, int64_t nb);  // any nb <= kPortableBlock
+constexpr int64_t kLutBlock = 64, kFma512Block = 32, kBf16Block = 32, kFma256Block = 16;
+int64_t lut_table_floats(const PackedGemvProblem& p);  // per row of x
+void lut_tables(const PackedGemvProblem& p, float* tables);
+void lut_columns(const PackedGemvProblem& p, const float* tables, int64_t n0);
+void fma512_columns(const PackedGemvProblem& p, int64_t n0);
+void bf16_pairs(const PackedGemvProblem& p, uint32_t* pairs);  // [M, k_padded / 2]
+void bf16_columns(const PackedGemvProblem& p, const uint32_t* pairs, int64_t n0);
+void fma256_columns(const PackedGemvProblem& p, int64_t n0);
 
 // Scale of group g, column n, as fp32.
 float load_scale(const void* scales, ScaleType type, int64_t index);

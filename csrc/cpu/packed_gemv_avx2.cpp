@@ -46,7 +46,7 @@ struct VecAvx2 {
 
 namespace saliq {
 
-int64_t packed_gemv_avx2(const PackedGemvProblem& p) { return fma_gemv<VecAvx2, 2>(p); }
+void fma256_columns(const PackedGemvProblem& p, int64_t n0) { fma_columns_any_bits<VecAvx2, 2>(p, n0); }
 
 }  // namespace saliq
 

@@ -6,8 +6,8 @@
 // 3-bit plane adds, per 4 inputs, a table of 4 (sum of bit_i x[k+i]) indexed by 4 bits of the hi word.
 // Other cases: bf16 activations on AVX512_BF16 CPUs -> packed_gemv_avx512_bf16.cpp; else the shared FMA
 // kernel (packed_gemv_fma.h) over 16-lane vectors.
-// Work split: blocks of 64 columns (LUT) or 32 columns (FMA), handed out dynamically to OpenMP threads
-// (each block is computed by one thread, so results do not depend on the schedule).
+// Work split: blocks of 64 columns (LUT) or 32 columns (FMA); the plan in packed_gemv_portable.cpp hands
+// them to threads (each block is computed by one thread, so results do not depend on the schedule).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -56,6 +56,7 @@ struct VecAvx512 {
 namespace {
 
 constexpr int kLutVectors = 4;  // 64 columns per block
+constexpr int64_t kPrefetchRows = 16;  // ~1.5 us of work ahead (measured: 8 to 32 all within 5%)
 
 // pair_tables: [k_padded / 2][16]; hi_tables (3-bit): [k_padded / 4][16] (entries past 15 unused).
 void build_tables(const float* x, int64_t k_padded, int bits, float* pair_tables, float* hi_tables) {
@@ -86,6 +87,12 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
     const int64_t r_begin = g * p.group_len / 16;
     const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
     for (int64_t r = r_begin; r < r_end; ++r) {
+      // The block's word rows lie N words apart, a stride the hardware prefetcher follows poorly when the
+      // weights come from DRAM (decode of a whole model): fetch kPrefetchRows rows ahead ourselves.
+      if (r + kPrefetchRows < (p.K + 15) / 16) {
+        const char* ahead = reinterpret_cast<const char*>(p.qweight + (r + kPrefetchRows) * p.N + n0);
+        for (int v = 0; v < NV; ++v) _mm_prefetch(ahead + 64 * v, _MM_HINT_T0);
+      }
       __m512i w[NV];
       for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(p.qweight + r * p.N + n0 + v * 16);
       const float* t = pair_tables + r * 8 * 16;
@@ -129,44 +136,39 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
   }
 }
 
-int64_t lut_gemv(const saliq::PackedGemvProblem& p) {
-  std::vector<float> pair_tables(p.k_padded / 2 * 16);
-  std::vector<float> hi_tables(p.bits == 3 ? p.k_padded / 4 * 16 : 0);
-  build_tables(p.x, p.k_padded, p.bits, pair_tables.data(), hi_tables.data());
-  constexpr int64_t kBlock = 16 * kLutVectors;
-  const int64_t blocks = p.N / kBlock;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (p.bits == 3) lut_block<3>(p, b * kBlock, pair_tables.data(), hi_tables.data());
-    else lut_block<2>(p, b * kBlock, pair_tables.data(), hi_tables.data());
-  }
-  return blocks * kBlock;
-}
-
 }  // namespace
 
 namespace saliq {
 
-int64_t packed_gemv_avx512(const PackedGemvProblem& p) {
-  // The table lookup serves one row of x at a time; up to kLutMaxM rows it beats the shared-unpack FMA
-  // kernel even though it streams the weights once per row (measured, docs/NOTES_cpp.md).
-  constexpr int64_t kLutMaxM = 4;
-  if (p.M <= kLutMaxM && p.bits != 4 && p.N >= 16 * kLutVectors) {
-    int64_t done = 0;
-    for (int64_t m = 0; m < p.M; ++m) {
-      PackedGemvProblem row = p;
-      row.M = 1;
-      row.x = p.x + m * p.k_padded;
-      row.x_group_sum = p.x_group_sum + m * p.G;
-      row.y = p.y + m * p.N;
-      done = lut_gemv(row);
-    }
-    if (done < p.N) packed_gemv_portable(p, done, p.N);  // tail columns, all rows
-    return p.N;
-  }
-  if (p.x_is_bf16 && has_avx512_bf16()) return packed_gemv_avx512_bf16(p);
-  return fma_gemv<VecAvx512, 2>(p);
+int64_t lut_table_floats(const PackedGemvProblem& p) {
+  return p.k_padded / 2 * 16 + (p.bits == 3 ? p.k_padded / 4 * 16 : 0);
 }
+
+void lut_tables(const PackedGemvProblem& p, float* tables) {
+  const int64_t per_row = lut_table_floats(p);
+  for (int64_t m = 0; m < p.M; ++m) {
+    float* t = tables + m * per_row;
+    build_tables(p.x + m * p.k_padded, p.k_padded, p.bits, t, t + p.k_padded / 2 * 16);
+  }
+}
+
+// The table lookup serves one row of x at a time (for M <= 4 it beats the shared-unpack FMA kernel even though
+// it streams the weights once per row; measured, docs/NOTES.md).
+void lut_columns(const PackedGemvProblem& p, const float* tables, int64_t n0) {
+  const int64_t per_row = lut_table_floats(p);
+  for (int64_t m = 0; m < p.M; ++m) {
+    PackedGemvProblem row = p;
+    row.M = 1;
+    row.x = p.x + m * p.k_padded;
+    row.x_group_sum = p.x_group_sum + m * p.G;
+    row.y = p.y + m * p.N;
+    const float* t = tables + m * per_row;
+    if (p.bits == 3) lut_block<3>(row, n0, t, t + p.k_padded / 2 * 16);
+    else lut_block<2>(row, n0, t, nullptr);
+  }
+}
+
+void fma512_columns(const PackedGemvProblem& p, int64_t n0) { fma_columns_any_bits<VecAvx512, 2>(p, n0); }
 
 }  // namespace saliq
 

@@ -5,8 +5,8 @@
 // offset is removed per group with y += s * (acc - (z + 128) * sum_group(x)). Pairs: (j, j + 8) for 2/3-bit
 // words, (j, j + 4) for 4-bit words; the activations are rearranged once per call into those pairs.
 // Accuracy: fp32 sums of the offset products lose a few bits to the offset (relative error ~1e-5 on random
-// data), far inside the bf16 tolerance. Work split: blocks of 32 columns handed dynamically to OpenMP threads,
-// a 4-row x 2-vector register tile per block.
+// data), far inside the bf16 tolerance. Work split: blocks of 32 columns (handed to threads by the plan in
+// packed_gemv_portable.cpp), a 4-row x 2-vector register tile per block.
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -99,7 +99,7 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
 }
 
 template <int BITS>
-void bf16_columns(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_t ppr, int64_t n0) {
+void bf16_columns_bits(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_t ppr, int64_t n0) {
   int64_t m = 0;
   for (; m + 4 <= p.M; m += 4) bf16_block<BITS, 4>(p, pairs, ppr, n0, m);
   switch (p.M - m) {
@@ -114,11 +114,10 @@ void bf16_columns(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int6
 
 namespace saliq {
 
-int64_t packed_gemv_avx512_bf16(const PackedGemvProblem& p) {
+void bf16_pairs(const PackedGemvProblem& p, uint32_t* pairs) {
   // x rearranged into 32-bit pairs of bf16 values in the order the words hold the codes
   const int per_word = p.bits == 4 ? 8 : 16, half = per_word / 2;
   const int64_t ppr = p.k_padded / 2;
-  std::vector<uint32_t> pairs(p.M * ppr);
   for (int64_t m = 0; m < p.M; ++m) {
     const float* x = p.x + m * p.k_padded;
     for (int64_t r = 0; r < p.k_padded / per_word; ++r)
@@ -126,17 +125,15 @@ int64_t packed_gemv_avx512_bf16(const PackedGemvProblem& p) {
         pairs[m * ppr + r * half + j] =
             bf16_bits(x[r * per_word + j]) | (bf16_bits(x[r * per_word + j + half]) << 16);
   }
-  constexpr int64_t kBlock = 16 * kVectors;
-  const int64_t blocks = p.N / kBlock;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    switch (p.bits) {
-      case 2: bf16_columns<2>(p, pairs.data(), ppr, b * kBlock); break;
-      case 3: bf16_columns<3>(p, pairs.data(), ppr, b * kBlock); break;
-      default: bf16_columns<4>(p, pairs.data(), ppr, b * kBlock); break;
-    }
+}
+
+void bf16_columns(const PackedGemvProblem& p, const uint32_t* pairs, int64_t n0) {
+  const int64_t ppr = p.k_padded / 2;
+  switch (p.bits) {
+    case 2: bf16_columns_bits<2>(p, pairs, ppr, n0); break;
+    case 3: bf16_columns_bits<3>(p, pairs, ppr, n0); break;
+    default: bf16_columns_bits<4>(p, pairs, ppr, n0); break;
   }
-  return blocks * kBlock;
 }
 
 }  // namespace saliq

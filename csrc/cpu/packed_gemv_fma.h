@@ -4,7 +4,7 @@
 // Work split: a block of NV vectors of columns (N is contiguous in format v1) and MT rows of x; for each
 // packed word row the codes are unpacked once (shift, mask, convert) and multiplied-added into MT x NV
 // per-group accumulators with x[m, k] broadcast; at each group end y += s * (acc - z * sum_group(x)).
-// Blocks are independent: OpenMP hands them out dynamically, each output element is written by one thread.
+// Blocks are independent: any thread may compute any block, each output element is written by one block.
 
 namespace {
 
@@ -77,20 +77,14 @@ inline void fma_columns(const saliq::PackedGemvProblem& p, int64_t n0) {
   }
 }
 
-// Runs the FMA kernel over all whole column blocks; returns the number of columns covered.
+// One block of V::kLanes * NV columns, all rows of x.
 template <class V, int NV>
-inline int64_t fma_gemv(const saliq::PackedGemvProblem& p) {
-  constexpr int64_t kBlock = (int64_t)V::kLanes * NV;
-  const int64_t blocks = p.N / kBlock;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    switch (p.bits) {
-      case 2: fma_columns<V, 2, NV>(p, b * kBlock); break;
-      case 3: fma_columns<V, 3, NV>(p, b * kBlock); break;
-      default: fma_columns<V, 4, NV>(p, b * kBlock); break;
-    }
+inline void fma_columns_any_bits(const saliq::PackedGemvProblem& p, int64_t n0) {
+  switch (p.bits) {
+    case 2: fma_columns<V, 2, NV>(p, n0); break;
+    case 3: fma_columns<V, 3, NV>(p, n0); break;
+    default: fma_columns<V, 4, NV>(p, n0); break;
   }
-  return blocks * kBlock;
 }
 
 }  // namespace

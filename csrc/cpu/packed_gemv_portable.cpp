@@ -1,6 +1,6 @@
 // Portable small-M packed matmul: for a block of columns, walk the packed words row by row (N is
 // contiguous, so a block of columns reads contiguous memory), accumulate x[k] * q per group, then apply
-// y += s * (sum x q - z * sum x). Also the dispatcher that picks the SIMD path at run time.
+// y += s * (sum x q - z * sum x). Also the plan that picks the SIMD kernel at run time.
 #include <cstring>
 #include <vector>
 
@@ -85,30 +85,69 @@ void portable_block(const PackedGemvProblem& p, int64_t n0, int64_t nb) {
 
 }  // namespace
 
-void packed_gemv_portable(const PackedGemvProblem& p, int64_t n_begin, int64_t n_end) {
-  constexpr int64_t kBlock = 16;
-  const int64_t n_blocks = (n_end - n_begin + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t n0 = n_begin + b * kBlock;
-    const int64_t nb = (n_end - n0) < kBlock ? (n_end - n0) : kBlock;
-    switch (p.bits) {
-      case 2: portable_block<2>(p, n0, nb); break;
-      case 3: portable_block<3>(p, n0, nb); break;
-      default: portable_block<4>(p, n0, nb); break;
-    }
+void portable_columns(const PackedGemvProblem& p, int64_t n0, int64_t nb) {
+  switch (p.bits) {
+    case 2: portable_block<2>(p, n0, nb); break;
+    case 3: portable_block<3>(p, n0, nb); break;
+    default: portable_block<4>(p, n0, nb); break;
   }
 }
 
-void packed_gemv(const PackedGemvProblem& p) {
-  int64_t done = 0;
+void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan) {
   const CpuIsa isa = active_isa();
-  if (isa == CpuIsa::Avx512) {
-    done = packed_gemv_avx512(p);
+  if (isa == CpuIsa::Avx512 && p.M <= 4 && p.bits != 4 && p.N >= kLutBlock) {
+    plan.kernel = GemvKernel::Lut;
+    plan.block = kLutBlock;
+    plan.tables.resize(p.M * lut_table_floats(p));
+    lut_tables(p, plan.tables.data());
+  } else if (isa == CpuIsa::Avx512 && p.x_is_bf16 && has_avx512_bf16()) {
+    plan.kernel = GemvKernel::Bf16;
+    plan.block = kBf16Block;
+    plan.pairs.resize(p.M * (p.k_padded / 2));
+    bf16_pairs(p, plan.pairs.data());
+  } else if (isa == CpuIsa::Avx512) {
+    plan.kernel = GemvKernel::Fma512;
+    plan.block = kFma512Block;
   } else if (isa == CpuIsa::Avx2) {
-    done = packed_gemv_avx2(p);
+    plan.kernel = GemvKernel::Fma256;
+    plan.block = kFma256Block;
+  } else {
+    plan.kernel = GemvKernel::Portable;
+    plan.block = kPortableBlock;
   }
-  if (done < p.N) packed_gemv_portable(p, done, p.N);
+  plan.main_columns = p.N / plan.block * plan.block;
+}
+
+int64_t packed_gemv_blocks(const PackedGemvProblem& p, const PackedGemvPlan& plan) {
+  return plan.main_columns / plan.block + (p.N - plan.main_columns + kPortableBlock - 1) / kPortableBlock;
+}
+
+void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, int64_t b, int64_t* n0,
+                       int64_t* n1) {
+  const int64_t main_blocks = plan.main_columns / plan.block;
+  if (b >= main_blocks) {  // the columns past the last whole block of the main kernel
+    *n0 = plan.main_columns + (b - main_blocks) * kPortableBlock;
+    *n1 = *n0 + kPortableBlock < p.N ? *n0 + kPortableBlock : p.N;
+    portable_columns(p, *n0, *n1 - *n0);
+    return;
+  }
+  *n0 = b * plan.block;
+  *n1 = *n0 + plan.block;
+  switch (plan.kernel) {
+    case GemvKernel::Lut: lut_columns(p, plan.tables.data(), *n0); break;
+    case GemvKernel::Bf16: bf16_columns(p, plan.pairs.data(), *n0); break;
+    case GemvKernel::Fma512: fma512_columns(p, *n0); break;
+    case GemvKernel::Fma256: fma256_columns(p, *n0); break;
+    default: portable_columns(p, *n0, plan.block); break;
+  }
+}
+
+bool packed_gemv_parallel(const PackedGemvProblem& p, int64_t extra_bytes) {
+  // Below ~64 KiB of weights (and LoRA factors) a layer takes a few microseconds on one thread: handing out
+  // blocks to another costs about as much.
+  constexpr int64_t kParallelBytes = 64 << 10;
+  const int64_t weight_bytes = p.N * p.K * (p.bits == 3 ? 3 : p.bits) / 8 + p.G * p.N * 6;
+  return p.M * weight_bytes + extra_bytes >= kParallelBytes;
 }
 
 }  // namespace saliq

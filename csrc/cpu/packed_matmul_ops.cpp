@@ -1,13 +1,12 @@
 // y = x W^T + bias with W in packed format v1 (saliq/ref.py packed_matmul), fp32 accumulation.
 // Small M (<= packed_matmul_gemv_max_m(), 32 by default): the GEMV kernels of packed_gemv.h, straight on
-// the packed words.
+// the packed words, through quant_linear_cpu (quant_linear_ops.cpp) without LoRA.
 // Larger M: column tiles of W^T are dequantized to fp32 [K, tile] (contiguous along N, like the packed
 // words) and multiplied with at::mm; OpenMP (at::parallel_for) over tiles, each written by one thread.
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 
@@ -89,6 +88,9 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, "x must be [M, ", in_features, "], got ", x.sizes());
   TORCH_CHECK_VALUE(x.is_floating_point(), "x must be floating point, got ", x.scalar_type());
   const int64_t M = x.size(0), K = in_features, N = qweight.size(1), G = K / g;
+  if (M > 0 && N > 0 && M <= g_gemv_max_m)  // quant_linear_cpu's GEMV path, no LoRA: the same bits either way
+    return quant_linear_cpu(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, std::nullopt,
+                            std::nullopt, 0.0);
   at::Tensor bias_f;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
@@ -114,16 +116,6 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   p.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   p.y = y.data_ptr<float>();
   p.x_is_bf16 = x.scalar_type() == at::kBFloat16;
-
-  if (M <= g_gemv_max_m) {
-    at::Tensor xf = at::zeros({M, k_padded}, x.options().dtype(at::kFloat));
-    xf.narrow(1, 0, K).copy_(x);
-    const at::Tensor xsum = xf.narrow(1, 0, K).reshape({M, G, g}).sum(-1).contiguous();
-    p.x = xf.data_ptr<float>();
-    p.x_group_sum = xsum.data_ptr<float>();
-    packed_gemv(p);
-    return y.to(x.scalar_type());
-  }
 
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t tiles = (N + kTileColumns - 1) / kTileColumns;

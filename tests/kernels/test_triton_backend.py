@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+import triton  # noqa: E402,F401  (a test dependency: missing, collection fails instead of skipping)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU", allow_module_level=True)
@@ -69,6 +69,46 @@ def test_choose_without_gpu_takes_the_default(monkeypatch):
     assert autotune.choose("x", (1,), cands, calls.append, DEVICE) == cands[0]
 
 
+def _fake_gpu(monkeypatch, tmp_path, budget, ms_per_run):
+    """choose() on a pretend GPU: every measurement costs `ms_per_run` of a fake clock."""
+    clock = [0.0]
+    monkeypatch.setenv("SALIQ_CACHE", str(tmp_path))
+    monkeypatch.setenv("SALIQ_AUTOTUNE", "1")
+    monkeypatch.setenv("SALIQ_TUNE_BUDGET_S", str(budget))
+    monkeypatch.setattr(autotune, "_memory", {})
+    monkeypatch.setattr(autotune, "_spent", [0.0])
+    monkeypatch.setattr(autotune, "is_interpreter", lambda: False)
+    monkeypatch.setattr(autotune, "device_name", lambda device: "Pretend GPU")
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock[0])
+
+    def timed(fn, **_):
+        clock[0] += ms_per_run / 1e3
+        return fn()
+
+    monkeypatch.setattr(autotune, "cuda_time_ms", timed)
+
+
+def test_tuning_stops_at_its_budget_and_records_only_complete_searches(monkeypatch, tmp_path):
+    cands = [{"ms": 3.0}, {"ms": 1.0}, {"ms": 2.0}, {"ms": 0.5}]
+    _fake_gpu(monkeypatch, tmp_path, budget=2.5, ms_per_run=1000.0)  # each candidate costs 1 s of tuning
+    # the first search measures candidates until the budget is spent: 3 of 4, so its winner is not recorded
+    assert autotune.choose("op", (1,), cands, lambda c: c["ms"], "cuda") == cands[1]
+    assert autotune.lookup("op", (1,), "cuda") is None
+    # the budget is spent: the next miss takes the default at once, measuring nothing
+    assert autotune.choose("op", (2,), cands, lambda c: pytest.fail("tuned past the budget"), "cuda") == cands[0]
+    # a complete search (ample budget) is recorded and answers later lookups
+    _fake_gpu(monkeypatch, tmp_path, budget=100, ms_per_run=1000.0)
+    assert autotune.choose("op", (3,), cands, lambda c: c["ms"], "cuda") == cands[3]
+    assert autotune.lookup("op", (3,), "cuda") == cands[3]
+
+
+@pytest.mark.parametrize("bad", ["-1", "soon", "nan"])
+def test_a_bad_tuning_budget_is_refused_naming_the_variable(monkeypatch, bad):
+    monkeypatch.setenv("SALIQ_TUNE_BUDGET_S", bad)
+    with pytest.raises(ValueError, match=f"SALIQ_TUNE_BUDGET_S='{bad}' must be a number of seconds >= 0"):
+        autotune.tune_budget_s()
+
+
 def test_m_bucket():
     assert [autotune.m_bucket(m) for m in (0, 1, 3, 16, 17, 100, 4096, 100000)] == \
         [1, 1, 3, 16, 32, 128, 4096, 8192]
@@ -91,6 +131,7 @@ def test_gpu_autotune_writes_the_cache(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SALIQ_CACHE", str(tmp_path))
     monkeypatch.setenv("SALIQ_AUTOTUNE", "1")
+    monkeypatch.setenv("SALIQ_TUNE_BUDGET_S", "inf")  # every candidate, so the winner is recorded
     monkeypatch.setattr(autotune, "_memory", {})
     q = torch.randint(0, 4, (256, 512), device="cuda")
     p = packing.pack_weight(q, torch.rand(256, 8, device="cuda"), torch.ones(256, 8, device="cuda"),

@@ -1,0 +1,238 @@
+// QuantLinear's whole forward in one call: y = x What^T + lora_scale (x A^T) B^T + bias (saliq/ref.py
+// packed_linear), for the CPU.
+//
+// Why one call: at decode (M = 1) a small model's layer takes tens of microseconds, so the separate steps the
+// Python layer used to run (pad and convert x, group sums of x, the packed GEMV, x A^T, then B) cost as much in
+// allocations and dispatch as in arithmetic. Here, for M <= packed_matmul_gemv_max_m():
+//   1. x is converted to fp32, zero-padded to whole words, and its group sums taken, in per-thread buffers
+//      that are reused from call to call (no tensor allocations but the output);
+//   2. shared by the threads (work_pool.h; the caller alone for small layers, see packed_gemv_parallel): the
+//      rows of t = lora_scale * x A^T [M, r], then blocks of columns, each computing y = x What^T + bias with the
+//      packed GEMV kernels of packed_gemv.h and adding t B^T to the same columns.
+// A and B may be fp32, bf16 or fp16 (converted while read); all sums are fp32, so the result agrees with the
+// reference to fp32 rounding before the cast to x's dtype. Larger M (prefill) runs packed_matmul_cpu's tiled
+// GEMM and the LoRA term as two at::mm calls.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstring>
+#include <vector>
+
+#include "cpu/ops.h"
+#include "cpu/packed_gemv.h"
+#include "cpu/work_pool.h"
+
+namespace saliq {
+
+namespace {
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+// t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1); x rows are ldx apart.
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void lora_down_rows(
+    const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t r, float scale, int64_t j0, int64_t j1,
+    float* t) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* a = A + j * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * ldx;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += to_float(a[k]) * xm[k];
+      t[m * r + j] = scale * acc;
+    }
+  }
+}
+
+// y[m, n] += sum_j B[n, j] t[m, j] for columns n in [n0, n1).
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default"))) void lora_up_columns(
+    const float* t, int64_t M, int64_t r, const T* B, int64_t N, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* b = B + n * r;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* tm = t + m * r;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < r; ++j) acc += to_float(b[j]) * tm[j];
+      y[m * N + n] += acc;
+    }
+  }
+}
+
+// x [M, K] of any float dtype -> fp32 rows of k_padded (zero past K), and the per-group sums of x.
+template <typename T>
+void prepare_x(const T* x, int64_t M, int64_t K, int64_t k_padded, int64_t G, int64_t g, float* xf, float* xsum) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = xf + m * k_padded;
+    for (int64_t k = 0; k < K; ++k) row[k] = to_float(x[m * K + k]);
+    for (int64_t k = K; k < k_padded; ++k) row[k] = 0.0f;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      float s = 0.0f;
+      for (int64_t k = gi * g; k < (gi + 1) * g; ++k) s += row[k];
+      xsum[m * G + gi] = s;
+    }
+  }
+}
+
+// The packed GEMV and the LoRA term, shared by the threads (work_pool.h): first the rows of t = scale x A^T, then
+// blocks of columns, each computing x What^T + bias for its columns with the kernels of packed_gemv.h and adding
+// t B^T to the same columns right away.
+template <typename T>
+void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, float scale, float* t) {
+  // reused from call to call (its buffers keep their capacity); a reference, so that the other threads read the
+  // caller's plan, not a thread_local of their own
+  thread_local PackedGemvPlan tls_plan;
+  PackedGemvPlan& plan = tls_plan;
+  plan_packed_gemv(p, plan);
+  const int64_t blocks = packed_gemv_blocks(p, plan);
+  const int64_t r = A.defined() ? A.size(0) : 0;
+  const T* a = r ? A.data_ptr<T>() : nullptr;
+  const T* b = r ? B.data_ptr<T>() : nullptr;
+  const int threads = blocks > 1 && packed_gemv_parallel(p, r * (p.K + p.N) * (int64_t)sizeof(T))
+                          ? at::get_num_threads() : 1;
+  if (r > 0) {
+    constexpr int64_t kRows = 8;
+    auto down = [&](int64_t i) {
+      const int64_t j0 = i * kRows, j1 = std::min(r, j0 + kRows);
+      lora_down_rows<T>(p.x, p.M, p.k_padded, a, p.K, r, scale, j0, j1, t);
+    };
+    run_claimed((r + kRows - 1) / kRows, threads, down);
+  }
+  auto columns = [&](int64_t blk) {
+    int64_t n0, n1;
+    packed_gemv_block(p, plan, blk, &n0, &n1);
+    if (r > 0) lora_up_columns<T>(t, p.M, r, b, p.N, n0, n1, p.y);
+  };
+  run_claimed(blocks, threads, columns);
+}
+
+ScaleType scale_type_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return ScaleType::F16;
+    case at::kBFloat16: return ScaleType::BF16;
+    default: return ScaleType::F32;
+  }
+}
+
+}  // namespace
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                            const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                            int64_t in_features, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                            double lora_scale) {
+  check_packed(qweight, qweight_hi, scales, zeros, bits, group_size, in_features);
+  const int64_t g = group_len_of(group_size, in_features, "quant_linear");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, "x must be [M, ", in_features, "], got ", x.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_VALUE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
+                    "x must be float32, bfloat16 or float16, got ", xt);
+  TORCH_CHECK_VALUE(lora_A.has_value() == lora_B.has_value(), "lora_A and lora_B must be given together");
+  const int64_t M = x.size(0), K = in_features, N = qweight.size(1), G = K / g;
+  const bool lora = lora_A.has_value();
+  int64_t r = 0;
+  at::Tensor A, B;  // contiguous, one dtype (no copies when they already are)
+  if (lora) {
+    TORCH_CHECK_VALUE(lora_A->dim() == 2 && lora_A->size(1) == K && lora_B->dim() == 2 && lora_B->size(0) == N &&
+                          lora_B->size(1) == lora_A->size(0),
+                      "lora_A must be [r, ", K, "] and lora_B [", N, ", r], got ", lora_A->sizes(), " and ",
+                      lora_B->sizes());
+    A = lora_A->contiguous();
+    B = lora_B->to(A.scalar_type()).contiguous();
+    r = A.size(0);
+  }
+
+  if (M > packed_matmul_gemv_max_m() || M == 0 || N == 0) {  // prefill: the tiled GEMM (packed_matmul_cpu), LoRA
+                                                              // through at::mm
+    at::Tensor y = packed_matmul_cpu(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias);
+    if (lora && M > 0 && N > 0) y.add_(at::mm(at::mm(x.to(A.scalar_type()), A.t()), B.t()).to(y.scalar_type()), lora_scale);
+    return y;
+  }
+
+  const at::Tensor xc = x.contiguous();
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
+    bias_f = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+
+  // per-thread work buffers, grown as needed and kept: a decode step reuses them in every layer
+  thread_local std::vector<float> xbuf, tbuf;
+  const int64_t k_padded = (K + 31) / 32 * 32;
+  xbuf.resize(M * k_padded + M * G);
+  tbuf.resize(M * r);
+  float* xf = xbuf.data();
+  float* xsum = xf + M * k_padded;
+  switch (xt) {
+    case at::kBFloat16: prepare_x(xc.data_ptr<c10::BFloat16>(), M, K, k_padded, G, g, xf, xsum); break;
+    case at::kHalf: prepare_x(xc.data_ptr<c10::Half>(), M, K, k_padded, G, g, xf, xsum); break;
+    default: prepare_x(xc.data_ptr<float>(), M, K, k_padded, G, g, xf, xsum); break;
+  }
+
+  PackedGemvProblem p{};
+  p.x = xf;
+  p.x_group_sum = xsum;
+  p.M = M;
+  p.K = K;
+  p.k_padded = k_padded;
+  p.N = N;
+  p.G = G;
+  p.group_len = g;
+  p.bits = (int)bits;
+  p.qweight = qweight.data_ptr<int32_t>();
+  p.qweight_hi = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;
+  p.scales = scales.data_ptr();
+  p.scale_type = scale_type_of(scales);
+  p.zeros = zeros.data_ptr<int16_t>();
+  p.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  p.y = y.data_ptr<float>();
+  p.x_is_bf16 = xt == at::kBFloat16;
+
+  switch (r > 0 ? A.scalar_type() : at::kFloat) {
+    case at::kFloat: run<float>(p, A, B, (float)lora_scale, tbuf.data()); break;
+    case at::kBFloat16: run<c10::BFloat16>(p, A, B, (float)lora_scale, tbuf.data()); break;
+    case at::kHalf: run<c10::Half>(p, A, B, (float)lora_scale, tbuf.data()); break;
+    default: TORCH_CHECK_VALUE(false, "lora_A must be float32, bfloat16 or float16, got ", A.scalar_type());
+  }
+  return xt == at::kFloat ? y : y.to(xt);
+}
+
+// y = x W^T + bias for a dense W [N, K] (fp32, bf16 or fp16) and small M: rows of W shared by the threads
+// (work_pool.h), fp32 sums. For the layers a quantized model keeps in float (its LM head).
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D, got ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(x.size(-1) == K, "x must be [..., ", K, "], got ", x.sizes());
+  const at::Tensor W = weight.contiguous();
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor t = at::empty({M, N}, x2.options());  // lora_down_rows with r = N writes row m of y at m * N
+  const float* xp = x2.data_ptr<float>();
+  float* y = t.data_ptr<float>();
+  constexpr int64_t kRows = 64;
+  const int64_t chunks = (N + kRows - 1) / kRows;
+  const int threads = N * K * (int64_t)W.element_size() >= (64 << 10) ? at::get_num_threads() : 1;
+  auto rows = [&](int64_t i) {
+    const int64_t j0 = i * kRows, j1 = std::min(N, j0 + kRows);
+    switch (W.scalar_type()) {
+      case at::kBFloat16: lora_down_rows<c10::BFloat16>(xp, M, K, W.data_ptr<c10::BFloat16>(), K, N, 1.0f, j0, j1, y); break;
+      case at::kHalf: lora_down_rows<c10::Half>(xp, M, K, W.data_ptr<c10::Half>(), K, N, 1.0f, j0, j1, y); break;
+      default: lora_down_rows<float>(xp, M, K, W.data_ptr<float>(), K, N, 1.0f, j0, j1, y); break;
+    }
+  };
+  run_claimed(chunks, threads, rows);
+  if (bias.has_value()) t.add_(*bias);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return t.to(x.scalar_type()).reshape(shape);
+}
+
+}  // namespace saliq

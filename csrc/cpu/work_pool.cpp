@@ -1,0 +1,57 @@
+// work_pool.h: indices claimed by the threads of an OpenMP region, and a back-off from parallel regions after a
+// join that waited for a descheduled worker.
+#include "cpu/work_pool.h"
+
+#include <omp.h>
+
+#include <atomic>
+#include <chrono>
+
+namespace saliq {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A join that waits longer than this after the caller's last index waited for a thread that was not running:
+// one index is a block of columns or rows, a few to a few tens of microseconds.
+constexpr auto kStall = std::chrono::microseconds(300);
+constexpr int64_t kMinBackoff = 64, kMaxBackoff = 1 << 14;
+
+// Per calling thread: calls left to run alone, and the length of the next back-off.
+thread_local int64_t t_serial_left = 0;
+thread_local int64_t t_backoff = kMinBackoff;
+std::atomic<int64_t> g_serial_calls{0};
+
+}  // namespace
+
+void run_claimed(int64_t n, int threads, void (*fn)(void* ctx, int64_t i), void* ctx) {
+  if (n <= 0) return;
+  if (threads > 1 && n > 1 && t_serial_left > 0) {
+    --t_serial_left;
+    g_serial_calls.fetch_add(1, std::memory_order_relaxed);
+    threads = 1;
+  }
+  if (threads <= 1 || n == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  Clock::time_point caller_done;
+#pragma omp parallel num_threads(threads)
+  {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      fn(ctx, i);
+    if (omp_get_thread_num() == 0) caller_done = Clock::now();
+  }
+  if (Clock::now() - caller_done > kStall) {
+    t_serial_left = t_backoff;
+    t_backoff = t_backoff * 2 < kMaxBackoff ? t_backoff * 2 : kMaxBackoff;
+  } else if (t_backoff > kMinBackoff) {
+    --t_backoff;  // recover slowly while parallel calls go well
+  }
+}
+
+int64_t run_claimed_serial_calls() { return g_serial_calls.load(std::memory_order_relaxed); }
+
+}  // namespace saliq
