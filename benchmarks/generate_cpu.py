@@ -109,14 +109,26 @@ def memory_of(kind: str, args) -> dict:
     model, tok = load(kind, args)
     ids = prompt_of(tok, args.text, args.prompt_tokens, model.config.vocab_size)
     time_generate(model, ids, args.new_tokens)
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "tensor_bytes": tensor_bytes(model)}
+    return {"peak_rss_bytes": peak_rss(), "tensor_bytes": tensor_bytes(model)}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size: VmHWM (ru_maxrss would include the parent's peak, which a child
+    inherits across fork and exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------- machine
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    info = {"os": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": _version("transformers"), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads()}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
@@ -133,6 +145,15 @@ def machine() -> dict:
     except ImportError:
         info["saliq_cpu_path"] = "saliq._C not built"
     return info
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def load_average() -> list:
@@ -174,8 +195,7 @@ def run(args) -> dict:
     load_after = load_average()
 
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load_average_before": load_before,
-              "load_average_after": load_after, "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                            for k, v in vars(args).items()},
+              "load_average_after": load_after, "settings": settings_of(args),
               "models": {}, "ratios": {}}
     for kind, v in rows.items():
         if not v["decode"]:
@@ -193,6 +213,16 @@ def run(args) -> dict:
         for kind in kinds:
             result["models"][kind].update(measure_memory(kind, args))
     return result
+
+
+def settings_of(args) -> dict:
+    """The run's settings, files by name only (results are shared; where they lay on this machine is not)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k in ("out", "memory_of"):
+            continue
+        out[k] = v.name if isinstance(v, Path) else v
+    return out
 
 
 def measure_memory(kind: str, args) -> dict:
@@ -229,7 +259,8 @@ def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
         f"# Generation on the CPU, {result['date']}",
         "",
         f"{m.get('cpu', platform.processor())}, {m['cpus']} cores (SIMD: {', '.join(m.get('simd', []))}; saliq "
-        f"path {m['saliq_cpu_path']}), {m['threads']} threads, torch {m['torch']}; load average "
+        f"path {m['saliq_cpu_path']}), {m['threads']} threads, torch {m['torch']}, transformers "
+        f"{m.get('transformers', '?')}; load average "
         f"{result['load_average_before']} before, {result['load_average_after']} after.",
         f"transformers `generate`, greedy, batch 1, {s['new_tokens']} new tokens after {s['prompt_tokens']}, "
         f"`torch.no_grad()`; prefill: time to the first token after {s['prefill_tokens']} prompt tokens. Medians of "
@@ -305,8 +336,7 @@ def main(argv=None) -> dict:
 def smoke_memory(args) -> dict:
     model, _ = smoke_model(args.memory_of)
     time_generate(model, prompt_of(None, None, args.prompt_tokens, model.config.vocab_size), args.new_tokens)
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "tensor_bytes": tensor_bytes(model)}
+    return {"peak_rss_bytes": peak_rss(), "tensor_bytes": tensor_bytes(model)}
 
 
 if __name__ == "__main__":

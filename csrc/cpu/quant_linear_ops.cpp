@@ -18,7 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cstring>
+#include <algorithm>
 #include <vector>
 
 #include "cpu/ops.h"
@@ -33,9 +33,10 @@ inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
-// t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1); x rows are ldx apart.
+// t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1) (t is [M, r]); x rows are ldx apart. The LoRA
+// down-projection, and the dense GEMV of dense_linear_cpu (A = W, r = N).
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void lora_down_rows(
+__attribute__((target_clones("avx512f", "avx2", "default"))) void dot_rows(
     const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t r, float scale, int64_t j0, int64_t j1,
     float* t) {
   for (int64_t j = j0; j < j1; ++j) {
@@ -101,7 +102,7 @@ void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, f
     constexpr int64_t kRows = 8;
     auto down = [&](int64_t i) {
       const int64_t j0 = i * kRows, j1 = std::min(r, j0 + kRows);
-      lora_down_rows<T>(p.x, p.M, p.k_padded, a, p.K, r, scale, j0, j1, t);
+      dot_rows<T>(p.x, p.M, p.k_padded, a, p.K, r, scale, j0, j1, t);
     };
     run_claimed((r + kRows - 1) / kRows, threads, down);
   }
@@ -149,10 +150,12 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     r = A.size(0);
   }
 
-  if (M > packed_matmul_gemv_max_m() || M == 0 || N == 0) {  // prefill: the tiled GEMM (packed_matmul_cpu), LoRA
-                                                              // through at::mm
+  if (M > packed_matmul_gemv_max_m() || M == 0 || N == 0) {  // prefill: packed_matmul_cpu's tiled GEMM, then LoRA
     at::Tensor y = packed_matmul_cpu(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias);
-    if (lora && M > 0 && N > 0) y.add_(at::mm(at::mm(x.to(A.scalar_type()), A.t()), B.t()).to(y.scalar_type()), lora_scale);
+    if (lora && M > 0 && N > 0) {
+      const at::Tensor lora_term = at::mm(at::mm(x.to(A.scalar_type()), A.t()), B.t());
+      y.add_(lora_term.to(y.scalar_type()), lora_scale);
+    }
     return y;
   }
 
@@ -208,31 +211,32 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 // y = x W^T + bias for a dense W [N, K] (fp32, bf16 or fp16) and small M: rows of W shared by the threads
 // (work_pool.h), fp32 sums. For the layers a quantized model keeps in float (its LM head).
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D, got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && x.dim() >= 1, "weight must be 2-D and x at least 1-D, got ", weight.sizes(),
+                    " and ", x.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, "x must be [..., ", K, "], got ", x.sizes());
   const at::Tensor W = weight.contiguous();
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
-  at::Tensor t = at::empty({M, N}, x2.options());  // lora_down_rows with r = N writes row m of y at m * N
+  at::Tensor out = at::empty({M, N}, x2.options());
   const float* xp = x2.data_ptr<float>();
-  float* y = t.data_ptr<float>();
+  float* y = out.data_ptr<float>();
   constexpr int64_t kRows = 64;
   const int64_t chunks = (N + kRows - 1) / kRows;
   const int threads = N * K * (int64_t)W.element_size() >= (64 << 10) ? at::get_num_threads() : 1;
   auto rows = [&](int64_t i) {
     const int64_t j0 = i * kRows, j1 = std::min(N, j0 + kRows);
     switch (W.scalar_type()) {
-      case at::kBFloat16: lora_down_rows<c10::BFloat16>(xp, M, K, W.data_ptr<c10::BFloat16>(), K, N, 1.0f, j0, j1, y); break;
-      case at::kHalf: lora_down_rows<c10::Half>(xp, M, K, W.data_ptr<c10::Half>(), K, N, 1.0f, j0, j1, y); break;
-      default: lora_down_rows<float>(xp, M, K, W.data_ptr<float>(), K, N, 1.0f, j0, j1, y); break;
+      case at::kBFloat16: dot_rows(xp, M, K, W.data_ptr<c10::BFloat16>(), K, N, 1.0f, j0, j1, y); break;
+      case at::kHalf: dot_rows(xp, M, K, W.data_ptr<c10::Half>(), K, N, 1.0f, j0, j1, y); break;
+      default: dot_rows(xp, M, K, W.data_ptr<float>(), K, N, 1.0f, j0, j1, y); break;
     }
   };
   run_claimed(chunks, threads, rows);
-  if (bias.has_value()) t.add_(*bias);
+  if (bias.has_value()) out.add_(*bias);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  return t.to(x.scalar_type()).reshape(shape);
+  return out.to(x.scalar_type()).reshape(shape);
 }
 
 }  // namespace saliq
