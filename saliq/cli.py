@@ -517,9 +517,9 @@ def cmd_generate(args) -> dict:
         raise UsageError(f"--max-new-tokens={args.max_new_tokens}: the prompt ({ids.shape[1]} tokens) plus the new "
                          f"tokens exceed the model's context of {ctx} tokens; allowed: at most "
                          f"{max(ctx - ids.shape[1], 0)}")
-    log(f"{args.model}: {'saliq checkpoint' if kind == 'saliq' else 'float model'}, "
-        f"{str(model.dtype).replace('torch.', '')}, loaded in {time.perf_counter() - t0:.1f} s; {torch.get_num_threads()} "
-        f"threads on {device}")
+    dtype = str(model.dtype).replace("torch.", "")
+    log(f"{args.model}: {'saliq checkpoint' if kind == 'saliq' else 'float model'}, {dtype}, loaded in "
+        f"{time.perf_counter() - t0:.1f} s; {torch.get_num_threads()} threads on {device}")
     res = generate_text(model, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, chat=args.chat, input_ids=ids,
                         out=sys.stderr if args.json else sys.stdout)

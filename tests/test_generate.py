@@ -133,3 +133,13 @@ def test_benchmark_memory_probe_reports_peak_rss(capsys):
                        "1"])
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["peak_rss_bytes"] > rec["tensor_bytes"] > 0
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0 and "usage: saliq generate" in text
+    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--chat", "--dtype", "--threads",
+                 "--device", "--json", "--debug"):
+        assert flag in text, flag
