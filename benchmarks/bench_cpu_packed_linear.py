@@ -23,7 +23,7 @@ import time
 
 import pytest
 import torch
-from common import print_uncaptured
+from common import copy_bandwidth_gbs, print_uncaptured
 import torch.nn.functional as F
 
 from saliq import packing
@@ -41,18 +41,6 @@ RESULTS: dict = {}
 # on a shared machine, preemption only ever adds time.
 BENCH_THREADS = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
 _cache: dict = {}
-
-
-def copy_bandwidth_gbs() -> float:
-    """Read + write GB/s of a 256 MiB tensor copy (best of 5): the bandwidth ceiling of a weight-streaming op."""
-    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best / 1e9
 
 
 def weights(n, k, bits):

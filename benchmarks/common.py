@@ -46,6 +46,19 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30, flush_l2: 
     return cuda_time_ms(fn, warmup, rep, before_each=None if flush is None else flush.zero_)
 
 
+def copy_bandwidth_gbs(rounds: int = 5) -> float:
+    """Read + write GB/s of a 256 MiB tensor copy (best of `rounds`): the bandwidth ceiling of a weight-streaming
+    op on the CPU."""
+    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
 def l2_bytes() -> int:
     """The GPU's L2 cache size (a nominal 64 MiB without a GPU)."""
     if not HAS_GPU:

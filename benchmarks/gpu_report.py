@@ -13,6 +13,8 @@ Sections (one JSON record per case, `op` names the section):
   ApiQ-style eager composite and its torch.compile version, fp32 / fp16 / bf16;
 - `calibration`: benchmarks/calib_bench.py, one LLaMA-2-7B-shaped block calibrated with the default backends
   against the eager `ref`, and the projected time of whole 7B / 13B / 70B models at ApiQ's budget;
+- `sparse_addmm`: the reserved weights of issue 14 (CSR, 0.5% density) per backend, graph-timed with the CSR rotated
+  past the L2, next to the default 2-bit g64 packed GEMV they follow (x_gemv = GEMV time / sparse time);
 - `target`: the bars of the issues, met or not.
 
     python benchmarks/gpu_report.py              # on a GPU, a few minutes
@@ -65,6 +67,11 @@ BARS = [
     for dt in ("float32", "float16", "bfloat16")
 ] + [
     ("calibration, 7B-shaped block: x eager", dict(op="calibration"), "x_eager", 2.0),
+] + [
+    # the reserved weights (issue 14) at 0.5% density cost under 15% of the packed GEMV they follow
+    (f"sparse_addmm 0.5% {n}x{k} M=1 ({b}): GEMV time / sparse time",
+     dict(op="sparse_addmm", N=n, K=k, M=1, backend=b), "x_gemv", 1 / 0.15)
+    for (n, k) in PREFILL_SHAPES for b in ("triton", "cuda")
 ]
 
 
@@ -265,6 +272,48 @@ def bench_fake_quant(shapes, bits_list, dtypes, bw, compile_baselines) -> list[d
 
 
 # ------------------------------------------------------------------------------------------------ bars
+# ------------------------------------------------------------------------------------------------ sparse_addmm
+def bench_sparse(shapes, ms_list, dtype, bw, density: float = 0.005) -> list[dict]:
+    """sparse_addmm at `density` in every backend that runs here, writing into a fixed buffer (as inference adds
+    into the GEMV's output), against the default 2-bit g64 packed GEMV of the same layer; both graph-timed with
+    their operands rotated past the L2."""
+    from saliq import backends, ref
+
+    rows = []
+    for n, k in shapes:
+        g = torch.Generator().manual_seed(n + k)
+        nnz = max(1, int(n * k * density))
+        flat = torch.randperm(n * k, generator=g)[:nnz].sort().values
+        counts = torch.bincount(flat // k, minlength=n)
+        rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+        csr0 = tuple(t.to(DEVICE) for t in (rowptr, (flat % k).int(), torch.randn(nnz, generator=g) * 0.02))
+        csr_bytes = 8 * nnz + 4 * (n + 1)
+        csrs = [csr0] + [tuple(t.clone() for t in csr0) for _ in range(copies_beyond_l2(csr_bytes) - 1)]
+        p0 = random_packed(n, k, 2, 64, dtype)
+        pargs = [(p0.qweight, p0.qweight_hi, p0.scales, p0.zeros, 2, 64, k)]
+        pargs += [(p0.qweight.clone(), p0.qweight_hi.clone(), p0.scales.clone(), p0.zeros.clone(), 2, 64, k)
+                  for _ in range(copies_beyond_l2(p0.nbytes()) - 1)]
+        for M in ms_list:
+            log(f"sparse_addmm {n}x{k} {100 * density:g}% M={M} {str(dtype)[6:]}")
+            x = torch.randn(M, k, device=DEVICE, dtype=dtype)
+            y = torch.randn(M, n, device=DEVICE, dtype=dtype)
+            gemv, _ = _default_impl(x, pargs[0])
+            t_gemv = graph_time_ms([(lambda a=a: gemv(x, *a, None)) for a in pargs])
+            expected = ref.sparse_addmm(y, x, *csr0)
+            for backend in [b for b in ("triton", "cuda", "cpp") if b in backends.available("sparse_addmm", DEVICE)]:
+                fn = backends._impls[backend]["sparse_addmm"]
+                err = _rel_err(fn(y, x, *csr0), expected)
+                out = torch.empty_like(y)
+                t = graph_time_ms([(lambda c=c: fn.into(y, x, *c, out)) for c in csrs])
+                gbs = (csr_bytes + nbytes(x) + 2 * M * n * x.element_size()) / (t * 1e-3) / 1e9
+                rows.append(dict(op="sparse_addmm", N=n, K=k, bits=2, group=64, M=M, dtype=str(dtype)[6:],
+                                 backend=backend, density=density, nnz=nnz, ms=t, ms_gemv=t_gemv,
+                                 pct_of_gemv=100 * t / t_gemv, x_gemv=_ratio(t_gemv, t), gbs=gbs, pct_bw=100 * gbs / bw,
+                                 err=err, timing="cuda graph, CSR and weights rotated past L2"))
+        del csrs, pargs
+    return rows
+
+
 def check_targets(rows: list[dict]) -> list[dict]:
     out = []
     for name, sel, field, bar in BARS:
@@ -281,8 +330,8 @@ def main(argv=None) -> int:
                     help="2-bit prefill and end-to-end only, no torch.compile, no fake quant")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
-    ap.add_argument("--sections", nargs="+", default=["decode", "prefill", "lora", "e2e", "fq", "calib"],
-                    help="which sections to run (decode prefill lora e2e fq calib)")
+    ap.add_argument("--sections", nargs="+", default=["decode", "prefill", "lora", "e2e", "fq", "calib", "sparse"],
+                    help="which sections to run (decode prefill lora e2e fq calib sparse)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
     args = ap.parse_args(argv)
     if not HAS_GPU and not args.smoke:
@@ -331,6 +380,8 @@ def main(argv=None) -> int:
         import calib_bench
 
         rows += calib_bench.run(smoke=args.smoke)
+    if "sparse" in sections:
+        rows += bench_sparse(prefill_shapes, [1, 16] if HAS_GPU else [1, 4], dtype, bw)
     targets = check_targets(rows)
     meta["seconds"] = time.perf_counter() - started
 
@@ -358,6 +409,9 @@ def main(argv=None) -> int:
           + table("calibration", ["model", "dtype", "nsamples", "seqlen", "s_block", "s_block_eager", "x_eager",
                                   "s_saliency", "peak_gib", "peak_gib_eager", "projected_h_7B", "projected_h_13B",
                                   "projected_h_70B"])
+          + "\n## Reserved weights: sparse_addmm at 0.5% density next to the 2-bit g64 packed GEMV\n\n"
+          + table("sparse_addmm", ["N", "K", "M", "dtype", "backend", "nnz", "ms", "ms_gemv", "pct_of_gemv", "x_gemv",
+                                   "pct_bw", "err"])
           + "\n## Bars\n\n" + markdown_table(targets, ["target", "value", "required", "met"])
           + f"\n(report took {meta['seconds']:.0f} s)\n")
     out = args.out

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 BACKENDS = ("ref", "cpp", "triton", "cuda")
 OPS = ("fake_quant_lwc_fwd", "fake_quant_lwc_bwd", "saliency_sq_error", "packed_matmul", "dequantize",
-       "pack", "unpack", "dense_linear")
+       "pack", "unpack", "dense_linear", "sparse_addmm")
 
 _impls: dict[str, dict[str, Callable]] = {name: {} for name in BACKENDS}
 _device_support: dict[str, Callable[[str], bool]] = {

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed, hf, ops
+from . import bit_allocation, distributed, hf, ops, outliers
 from . import saliency as saliency_mod
 from .clip_search import search_clipping
+from .sw_loss import sliced_wasserstein
 from .resume import (MANIFEST, PROGRESS, ResumeMismatchError, WorkDir, check_or_write_manifest,  # noqa: F401
                      describe_difference, fingerprint_of, model_fingerprint, read_manifest,
                      read_safetensors_fingerprint, run_components, saliency_fingerprint, samples_fingerprint,
@@ -37,6 +38,7 @@ METHODS = ("rtn", "apiq", "saliq")
 STAGES = {"opt": (1.0, 0.0), "wpt": (0.0, 1.0), "mixed": (1.0, 1.0)}  # (lambda_loss, uses lambda_reg)
 LOSS_NORMS = ("none", "channel", "outlier")
 CLIP_INITS = ("fixed", "search")
+SCALE_DTYPES = {"float16": torch.float16, "float32": None}  # None: the fp32 scale as computed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +70,14 @@ class CalibConfig:
     aug_loss: bool = True
     batch_size: int = 1
     seed: int = 42
+    # beyond the seed paper (docs/CALIBRATION.md, "Beyond the paper")
+    reserve_fraction: float = 0.0  # outlier reservation: this fraction of each linear's weights kept in 16 bits
+    reserve_score: str = "error"  # outliers.SCORES
+    lora_in_grid: bool = False  # LR-QAT: the low-rank update inside the quantizer, folded into the codes
+    bit_budget: float = 0.0  # average code bits per weight, spent per linear by saliency; 0: every linear at `bits`
+    sw_weight: float = 0.0  # weight of the sliced-Wasserstein term next to the block-output MSE
+    sw_projections: int = 64
+    scale_dtype: str = "float16"  # scales rounded to this dtype before the codes are fitted (exact 16-bit storage)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -113,6 +123,24 @@ class CalibConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)")
+        if not (_finite(self.reserve_fraction) and 0.0 <= self.reserve_fraction < 0.5):
+            raise ValueError(f"reserve_fraction={self.reserve_fraction} must lie in [0, 0.5)")
+        if self.reserve_score not in outliers.SCORES:
+            raise ValueError(f"reserve_score={self.reserve_score!r} is not supported; allowed: {outliers.SCORES}")
+        if not isinstance(self.lora_in_grid, bool):
+            raise ValueError(f"lora_in_grid={self.lora_in_grid!r} must be True or False")
+        if self.lora_in_grid and self.lora_rank == 0:
+            raise ValueError("lora_in_grid=True needs lora_rank > 0 (the low-rank update it trains)")
+        top = min(self.bits + 1, 4)
+        if self.bit_budget and not (_finite(self.bit_budget) and self.bits <= self.bit_budget <= top):
+            raise ValueError(f"bit_budget={self.bit_budget} must be 0 (off) or lie in [{self.bits}, {top}] "
+                             f"(bits={self.bits} and one more)")
+        if not _finite(self.sw_weight) or self.sw_weight < 0:
+            raise ValueError(f"sw_weight={self.sw_weight} must be >= 0 and finite (0 turns the term off)")
+        if self.sw_projections < 1:
+            raise ValueError(f"sw_projections={self.sw_projections} must be >= 1")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} is not supported; allowed: {tuple(SCALE_DTYPES)}")
         self.block_multipliers = [float(m) for m in self.block_multipliers]
         if not all(_finite(m) and m >= 0 for m in self.block_multipliers):
             raise ValueError(f"block_multipliers={self.block_multipliers} must all be >= 0 and finite")
@@ -125,8 +153,12 @@ class CalibConfig:
     def uses_saliency(self) -> bool:
         if self.method != "saliq":
             return False
-        return self.clip_init == "search" or (self.lambda_reg != 0 and any(
-            s in ("wpt", "mixed") and e > 0 for s, e in self.schedule))
+        return self.clip_init == "search" or self.reserve_fraction > 0 or bool(self.bit_budget) or (
+            self.lambda_reg != 0 and any(s in ("wpt", "mixed") and e > 0 for s, e in self.schedule))
+
+    @property
+    def scale_torch_dtype(self):
+        return SCALE_DTYPES[self.scale_dtype]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,7 +167,7 @@ class CalibConfig:
         """The settings that determine the result (JSON-normalised): all of them, or for rtn the spec alone."""
         d = json.loads(json.dumps(self.to_dict()))
         if self.method == "rtn":
-            return {k: d[k] for k in ("method", "bits", "group_size", "symmetric")}
+            return {k: d[k] for k in ("method", "bits", "group_size", "symmetric", "scale_dtype")}
         return d
 
 
@@ -198,11 +230,11 @@ def check_spec_fits(model: nn.Module, spec: QuantSpec, label: str = "group_size=
                              f"sizes that fit this model: {', '.join(map(str, fits))}")
 
 
-def quantize_rtn(model: nn.Module, spec: QuantSpec) -> nn.Module:
+def quantize_rtn(model: nn.Module, spec: QuantSpec, scale_dtype=None) -> nn.Module:
     """Round-to-nearest: every block linear becomes a QuantLinear, in place."""
     for block in hf.decoder_blocks(model):
         for name, lin in hf.block_linears(block).items():
-            hf.set_submodule(block, name, QuantLinear.from_linear(lin, spec))
+            hf.set_submodule(block, name, QuantLinear.from_linear(lin, spec, scale_dtype=scale_dtype))
     return model
 
 
@@ -224,7 +256,7 @@ def calibrate(model: nn.Module, samples: torch.Tensor, config: CalibConfig, work
     start = time.perf_counter()
     check_spec_fits(model, config.spec)
     if config.method == "rtn":
-        quantize_rtn(model, config.spec)
+        quantize_rtn(model, config.spec, config.scale_torch_dtype)
         return CalibResult([], [], _peak_memory(device), time.perf_counter() - start)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     distributed.check_batch(config.batch_size)
@@ -261,6 +293,21 @@ class _BlockTrainer:
         self.run_info = run_info if run_info is not None else self._run_info()
         self.fingerprint = fingerprint_of(self.run_info)
         self.work = WorkDir(self.work_dir, self.fingerprint) if self.work_dir is not None else None
+        self.layer_bits = self._allocate_bits() if config.bit_budget else {}
+        self.sw_gen = None
+
+    def _allocate_bits(self) -> dict:
+        """{qualified linear name: bits} under cfg.bit_budget (bit_allocation.py; raw saliency when there is one)."""
+        weights = {f"{self.prefix}.{i}.{name}": lin.weight.detach()
+                   for i, block in enumerate(self.blocks) for name, lin in hf.block_linears(block).items()}
+        sal = None
+        if self.saliency is not None:
+            sal = {k: self.saliency[k] for k in weights}
+        return bit_allocation.allocate(weights, sal, self.cfg.spec, self.cfg.bit_budget)
+
+    def spec_of(self, i: int, name: str) -> QuantSpec:
+        bits = self.layer_bits.get(f"{self.prefix}.{i}.{name}", self.cfg.bits)
+        return QuantSpec(bits=bits, group_size=self.cfg.group_size, symmetric=self.cfg.symmetric)
 
     # ----- driver
     def run(self, start, stop_after_block):
@@ -313,15 +360,22 @@ class _BlockTrainer:
         scale = self._channel_scale(y_fp)
 
         torch.manual_seed(cfg.seed * 1000 + i)  # LoRA init: identical whether resumed or not
+        self.sw_gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)  # the same directions too
         fq = {}
         for name, lin in hf.block_linears(block).items():
-            fq[name] = FakeQuantLinear.from_linear(lin, cfg.spec, lora_rank=cfg.lora_rank,
-                                                   lora_alpha=cfg.lora_alpha, init_logit=cfg.init_logit)
+            fq[name] = FakeQuantLinear.from_linear(lin, self.spec_of(i, name), lora_rank=cfg.lora_rank,
+                                                   lora_alpha=cfg.lora_alpha, init_logit=cfg.init_logit,
+                                                   lora_in_grid=cfg.lora_in_grid)
             hf.set_submodule(block, name, fq[name])
         sal = self._block_saliency(i, fq) if cfg.uses_saliency else {}
+        if cfg.reserve_fraction:  # before the search: the reserved weights leave their groups
+            for name, m in fq.items():
+                m.reserve(outliers.select(m.weight, sal.get(name), m.spec, cfg.reserve_fraction, cfg.reserve_score))
+                if name in sal:
+                    sal[name] = sal[name].masked_fill(m.reserved, 0.0)
         if cfg.clip_init == "search":  # S-weighted for saliq, the plain weight error otherwise
             for name, m in fq.items():
-                hi, lo = search_clipping(m.weight, cfg.spec, sal.get(name), cfg.init_logit)
+                hi, lo = search_clipping(m.base_weight(), m.spec, sal.get(name), cfg.init_logit)
                 with torch.no_grad():
                     m.hi.copy_(hi)
                     m.lo.copy_(lo)
@@ -372,7 +426,7 @@ class _BlockTrainer:
         # Pack: the block now holds QuantLinear layers (LoRA kept), then the quantized activations move on.
         for name, m in fq.items():
             m.set_saliency(None)
-            hf.set_submodule(block, name, m.to_quant_linear())
+            hf.set_submodule(block, name, m.to_quant_linear(scale_dtype=cfg.scale_torch_dtype))
         with torch.no_grad():
             x_q = self._run_all(block, x_q)
         block.to(home)
@@ -396,6 +450,9 @@ class _BlockTrainer:
                 mse = ops.mse(y, t_fp)
                 if t_aug is not None:
                     mse = mse + ops.mse(y, t_aug)
+                if self.cfg.sw_weight:
+                    mse = mse + self.cfg.sw_weight * sliced_wasserstein(y, t_fp, self.cfg.sw_projections,
+                                                                        self.sw_gen)
                 if lam_reg:  # the fused forward already computed each layer's penalty
                     pen = sum(m.penalty for m in fq.values())
             elif lam_reg:
@@ -463,12 +520,17 @@ class _BlockTrainer:
     def _restore(self, next_block):
         for i in range(next_block):
             block = self.blocks[i]
+            state = self.work.load_checked(f"block_{i:04d}.safetensors")
             for name, lin in hf.block_linears(block).items():
-                q = QuantLinear.empty(lin.in_features, lin.out_features, self.cfg.spec, bias=lin.bias is not None,
-                                      lora_rank=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
-                                      dtype=lin.weight.dtype, device=lin.weight.device)
+                # LoRA rank and reserved weights as the finished block saved them (in-grid LoRA leaves none)
+                lora = state.get(f"{name}.lora_A")
+                values = state.get(f"{name}.sparse_values")
+                q = QuantLinear.empty(lin.in_features, lin.out_features, self.spec_of(i, name),
+                                      bias=lin.bias is not None, lora_rank=0 if lora is None else lora.shape[0],
+                                      lora_alpha=self.cfg.lora_alpha, dtype=lin.weight.dtype,
+                                      device=lin.weight.device, reserved=0 if values is None else values.shape[0])
                 hf.set_submodule(block, name, q)
-            block.load_state_dict(self.work.load_checked(f"block_{i:04d}.safetensors"))
+            block.load_state_dict(state)
         acts = self.work.load_checked(f"acts_{next_block:04d}.safetensors")
         return acts["x_fp"].to(self.act_device), acts["x_q"].to(self.act_device)
 

@@ -35,6 +35,12 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"  # one file of tensors without an index, as transformers writes small models
 MANIFEST_NAME = "saliq-manifest.json"
 MANIFEST_VERSION = 1
+# Checkpoint format (docs/FORMAT.md): 1 = packed format v1 tensors as in memory; 2 = the same packing, tensors in
+# their smallest exact storage form (saliq/storage.py), per-module widths and reserved weights. Both load.
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+ZERO_STORAGE = ("uint4", "int8", "int16")   # how a module's zero points may be stored (saliq/storage.py)
+RESERVED_STORAGE = ("float16", "bfloat16")  # and its reserved weights
 GENERATION_CONFIG_NAME = "generation_config.json"
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
@@ -147,16 +153,14 @@ def _is_int(v) -> bool:
 # ---------------------------------------------------------------- config
 def check_quant_config(config, path: Path) -> dict:
     """The `quantization_config` of a parsed config.json, every field the loader uses type-checked."""
-    from .packing import FORMAT_VERSION
-
     d = path.parent
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{d} is not a saliq checkpoint (quantization_config.quant_method != 'saliq')")
-    if qc.get("format_version") != FORMAT_VERSION or not _is_int(qc.get("format_version")):
+    if qc.get("format_version") not in READABLE_FORMATS or not _is_int(qc.get("format_version")):
         raise CheckpointError(
-            f"{d} uses packed format version {qc.get('format_version')!r}; this saliq reads version "
-            f"{FORMAT_VERSION}. Re-quantize the model or install the saliq version that wrote it"
+            f"{d} uses checkpoint format version {qc.get('format_version')!r}; this saliq reads versions "
+            f"{', '.join(map(str, READABLE_FORMATS))}. Re-quantize the model or install the saliq version that wrote it"
         )
     try:
         QuantSpec(bits=qc["bits"], group_size=qc["group_size"], symmetric=qc["symmetric"])
@@ -183,11 +187,37 @@ def check_quant_config(config, path: Path) -> dict:
                 bad = f"modules[{name!r}].lora_alpha={m.get('lora_alpha')!r} (a finite number)"
             elif not isinstance(m.get("bias"), bool):
                 bad = f"modules[{name!r}].bias={m.get('bias')!r} (true or false)"
+            else:
+                bad = _check_module_storage(name, m)
             if bad:
                 break
     if bad:
         raise CheckpointError(f"{path}: quantization_config has a bad {bad}")
     return qc
+
+
+def _check_module_storage(name: str, m: dict):
+    """The format-2 entries of a module (each optional: absent means the format-1 default), or what is wrong."""
+    from .spec import ALLOWED_BITS
+
+    if "bits" in m and (not _is_int(m["bits"]) or m["bits"] not in ALLOWED_BITS):
+        return f"modules[{name!r}].bits={m['bits']!r} (one of {ALLOWED_BITS})"
+    if m.get("zeros_dtype", "int16") not in ZERO_STORAGE:
+        return f"modules[{name!r}].zeros_dtype={m['zeros_dtype']!r} (one of {tuple(ZERO_STORAGE)})"
+    if "reserved" in m and (not _is_int(m["reserved"]) or m["reserved"] < 0):
+        return f"modules[{name!r}].reserved={m['reserved']!r} (an integer >= 0)"
+    if m.get("reserved_dtype", "float16") not in RESERVED_STORAGE:
+        return f"modules[{name!r}].reserved_dtype={m['reserved_dtype']!r} (one of {tuple(RESERVED_STORAGE)})"
+    return None
+
+
+def module_storage(m: dict) -> dict:
+    """The loader's view of a checked module entry: bits (None: the config's), reserved count and storage dtypes."""
+    import torch
+
+    return {"bits": m.get("bits"), "reserved": int(m.get("reserved", 0)),
+            "zeros_storage": m.get("zeros_dtype", "int16"),
+            "reserved_dtype": getattr(torch, m.get("reserved_dtype", "float16"))}
 
 
 def _is_number(v) -> bool:
@@ -572,35 +602,45 @@ def looks_like_saliq_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def describe(ckpt_dir) -> dict:
-    """Quantization config and a size breakdown (packed weights, LoRA, other tensors) of a checkpoint, after the
-    verification `saliq.load` does (every file against the manifest): CheckpointError names a damaged file.
+    """Quantization config and a size breakdown of a checkpoint, after the verification `saliq.load` does (every
+    file against the manifest): CheckpointError names a damaged file. bits_per_weight counts everything a
+    quantized layer stores (codes, scales, zeros, reserved weights with their indices, LoRA, bias) per quantized
+    weight; bits_by_part splits it; packed_bits_per_weight is codes, scales and zeros alone.
 
     bytes: the checkpoint's own files (the manifest's); extra_files: entries of the directory it does not list
     (ignored by the loader, not counted)."""
     ck = verify(ckpt_dir)
     qc = ck.quant_config
-    sizes = {"packed": 0, "lora": 0, "other": 0}
+    parts = dict.fromkeys(("codes", "scales", "zeros", "reserved", "lora", "bias", "other"), 0)
+    leaf_part = {"qweight": "codes", "qweight_hi": "codes", "scales": "scales", "zeros": "zeros",
+                 "sparse_rowptr": "reserved", "sparse_cols": "reserved", "sparse_values": "reserved",
+                 "lora_A": "lora", "lora_B": "lora", "bias": "bias"}
     weights = 0
-    per_word = 32 // (2 if qc["bits"] == 3 else qc["bits"])
     for key, dtype, shape in ck.tensor_headers():
         n = 1
         for d in shape:
             n *= d
         nbytes = n * _DTYPE_BYTES.get(dtype, 4)
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf in ("qweight", "qweight_hi", "scales", "zeros"):
-            sizes["packed"] += nbytes
-            if leaf == "qweight" and len(shape) == 2:
-                weights += shape[0] * per_word * shape[1]
-        elif leaf in ("lora_A", "lora_B"):
-            sizes["lora"] += nbytes
-        else:
-            sizes["other"] += nbytes
+        module, _, leaf = key.rpartition(".")
+        entry = qc["modules"].get(module)
+        part = leaf_part.get(leaf) if entry is not None else None
+        parts[part or "other"] += nbytes
+        if part == "codes" and leaf == "qweight" and len(shape) == 2:
+            bits = entry.get("bits", qc["bits"])
+            weights += shape[0] * (32 // (2 if bits == 3 else bits)) * shape[1]
+    quantized = sum(v for k, v in parts.items() if k != "other")
+    packed = parts["codes"] + parts["scales"] + parts["zeros"]
+    per_weight = {f"{k}_bits": 8 * v / max(weights, 1) for k, v in parts.items() if k != "other"}
+    widths = {}
+    for m in qc["modules"].values():
+        b = m.get("bits", qc["bits"])
+        widths[b] = widths.get(b, 0) + 1
     return {"dir": str(ckpt_dir), "quantization_config": {k: v for k, v in qc.items() if k != "modules"},
-            "quantized_layers": len(qc["modules"]), "quantized_weights": weights,
-            "bytes": ck.total_bytes, "packed_bytes": sizes["packed"], "lora_bytes": sizes["lora"],
-            "other_bytes": sizes["other"],
-            "packed_bits_per_weight": 8 * sizes["packed"] / max(weights, 1),
+            "quantized_layers": len(qc["modules"]), "quantized_weights": weights, "layers_by_bits": widths,
+            "bytes": ck.total_bytes, "packed_bytes": packed, "reserved_bytes": parts["reserved"],
+            "lora_bytes": parts["lora"], "other_bytes": parts["other"] + parts["bias"],
+            "packed_bits_per_weight": 8 * packed / max(weights, 1),
+            "bits_per_weight": 8 * quantized / max(weights, 1), "bits_by_part": per_weight,
             "files": len(ck.files) + (0 if ck.legacy else 1), "extra_files": ck.extra,
             "verified": "legacy: shards only (no manifest)" if ck.legacy else "all files (manifest)"}
 

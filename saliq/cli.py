@@ -28,7 +28,8 @@ EXAMPLES = """examples:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from .calibrate import CLIP_INITS, METHODS, STAGES, LOSS_NORMS
+    from .calibrate import CLIP_INITS, LOSS_NORMS, METHODS, SCALE_DTYPES, STAGES
+    from .outliers import SCORES as RESERVE_SCORES
     from .saliency import NORMALISATIONS
 
     p = argparse.ArgumentParser(prog="saliq", description="Saliency-aware 2/3/4-bit quantization of LLaMA-family "
@@ -85,6 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "(outlier) normalised MSE; see docs/CALIBRATION.md")
     q.add_argument("--no-aug-loss", action="store_true", help="drop ApiQ's second MSE term F_fp(X_q)")
     q.add_argument("--batch-size", type=int, default=1, help="samples per optimizer step (default 1)")
+    b = q.add_argument_group("beyond the paper (docs/CALIBRATION.md)")
+    b.add_argument("--reserve-fraction", type=float, default=0.0, metavar="F",
+                   help="keep this fraction of each linear's weights exactly in 16 bits (outlier reservation; "
+                   "default 0, e.g. 0.005)")
+    b.add_argument("--reserve-score", default="error", choices=RESERVE_SCORES,
+                   help="which weights to reserve: largest saliency x rounding error (error, default) or "
+                   "saliency x weight^2 (magnitude)")
+    b.add_argument("--lora-in-grid", action="store_true",
+                   help="train the low-rank update inside the quantizer (LR-QAT): it is folded into the codes, "
+                   "the checkpoint has no LoRA")
+    b.add_argument("--bit-budget", type=float, default=0.0, metavar="BITS",
+                   help="average code bits per weight, spent per linear by saliency between --bits and --bits + 1 "
+                   "(default 0: every linear at --bits)")
+    b.add_argument("--sw-weight", type=float, default=0.0,
+                   help="weight of a sliced-Wasserstein term next to the block-output MSE (default 0: off)")
+    b.add_argument("--sw-projections", type=int, default=64, help="random directions of that term (default 64)")
+    b.add_argument("--float-bits", type=int, default=16, choices=(16, 32),
+                   help="storage of the float tensors (embeddings, norms, LoRA): 16 bits (default) or as they are")
+    b.add_argument("--scale-dtype", default="float16", choices=tuple(SCALE_DTYPES),
+                   help="scales rounded to this dtype, the codes fitted to them (default float16: exact 16-bit "
+                   "storage)")
     q.add_argument("--saliency", default=None, metavar="PATH",
                    help="saliency safetensors: reused when it exists, else computed and written there")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -301,7 +323,10 @@ def cmd_quantize(args) -> dict:
                           clip_init=args.clip_init or "", init_logit=args.init_logit,
                           weight_decay=args.weight_decay, lambda_reg=args.lambda_reg, block_multipliers=mult,
                           after_lora=args.after_lora, saliency_norm=args.saliency_norm, loss_norm=args.loss_norm,
-                          aug_loss=not args.no_aug_loss, batch_size=args.batch_size, seed=args.seed)
+                          aug_loss=not args.no_aug_loss, batch_size=args.batch_size, seed=args.seed,
+                          reserve_fraction=args.reserve_fraction, reserve_score=args.reserve_score,
+                          lora_in_grid=args.lora_in_grid, bit_budget=args.bit_budget, sw_weight=args.sw_weight,
+                          sw_projections=args.sw_projections, scale_dtype=args.scale_dtype)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if args.saliency is not None and not cfg.uses_saliency:
@@ -311,7 +336,8 @@ def cmd_quantize(args) -> dict:
                          saliency_path=args.saliency, device=device, amp=not args.no_amp,
                          offload_activations=args.offload_activations, eval_text=args.eval_text,
                          eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_max_tokens,
-                         keep_work=args.keep_work, progress=not args.no_progress, overwrite=args.overwrite)
+                         keep_work=args.keep_work, progress=not args.no_progress, overwrite=args.overwrite,
+                         float_bits=args.float_bits)
     res["provenance"] = _quantize_provenance(args)
     return res
 
@@ -407,10 +433,13 @@ def cmd_info(args) -> dict:
         print(f"{args.dir}: {qc['method']} W{qc['bits']} g{qc['group_size']} "
               f"{'symmetric' if qc['symmetric'] else 'asymmetric'}, LoRA r{qc['lora_rank']} alpha {qc['lora_alpha']}, "
               f"format v{qc['format_version']}")
-        print(f"  quantized layers: {info['quantized_layers']}, {info['quantized_weights']:,} weights")
-        print(f"  size on disk: {human(info['bytes'])} total; packed weights {human(info['packed_bytes'])} "
-              f"({info['packed_bits_per_weight']:.3f} bits/weight incl. scales and zeros), "
-              f"LoRA {human(info['lora_bytes'])}, other tensors {human(info['other_bytes'])}")
+        widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(info["layers_by_bits"].items()))
+        print(f"  quantized layers: {info['quantized_layers']} ({widths}), {info['quantized_weights']:,} weights")
+        parts = ", ".join(f"{k.removesuffix('_bits')} {v:.3f}" for k, v in info["bits_by_part"].items() if v)
+        print(f"  bits per quantized weight, everything counted: {info['bits_per_weight']:.3f} ({parts})")
+        print(f"  size on disk: {human(info['bytes'])} total; packed weights {human(info['packed_bytes'])}, "
+              f"reserved weights {human(info['reserved_bytes'])}, LoRA {human(info['lora_bytes'])}, "
+              f"other tensors {human(info['other_bytes'])}")
     return info
 
 

@@ -43,6 +43,18 @@ def set_cpu_isa(name: str) -> None:
     _C.set_cpu_isa_cap(name)
 
 
+def cpu_gemv() -> str:
+    """How the CPU packed GEMV (M <= 32) treats activations: 'auto', 'exact', 'int8x1', 'int8x2' or 'int8x3'."""
+    return _C.cpu_gemv()
+
+
+def set_cpu_gemv(name: str) -> None:
+    """'auto' (default; SALIQ_CPU_GEMV sets the initial value): x rounded to int8 digits per weight group, three
+    for fp32 x, two for fp16 / bf16 (docs/OPS.md); 'exact': fp32 products of the codes with x; 'int8xN': N
+    digits for every dtype."""
+    _C.set_cpu_gemv(name)
+
+
 # ---------------------------------------------------------------- cpp (CPU)
 def pack(q, bits):
     return _C.pack(q, bits)
@@ -173,3 +185,32 @@ if WITH_CUDA:
     for _op, _fn in (("packed_matmul", cuda_packed_matmul), ("fake_quant_lwc_fwd", cuda_fake_quant_lwc_fwd),
                      ("fake_quant_lwc_bwd", cuda_fake_quant_lwc_bwd), ("saliency_sq_error", cuda_saliency_sq_error)):
         backends.register("cuda", _op, _fn)
+
+
+# ---------------------------------------------------------------- sparse_addmm (cpp and cuda)
+def sparse_addmm_into(y, x, rowptr, cols, vals, out):
+    """y + x Sp^T written into out (which may be y)."""
+    return _C.sparse_addmm(y, x, rowptr, cols, vals, out)
+
+
+def sparse_addmm(y, x, rowptr, cols, vals):
+    return _C.sparse_addmm(y, x, rowptr, cols, vals, None)
+
+
+sparse_addmm.into = sparse_addmm_into  # ops.sparse_addmm_ writes over y with it
+backends.register("cpp", "sparse_addmm", sparse_addmm)
+
+
+def cuda_sparse_addmm_into(y, x, rowptr, cols, vals, out):
+    stream = _cuda_ready(x)
+    with _on_device(x):
+        return _C.cuda_sparse_addmm(y, x, rowptr, cols, vals, out, stream)
+
+
+def cuda_sparse_addmm(y, x, rowptr, cols, vals):
+    return cuda_sparse_addmm_into(y, x, rowptr, cols, vals, None)
+
+
+cuda_sparse_addmm.into = cuda_sparse_addmm_into
+if WITH_CUDA:
+    backends.register("cuda", "sparse_addmm", cuda_sparse_addmm)

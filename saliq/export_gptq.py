@@ -198,6 +198,11 @@ def export_gptq(ckpt: str | os.PathLike, out: str | os.PathLike, refit: bool = F
     model, tok = load(ckpt)
     qc = model.config.quantization_config
     _check_every_block_linear_is_quantized(model)
+    for name, m in model.named_modules():  # GPTQ holds one width and no sparse part
+        if isinstance(m, QuantLinear) and (m.reserved or m.spec.bits != qc.bits):
+            what = f"{m.reserved} reserved weights" if m.reserved else f"{m.spec.bits} bits (the model: {qc.bits})"
+            raise GPTQExportError(f"{name} has {what}; GPTQ stores every layer at one width without reserved "
+                                  "weights: export a checkpoint quantized without --reserve-fraction / --bit-budget")
     report, tensors = ExportReport(), {}
     qnames = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, m in model.named_modules():

@@ -164,7 +164,9 @@ def _define_classes():
             return super().preprocess_model(model, dtype=dtype, **kwargs)
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+            from .checkpoint import module_storage
             from .nn import QuantLinear
+            from .spec import QuantSpec
 
             if not checkpoint_files:
                 raise CheckpointError("a saliq model loads from the files of its checkpoint (with their manifest), "
@@ -186,9 +188,12 @@ def _define_classes():
                 if not isinstance(lin, nn.Linear):
                     raise CheckpointError(f"{ck.dir / CONFIG_NAME}: lists quantized module {name!r}, which is not a "
                                           "linear layer")
-                q = QuantLinear.empty(lin.in_features, lin.out_features, spec, bias=bool(mq["bias"]),
+                st = module_storage(mq)
+                mspec = spec if st["bits"] is None else QuantSpec(st["bits"], spec.group_size, spec.symmetric)
+                q = QuantLinear.empty(lin.in_features, lin.out_features, mspec, bias=bool(mq["bias"]),
                                       lora_rank=int(mq["lora_rank"]), lora_alpha=float(mq["lora_alpha"]),
-                                      dtype=dtype, device="meta")
+                                      dtype=dtype, device="meta", reserved=st["reserved"],
+                                      zeros_storage=st["zeros_storage"], reserved_dtype=st["reserved_dtype"])
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, q)
             expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
@@ -252,10 +257,16 @@ def _check_loaded(name, m):
 
     from . import validate
 
-    if any(t.is_meta for t in m.buffers()):
+    if any(t.is_meta for k, t in m.named_buffers() if not k.endswith(("_i32", "_correction"))):
         raise CheckpointError(f"{name}: some packed tensors were not loaded")
-    x = torch.empty((1, m.in_features), dtype=m.scales.dtype, device=m.qweight.device)
-    validate.packed_linear_args(x, m.packed, m.bias, m.lora_A, m.lora_B)
+    try:
+        if m.reserved:
+            validate.reserved_weights(*m.sparse, m.out_features, m.in_features)
+        m.finish_loading()  # int8 zero points widened, reserved-weight corrections derived
+        x = torch.empty((1, m.in_features), dtype=m.scales.dtype, device=m.qweight.device)
+        validate.packed_linear_args(x, m.packed, m.bias, m.lora_A, m.lora_B)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}") from None
 
 
 def _checkpoint_of(checkpoint_files):

@@ -55,6 +55,7 @@ def card_text(ckpt_dir, results=()) -> str:
     name = Path(os.path.abspath(ckpt_dir)).name
     tasks, ppl = read_results(results)
     tags = ["saliq", "quantized", f"{qc['bits']}-bit", qc.get("method", "unknown")]
+    widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(info["layers_by_bits"].items()))
     lines = ["---", "library_name: transformers", "tags:", *[f"- {t}" for t in tags], "---", "",
              f"# {name}", "",
              f"A {qc['bits']}-bit ({'symmetric' if qc['symmetric'] else 'asymmetric'}, group size "
@@ -64,8 +65,11 @@ def card_text(ckpt_dir, results=()) -> str:
              "| | |", "|---|---|",
              f"| quantized layers | {info['quantized_layers']} ({info['quantized_weights']:,} weights) |",
              f"| packed weights | {info['packed_bits_per_weight']:.3f} bits per weight with scales and zero points |",
+             f"| everything counted | {info['bits_per_weight']:.3f} bits per quantized weight (codes, scales, zeros, "
+             "reserved weights, LoRA) |",
+             f"| layers by width | {widths} |",
              f"| checkpoint size | {info['bytes'] / 2**20:.1f} MiB |",
-             f"| packed format | saliq v{qc['format_version']} |", ""]
+             f"| checkpoint format | saliq {qc['format_version']} |", ""]
     calib = qc.get("calibration_data")
     if isinstance(calib, dict) and calib.get("source"):
         lines += [f"Calibration: {calib.get('nsamples')} windows of {calib.get('seqlen')} tokens of "

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, ref, validate
+from . import ops, outliers, ref, storage, validate
 from .packing import PackedWeight, expected_shapes, pack_weight
 from .spec import QuantSpec
 
@@ -18,10 +18,15 @@ class FakeQuantLinear(nn.Module):
 
     y = x What^T + (alpha / r) (x A^T) B^T + bias, What = fake_quant_lwc(W, hi, lo). When a saliency S is
     set, the same fused pass also yields the penalty sum S (Weff - W)^2, stored in `self.penalty`.
+
+    lora_in_grid (quantization-grid-aware low rank, LR-QAT): the low-rank update moves the weight inside the
+    quantizer, What = fake_quant_lwc(W + s (alpha / r) B A) with s each group's scale (no gradient), so it is
+    measured in quantization steps and ends up in the integer codes: the packed layer needs no LoRA term.
+    `reserve(mask)` keeps the masked weights exactly (16-bit) outside the quantization (saliq/outliers.py).
     """
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], spec: QuantSpec, lora_rank: int = 64,
-                 lora_alpha: float = 16.0, init_logit: float = 4.0):
+                 lora_alpha: float = 16.0, init_logit: float = 4.0, lora_in_grid: bool = False):
         super().__init__()
         if lora_rank < 0:
             raise ValueError(f"lora_rank={lora_rank} must be >= 0 (0 disables LoRA)")
@@ -46,11 +51,34 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("saliency", None)
         self.after_lora = False
         self.penalty: Optional[Tensor] = None
+        self.lora_in_grid = bool(lora_in_grid) and lora_rank > 0
+        self.register_buffer("reserved", None)      # bool [N, K]: weights kept exactly, outside the groups
+        self.register_buffer("weight_fill", None)   # W with the reserved weights replaced: what the codes quantize
+        self.register_buffer("weight_kept", None)   # W with the reserved weights as stored (16-bit)
+        self._base_stats = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec, lora_rank: int = 64, lora_alpha: float = 16.0,
-                    init_logit: float = 4.0) -> "FakeQuantLinear":
-        return cls(linear.weight, linear.bias, spec, lora_rank, lora_alpha, init_logit)
+                    init_logit: float = 4.0, lora_in_grid: bool = False) -> "FakeQuantLinear":
+        return cls(linear.weight, linear.bias, spec, lora_rank, lora_alpha, init_logit, lora_in_grid)
+
+    def reserve(self, mask: Optional[Tensor]) -> None:
+        """Keep the weights where `mask` [N, K] is True exactly (their 16-bit value) instead of quantizing them;
+        their groups are quantized without them. Call before set_saliency; None or an empty mask clears it."""
+        if mask is not None and tuple(mask.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}; expected {(self.out_features, self.in_features)}")
+        if mask is None or not bool(mask.any()):
+            self.reserved = self.weight_fill = self.weight_kept = None
+        else:
+            mask = mask.to(device=self.weight.device, dtype=torch.bool)
+            self.reserved = mask
+            self.weight_fill = outliers.fill_reserved(self.weight, mask, self.spec)
+            self.weight_kept = outliers.reserved_values(self.weight, mask)
+        self._base_stats = None
+
+    def base_weight(self) -> Tensor:
+        """The weight the packed codes quantize (W, or W with its reserved weights filled in)."""
+        return self.weight if self.weight_fill is None else self.weight_fill
 
     def set_saliency(self, S: Optional[Tensor], after_lora: bool = False) -> None:
         """Attach the saliency S [N, K] (None detaches it); after_lora puts the LoRA update in Weff."""
@@ -58,20 +86,46 @@ class FakeQuantLinear(nn.Module):
             raise ValueError(f"S has shape {tuple(S.shape)}; expected {(self.out_features, self.in_features)}")
         if S is not None:
             validate.saliency_values("S", S)
-        self.saliency = None if S is None else S.to(device=self.weight.device, dtype=torch.float32).contiguous()
+            S = S.to(device=self.weight.device, dtype=torch.float32)
+            if self.reserved is not None:  # reserved weights are exact: no penalty there
+                S = S.masked_fill(self.reserved, 0.0)
+        self.saliency = None if S is None else S.contiguous()
         self.after_lora = after_lora
         self.penalty = None
 
     def lora_delta(self) -> Optional[Tensor]:
         return None if self.lora_A is None else self.lora_scale * (self.lora_B @ self.lora_A)
 
+    def grid_delta(self) -> Tensor:
+        """s (alpha / r) B A [N, K]: the in-quantizer low-rank update in units of each group's current step."""
+        base = self.base_weight()
+        if self._base_stats is None:  # the base weight is frozen: its group extremes once
+            Wg = ref._grouped(base, self.spec.group_len(self.in_features))
+            self._base_stats = (Wg.amax(-1), Wg.amin(-1))
+        with torch.no_grad():
+            s = ref.scale_zero(*self._base_stats, torch.sigmoid(self.hi.float()), torch.sigmoid(self.lo.float()),
+                               self.spec.bits, self.spec.symmetric)[0]
+        g = self.spec.group_len(self.in_features)
+        d = (self.lora_scale * (self.lora_B @ self.lora_A)).reshape(self.out_features, -1, g) * s[..., None]
+        return d.reshape(self.out_features, self.in_features).to(base.dtype)
+
     def _quantize(self, with_penalty: bool):
         if with_penalty and self.saliency is None:
             raise RuntimeError("no saliency set: call set_saliency(S) first")
-        if not with_penalty:
-            return ops.fake_quant_lwc(self.weight, self.hi, self.lo, self.spec), None
-        delta = self.lora_delta() if self.after_lora else None
-        return ops.fake_quant_lwc(self.weight, self.hi, self.lo, self.spec, S=self.saliency, delta=delta)
+        W = self.base_weight()
+        if self.lora_in_grid:
+            # penalty sum S (What(W + d) + d - (W + d))^2 = sum S (What - W)^2, and d trains through both paths
+            d = self.grid_delta()
+            W, delta = W + d, d
+        else:
+            delta = self.lora_delta() if self.after_lora else None
+        if with_penalty:
+            what, reg = ops.fake_quant_lwc(W, self.hi, self.lo, self.spec, S=self.saliency, delta=delta)
+        else:
+            what, reg = ops.fake_quant_lwc(W, self.hi, self.lo, self.spec), None
+        if self.reserved is not None:
+            what = torch.where(self.reserved, self.weight_kept, what)
+        return what, reg
 
     def quantized_weight(self) -> Tensor:
         """What, differentiable in hi and lo."""
@@ -84,21 +138,28 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         what, self.penalty = self._quantize(self.saliency is not None)
         y = F.linear(x, what, self.bias)
-        if self.lora_A is not None:
+        if self.lora_A is not None and not self.lora_in_grid:
             y = y + self.lora_scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y
 
     @torch.no_grad()
-    def to_quant_linear(self, dtype: Optional[torch.dtype] = None) -> "QuantLinear":
-        """Pack the calibrated weight: a QuantLinear whose output matches this layer's."""
-        q, s, z = ref.lwc_quantize(self.weight, self.hi, self.lo, self.spec.bits, self.spec.group_size,
-                                   self.spec.symmetric)
+    def to_quant_linear(self, dtype: Optional[torch.dtype] = None,
+                        scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
+        """Pack the calibrated weight: a QuantLinear whose output matches this layer's (up to the rounding of
+        the scales to `scale_dtype`, when given: the codes are then fitted to the rounded scales)."""
+        W = self.base_weight()
+        if self.lora_in_grid:
+            W = W + self.grid_delta()  # the low-rank update becomes part of the codes
+        q, s, z = ref.lwc_quantize(W, self.hi, self.lo, self.spec.bits, self.spec.group_size, self.spec.symmetric,
+                                   scale_dtype)
         packed = pack_weight(q, s, z, self.spec, dtype=dtype or self.weight.dtype)
-        return QuantLinear(packed, self.bias, self.lora_A, self.lora_B, self.lora_alpha, self.spec)
+        lora = (None, None) if self.lora_in_grid else (self.lora_A, self.lora_B)
+        sparse = None if self.reserved is None else outliers.to_csr(self.weight, self.reserved)
+        return QuantLinear(packed, self.bias, *lora, self.lora_alpha, self.spec, sparse=sparse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
-                f"group_size={self.spec.group_size}, lora_rank={self.lora_rank}")
+                f"group_size={self.spec.group_size}, lora_rank={self.lora_rank}, lora_in_grid={self.lora_in_grid}")
 
 
 class DenseLinear(nn.Linear):
@@ -129,15 +190,22 @@ def use_dense_linears(model: nn.Module) -> int:
     return len(names)
 
 
+def _after_load_state_dict(module, incompatible_keys):
+    module.finish_loading()
+
+
 class QuantLinear(nn.Module):
-    """Inference linear on a packed 2/3/4-bit weight (format v1), with optional LoRA and bias.
+    """Inference linear on a packed 2/3/4-bit weight (format v1), with optional LoRA, bias and reserved weights.
 
     Buffers (all tensors, safe to save as safetensors): qweight, qweight_hi, scales, zeros, and bias,
-    lora_A, lora_B when present.
+    lora_A, lora_B when present; with reserved weights (saliq/outliers.py) their CSR form sparse_rowptr
+    int32 [N+1], sparse_cols int16/int32 [nnz], sparse_values 16-bit [nnz], which replace the dequantized weight
+    at those positions: y = x What^T + x C^T with C = value - What there (fp32, derived, not saved).
     """
 
     def __init__(self, packed: PackedWeight, bias: Optional[Tensor] = None, lora_A: Optional[Tensor] = None,
-                 lora_B: Optional[Tensor] = None, lora_alpha: float = 16.0, spec: Optional[QuantSpec] = None):
+                 lora_B: Optional[Tensor] = None, lora_alpha: float = 16.0, spec: Optional[QuantSpec] = None,
+                 sparse: Optional[tuple] = None):
         super().__init__()
         self.spec = spec or QuantSpec(bits=packed.bits, group_size=packed.group_size)
         if (self.spec.bits, self.spec.group_size) != (packed.bits, packed.group_size):
@@ -153,20 +221,61 @@ class QuantLinear(nn.Module):
         self.lora_rank = 0 if lora_A is None else lora_A.shape[0]
         self.lora_alpha = lora_alpha
         self.lora_scale = lora_alpha / self.lora_rank if self.lora_rank else 0.0
+        self.reserved = 0
+        if sparse is not None:
+            rowptr, cols, values = sparse
+            if not rowptr.is_meta:
+                validate.reserved_weights(rowptr, cols, values, self.out_features, self.in_features)
+            self.reserved = int(values.numel())
+            self.register_buffer("sparse_rowptr", rowptr.detach().clone())
+            self.register_buffer("sparse_cols", cols.detach().clone())
+            self.register_buffer("sparse_values", values.detach().clone())
+            # derived, not saved: int32 columns and the fp32 corrections the sparse op adds
+            self.register_buffer("sparse_cols_i32", None, persistent=False)
+            self.register_buffer("sparse_correction", None, persistent=False)
+            if not rowptr.is_meta:
+                self.refresh_sparse()
+        # the corrections derive from loaded buffers: load_state_dict (resume, user code) refreshes them
+        self.register_load_state_dict_post_hook(_after_load_state_dict)
+
+    def refresh_sparse(self) -> None:
+        """Recompute the corrections value - What at the reserved positions (after the buffers were loaded)."""
+        if not self.reserved:
+            return
+        rowptr = self.sparse_rowptr.long()
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=rowptr.device), rowptr.diff())
+        cols = self.sparse_cols.long()
+        what = ref.dequantize(self.qweight, self.qweight_hi, self.scales.float(), self.zeros, self.spec.bits,
+                              self.spec.group_size, self.in_features)
+        self.sparse_cols_i32 = cols.to(torch.int32)
+        self.sparse_correction = self.sparse_values.float() - what[rows, cols]
+
+    def finish_loading(self) -> None:
+        """After buffers were filled from a checkpoint: widen zero points stored as 4-bit pairs or int8 to the int16
+        the kernels read, and derive the sparse corrections."""
+        if self.zeros.dtype == torch.uint8:
+            self.zeros = storage.unpack_nibbles(self.zeros, self.spec.num_groups(self.in_features))
+        elif self.zeros.dtype != torch.int16:
+            self.zeros = self.zeros.to(torch.int16)
+        self.refresh_sparse()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> "QuantLinear":
-        """Round-to-nearest quantization of an nn.Linear."""
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec,
+                    scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
+        """Round-to-nearest quantization of an nn.Linear (scales rounded to `scale_dtype` first when given)."""
         W = linear.weight.detach()
         spec.group_len(W.shape[1])  # a group size that does not divide in_features: a clear error here
         validate.quantizable_weight("linear.weight", W)
-        q, s, z = ref.rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric)
+        q, s, z = ref.rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric, scale_dtype)
         return cls(pack_weight(q, s, z, spec, dtype=W.dtype), linear.bias, spec=spec)
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False, lora_rank: int = 0,
-              lora_alpha: float = 16.0, dtype: torch.dtype = torch.float16, device=None) -> "QuantLinear":
-        """A module with correctly shaped (uninitialised) buffers, ready for load_state_dict."""
+              lora_alpha: float = 16.0, dtype: torch.dtype = torch.float16, device=None, reserved: int = 0,
+              zeros_storage: str = "int16", reserved_dtype: torch.dtype = torch.float16) -> "QuantLinear":
+        """A module with correctly shaped (uninitialised) buffers, ready for load_state_dict (then finish_loading).
+        reserved: the number of reserved weights; zeros_storage ("uint4", "int8", "int16") and reserved_dtype: as
+        a checkpoint stores them (saliq/storage.py)."""
         shapes = expected_shapes(spec.bits, spec.group_size, in_features, out_features)
         mk = lambda shape, dt: torch.empty(shape, dtype=dt, device=device)  # noqa: E731
         packed = PackedWeight(qweight=mk(shapes["qweight"], torch.int32),
@@ -176,7 +285,24 @@ class QuantLinear(nn.Module):
                               out_features=out_features)
         lora_A = mk((lora_rank, in_features), dtype) if lora_rank else None
         lora_B = mk((out_features, lora_rank), dtype) if lora_rank else None
-        return cls(packed, mk((out_features,), dtype) if bias else None, lora_A, lora_B, lora_alpha, spec)
+        sparse = None
+        if reserved:
+            col_dtype = torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+            sparse = (mk((out_features + 1,), torch.int32), mk((reserved,), col_dtype), mk((reserved,), reserved_dtype))
+            if sparse[0].device.type != "meta":  # a valid placeholder (all in the last row); the load overwrites it
+                for t in sparse:
+                    t.zero_()
+                sparse[0][-1] = reserved
+        q = cls(packed, mk((out_features,), dtype) if bias else None, lora_A, lora_B, lora_alpha, spec, sparse)
+        if zeros_storage == "uint4":
+            q.zeros = mk(((shapes["zeros"][0] + 1) // 2, out_features), torch.uint8)
+        elif zeros_storage != "int16":
+            q.zeros = q.zeros.to(getattr(torch, zeros_storage))
+        return q
+
+    @property
+    def sparse(self) -> Optional[tuple]:
+        return (self.sparse_rowptr, self.sparse_cols, self.sparse_values) if self.reserved else None
 
     @property
     def packed(self) -> PackedWeight:
@@ -193,15 +319,27 @@ class QuantLinear(nn.Module):
             x = x.to(scales.dtype)
         if x.dim() == 0 or x.shape[-1] != self.in_features or x.device != qweight.device:
             # the full checks, for their clear error
-            return ops.packed_linear(x, self.packed, b["bias"], b["lora_A"], b["lora_B"], self.lora_scale)
-        # the buffers were checked when the module was built: straight to the kernel
-        return ops.packed_linear_trusted(x, qweight, b["qweight_hi"], scales, b["zeros"], self.spec.bits,
-                                         self.spec.group_size, self.in_features, b["bias"], b["lora_A"], b["lora_B"],
-                                         self.lora_scale)
+            y = ops.packed_linear(x, self.packed, b["bias"], b["lora_A"], b["lora_B"], self.lora_scale)
+        else:  # the buffers were checked when the module was built: straight to the kernel
+            y = ops.packed_linear_trusted(x, qweight, b["qweight_hi"], scales, b["zeros"], self.spec.bits,
+                                          self.spec.group_size, self.in_features, b["bias"], b["lora_A"],
+                                          b["lora_B"], self.lora_scale)
+        if self.reserved:  # the reserved weights, added into the packed matmul's output
+            y2 = ops.sparse_addmm_(y.reshape(-1, self.out_features), x.reshape(-1, self.in_features),
+                                   b["sparse_rowptr"], b["sparse_cols_i32"], b["sparse_correction"],
+                                   check_csr=False)  # checked when the layer was built or loaded
+            y = y2.reshape(y.shape)
+        return y
 
     def dequantized_weight(self) -> Tensor:
-        return ops.dequantize(self.packed)
+        """What, with the reserved weights in place."""
+        w = ops.dequantize(self.packed)
+        if self.reserved:
+            rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device),
+                                           self.sparse_rowptr.long().diff())
+            w = w.index_put((rows, self.sparse_cols.long()), self.sparse_values.to(w.dtype))
+        return w
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
-                f"group_size={self.spec.group_size}, lora_rank={self.lora_rank}")
+                f"group_size={self.spec.group_size}, lora_rank={self.lora_rank}, reserved={self.reserved}")

@@ -281,3 +281,74 @@ def unpack(qweight: Tensor, qweight_hi: Tensor, bits: int, in_features: int) -> 
     """Inverse of pack: -> uint8 [N, in_features]."""
     validate.unpack_args(qweight, qweight_hi, bits, in_features)
     return _unpack(qweight, qweight_hi, bits, in_features)
+
+
+# ---------------------------------------------------------------- sparse_addmm
+@torch.library.custom_op("saliq::sparse_addmm", mutates_args=())
+def _sparse_addmm(y: Tensor, x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor) -> Tensor:
+    impl = backends.resolve("sparse_addmm", x.device.type, y, x, rowptr, cols, vals)
+    return impl(y, x, rowptr, cols, vals)
+
+
+@_sparse_addmm.register_fake
+def _(y, x, rowptr, cols, vals):
+    return y.new_empty(y.shape)
+
+
+def csr_transpose(rowptr: Tensor, cols: Tensor, vals: Tensor, in_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The CSR of Sp^T [K, N] from the CSR of Sp [N, K]: entries grouped by column, in row order within a column (a
+    stable sort), so products with it sum in a fixed order."""
+    n = rowptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n, dtype=torch.int32, device=cols.device), rowptr.long().diff(),
+                                   output_size=cols.numel())
+    order = torch.argsort(cols, stable=True)
+    counts = torch.zeros(in_features, dtype=torch.int64, device=cols.device).index_add_(
+        0, cols.long(), torch.ones_like(cols, dtype=torch.int64))
+    rowptr_t = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return rowptr_t, rows[order], vals[order]
+
+
+def _sa_setup(ctx, inputs, output):
+    y, x, rowptr, cols, vals = inputs
+    ctx.save_for_backward(rowptr, cols, vals)
+    ctx.x_shape = tuple(x.shape)
+
+
+def _sa_backward(ctx, grad):
+    rowptr, cols, vals = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[1]:
+        # dx = grad Sp: the same product with the transposed CSR (a gather per row of Sp^T, no atomics)
+        m, k = ctx.x_shape
+        g = grad.contiguous()
+        dx = _sparse_addmm(g.new_zeros((m, k)), g, *csr_transpose(rowptr, cols, vals, k))
+    return (grad if ctx.needs_input_grad[0] else None), dx, None, None, None
+
+
+_sparse_addmm.register_autograd(_sa_backward, setup_context=_sa_setup)
+
+
+def sparse_addmm(y: Tensor, x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor, check_csr: bool = True) -> Tensor:
+    """y + x Sp^T (a new tensor) for x [M, K], y [M, N] of one float dtype and Sp [N, K] in CSR by output row:
+    rowptr int32 [N + 1], cols int32 [nnz], vals fp32 [nnz]. fp32 sums in a fixed order, one cast at the end.
+
+    Differentiable in y and x (vals get no gradient). check_csr=False skips reading the CSR's contents (a device
+    sync on a GPU) for callers that validated it once (validate.csr)."""
+    validate.sparse_addmm_args(y, x, rowptr, cols, vals, check_csr)
+    return _sparse_addmm(y.contiguous(), x.contiguous(), rowptr.contiguous(), cols.contiguous(), vals.contiguous())
+
+
+def sparse_addmm_(y: Tensor, x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor, check_csr: bool = True) -> Tensor:
+    """In place: y += x Sp^T (the reserved weights added to a packed matmul's output, for inference); returns y.
+    In plain eager inference the backend writes into y directly; under autograd or torch.compile this is
+    y.copy_(sparse_addmm(...))."""
+    validate.sparse_addmm_args(y, x, rowptr, cols, vals, check_csr)
+    x = x.contiguous()
+    if type(y) is Tensor and y.is_contiguous() and not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
+        impl = backends.resolve("sparse_addmm", x.device.type, y, x, rowptr, cols, vals)
+        into = getattr(impl, "into", None)
+        if into is not None:  # the backend writes y + x Sp^T over y, element by element
+            into(y, x, rowptr.contiguous(), cols.contiguous(), vals.contiguous(), y)
+            return y
+    return y.copy_(_sparse_addmm(y.contiguous(), x, rowptr.contiguous(), cols.contiguous(), vals.contiguous()))

@@ -124,7 +124,7 @@ def quantize_model(model_path, cfg, out, **options) -> dict:
 
 def _quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, saliency_path=None, device="cpu",
                     amp=True, offload_activations=False, eval_text=None, eval_seqlen=512, eval_max_tokens=None,
-                    keep_work=False, progress=True, overwrite=False) -> dict:
+                    keep_work=False, progress=True, overwrite=False, float_bits=16) -> dict:
     """The run itself, under the --out lock.
 
     Everything that can be checked is checked before the first write: MODEL is a float model, --out follows
@@ -211,7 +211,7 @@ def _quantize_model(model_path, cfg, out, calib=None, nsamples=16, seqlen=256, s
                           "calibration_data": {"source": str(calib) if cfg.method != "rtn" else None,
                                                "nsamples": nsamples, "seqlen": seqlen},
                           "run": {"fingerprint": fingerprint, "components": components}},
-                   files=_log_file(work, res.log))
+                   files=_log_file(work, res.log), float_bits=float_bits)
     _drop_stale_log(out, res.log)
     _finish_work_dir(work, fingerprint, keep_work)
     result = {"out": str(out), "method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size,

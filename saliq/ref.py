@@ -49,21 +49,30 @@ def scale_zero(wmax, wmin, fmax, fmin, bits: int, symmetric: bool):
     return s, z, s_raw, s_lo, xmax, xmin
 
 
-def lwc_quantize(W, hi, lo, bits: int, group_size: int, symmetric: bool):
-    """Integer levels of LWC quantization: q [N, K] (int64), s [N, G], z [N, G] (fp32)."""
+def lwc_quantize(W, hi, lo, bits: int, group_size: int, symmetric: bool,
+                 scale_dtype: Optional[torch.dtype] = None):
+    """Integer levels of LWC quantization: q [N, K] (int64), s [N, G], z [N, G] (fp32).
+
+    scale_dtype: round each scale to this dtype first, then fit the zero point and the levels to the rounded
+    scale, so a checkpoint storing s in that dtype holds exactly the weights it describes (docs/FORMAT.md,
+    "Storage"). None keeps the fp32 scale."""
     Wg = _grouped(W, group_size)
-    s, z, *_ = scale_zero(Wg.amax(-1), Wg.amin(-1), torch.sigmoid(hi.float()), torch.sigmoid(lo.float()),
-                          bits, symmetric)
+    s, z, _, _, _, xmin = scale_zero(Wg.amax(-1), Wg.amin(-1), torch.sigmoid(hi.float()),
+                                     torch.sigmoid(lo.float()), bits, symmetric)
+    if scale_dtype is not None:
+        s = s.to(scale_dtype).float()
+        if not symmetric:
+            z = (-xmin / s).clamp(-ZERO_BOUND, ZERO_BOUND).round()
     q = (torch.round(Wg / s[..., None]) + z[..., None]).clamp(0, (1 << bits) - 1)
     return q.reshape(W.shape).to(torch.int64), s, z
 
 
-def rtn_quantize(W, bits: int, group_size: int, symmetric: bool):
+def rtn_quantize(W, bits: int, group_size: int, symmetric: bool, scale_dtype: Optional[torch.dtype] = None):
     """Round-to-nearest: LWC with no clipping (both factors 1). Returns q [N, K], s [N, G], z [N, G]."""
     ones = torch.ones(W.shape[0], W.shape[1] // (W.shape[1] if group_size == -1 else group_size),
                       device=W.device)
     inf = torch.full_like(ones, float("inf"))  # sigmoid(inf) = 1 exactly
-    return lwc_quantize(W, inf, inf, bits, group_size, symmetric)
+    return lwc_quantize(W, inf, inf, bits, group_size, symmetric, scale_dtype)
 
 
 def _forward_parts(W, hi, lo, bits, group_size, symmetric):
@@ -188,3 +197,14 @@ def packed_linear(x, packed: "packing.PackedWeight", bias=None, lora_A=None, lor
 def dense_linear(x, weight, bias=None):
     """y = x W^T + bias for a float W [N, K] (a quantized model's float layers, e.g. its LM head): F.linear."""
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def sparse_addmm(y, x, rowptr, cols, vals):
+    """out = y + x Sp^T for x [M, K], y [M, N] (x's dtype) and a sparse Sp [N, K] in CSR by output row: rowptr int32
+    [N + 1], cols int32 [nnz], vals fp32 [nnz] (repeated (row, column) entries add up). fp32 products and sums,
+    y added in fp32, one cast to y's dtype at the end."""
+    n = rowptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n, device=x.device), rowptr.long().diff(), output_size=cols.numel())
+    terms = x.float()[:, cols.long()] * vals.float()  # [M, nnz]: x[m, cols[j]] * vals[j]
+    sums = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device).index_add_(1, rows, terms)
+    return (y.float() + sums).to(y.dtype)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import storage
 from .checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, QUANT_METHOD, CheckpointError,
                          verify)
 
@@ -30,18 +31,20 @@ _DERIVED = ("quant_method", "format_version", "manifest", "bits", "group_size", 
             "lora_alpha", "modules")
 
 
-def quant_config_of(model: nn.Module, method: str | None = None, extra: dict | None = None) -> dict:
+def quant_config_of(model: nn.Module, method: str | None = None, extra: dict | None = None,
+                    stored: dict | None = None) -> dict:
     """The `quantization_config` describing `model`'s QuantLinear layers (docs/FORMAT.md); informational entries
-    of the config it was loaded with are kept, `method` and `extra` override them."""
-    from .packing import FORMAT_VERSION
-
+    of the config it was loaded with are kept, `method` and `extra` override them. stored: the tensors as the
+    checkpoint stores them (storage.stored_state), for the per-module storage dtypes."""
     qmods = _quantized_modules(model)
     if not qmods:
         raise ValueError("save() expects a model whose linears were replaced by saliq QuantLinear layers")
-    specs = {m.spec for m in qmods.values()}
-    if len(specs) != 1:
-        raise ValueError(f"all quantized layers must share one QuantSpec to be saved; found {specs}")
-    spec = specs.pop()
+    shared = {(m.spec.group_size, m.spec.symmetric) for m in qmods.values()}
+    if len(shared) != 1:
+        raise ValueError(f"all quantized layers must share one group size and symmetry to be saved; found {shared}")
+    # the base width: the narrowest; layers given more bits (bit allocation) say so in their module entry
+    spec = min((m.spec for m in qmods.values()), key=lambda sp: sp.bits)
+    stored = stored if stored is not None else storage.stored_state(unique_state_dict(model))
     prev = getattr(model.config, "quantization_config", None)
     prev = prev.to_dict() if hasattr(prev, "to_dict") else dict(prev) if isinstance(prev, dict) else {}
     info = {k: v for k, v in prev.items() if k not in _DERIVED} if prev.get("quant_method") == QUANT_METHOD else {}
@@ -49,7 +52,7 @@ def quant_config_of(model: nn.Module, method: str | None = None, extra: dict | N
     alphas = {name: _lora_alpha(m) for name, m in qmods.items()}
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": ckpt.CHECKPOINT_FORMAT,
         "manifest": MANIFEST_NAME,
         "bits": spec.bits,
         "group_size": spec.group_size,
@@ -57,16 +60,25 @@ def quant_config_of(model: nn.Module, method: str | None = None, extra: dict | N
         "method": method or info.pop("method", None) or "unknown",
         "lora_rank": max(ranks.values()),
         "lora_alpha": max(alphas.values()),
-        "modules": {name: {"lora_rank": ranks[name], "lora_alpha": alphas[name], "bias": m.bias is not None}
-                    for name, m in qmods.items()},
+        "modules": {name: _module_entry(name, m, ranks[name], alphas[name], stored) for name, m in qmods.items()},
         **{k: v for k, v in info.items() if k != "method"},
         **(extra or {}),
     }
 
 
+def _module_entry(name: str, m, rank: int, alpha: float, stored: dict) -> dict:
+    """A QuantLinear's entry in `modules`: what the loader needs to build it before reading its tensors."""
+    zeros = stored.get(f"{name}.zeros", m.zeros)
+    entry = {"lora_rank": rank, "lora_alpha": alpha, "bias": m.bias is not None, "bits": m.spec.bits,
+             "zeros_dtype": storage.zeros_storage_name(zeros)}
+    if m.reserved:
+        entry.update(reserved=m.reserved, reserved_dtype=str(m.sparse_values.dtype).removeprefix("torch."))
+    return entry
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, method: str | None = None,
          max_shard_bytes: int = DEFAULT_SHARD_BYTES, extra: dict | None = None,
-         files: dict | None = None) -> dict:
+         files: dict | None = None, float_bits: int = 16) -> dict:
     """Write `model` (with QuantLinear layers) as a checkpoint in `out_dir`, atomically: everything is written to
     a sibling `<out_dir>.tmp-<random>`, covered by a manifest, fsynced, then put in place of `out_dir` (see
     checkpoint.write_atomically: an existing saliq checkpoint there is replaced, other entries such as `.calib/`
@@ -75,12 +87,14 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, method: s
     method: the quantization method recorded (default: the one the model was loaded with, else "unknown").
     extra: more entries for `quantization_config` (e.g. the calibration settings), informational only.
     files: {name in the checkpoint: source path} of more files to copy in, covered by the manifest.
+    float_bits: 16 stores the float tensors (embeddings, norms, LoRA) in 16 bits and rounds the model in memory to
+    the stored values; 32 keeps them as they are (saliq/storage.py).
     Afterwards the model carries this quantization_config, so `model.save_pretrained` writes the same format.
     Returns {"bytes": size of the checkpoint's files, "quantized_weights": ..., "files": [names]}."""
     from .hf_quantizer import WEIGHTS_GUARD, attach
-    from .packing import FORMAT_VERSION
 
-    qc = quant_config_of(model, method, extra)
+    tensors = storage.stored_state(unique_state_dict(model), float_bits)
+    qc = quant_config_of(model, method, extra, stored=tensors)
     qmods = _quantized_modules(model)
     reserved = {CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, ckpt.SINGLE_NAME}
     for name, src in (files or {}).items():
@@ -97,7 +111,6 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, method: s
     # transformers without saliq would skip the unknown quant_method and build random linears: it fails on this
     # absent index instead (saliq's quantizer replaces it by the real one)
     cfg["transformers_weights"] = WEIGHTS_GUARD
-    tensors = unique_state_dict(model)
 
     def write(tmp: Path):
         if tokenizer is not None:
@@ -106,17 +119,19 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, method: s
         if gen is not None:
             (tmp / GENERATION_CONFIG_NAME).write_text(gen.to_json_string(use_diff=True))
         ckpt.write_shards(tmp, tensors, max_shard_bytes,
-                          metadata={"format": "pt", "saliq_format_version": str(FORMAT_VERSION)})
+                          metadata={"format": "pt", "saliq_format_version": str(ckpt.CHECKPOINT_FORMAT)})
         ckpt.write_json(tmp / CONFIG_NAME, cfg)
         for name, src in (files or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
 
     manifest = ckpt.write_atomically(out_dir, write)
+    storage.round_model_to(model, tensors)  # the model in memory is now the model on disk
     attach(model, qc)
     out = Path(out_dir)
     total = sum(e["bytes"] for e in manifest["files"].values()) + (out / MANIFEST_NAME).stat().st_size
     return {"bytes": total, "quantized_weights": sum(m.in_features * m.out_features for m in qmods.values()),
+            "bits_per_weight": storage.bits_report(qmods, tensors)["bits_per_weight"],
             "files": sorted(manifest["files"]) + [MANIFEST_NAME]}
 
 

@@ -24,6 +24,7 @@ from .kernels.dequantize import dequantize
 from .kernels.fake_quant import fake_quant_lwc_bwd, fake_quant_lwc_fwd
 from .kernels.packed_matmul import packed_matmul
 from .kernels.sq_error import saliency_sq_error
+from .kernels.sparse import sparse_addmm
 
 IMPLS = {
     "fake_quant_lwc_fwd": fake_quant_lwc_fwd,
@@ -31,6 +32,7 @@ IMPLS = {
     "saliency_sq_error": saliency_sq_error,
     "packed_matmul": packed_matmul,
     "dequantize": dequantize,
+    "sparse_addmm": sparse_addmm,
 }
 COMPETING = ("triton", "cuda")  # backends measured against each other on CUDA tensors
 _ARITY = {op: len(inspect.signature(getattr(ref, op)).parameters) for op in IMPLS}

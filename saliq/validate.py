@@ -139,3 +139,60 @@ def unpack_args(qweight, qweight_hi, bits, in_features) -> None:
     _tensor("qweight_hi", qweight_hi, dtypes=(torch.int32,))
     if in_features <= 0:
         raise ValueError(f"in_features={in_features} must be positive")
+
+
+def reserved_weights(rowptr: Tensor, cols: Tensor, values: Tensor, out_features: int, in_features: int) -> None:
+    """The CSR form of a layer's reserved weights (docs/FORMAT.md, "Reserved weights")."""
+    _tensor("sparse_rowptr", rowptr, 1, (torch.int32,))
+    _tensor("sparse_cols", cols, 1, (torch.int16, torch.int32))
+    _tensor("sparse_values", values, 1, (torch.float16, torch.bfloat16))
+    _shape("sparse_rowptr", rowptr, (out_features + 1,))
+    nnz = values.numel()
+    _shape("sparse_cols", cols, (nnz,))
+    r = rowptr.long()
+    if int(r[0]) != 0 or int(r[-1]) != nnz or bool((r.diff() < 0).any()):
+        raise ValueError(f"sparse_rowptr must rise from 0 to nnz={nnz} without decreasing; got first "
+                         f"{int(r[0])}, last {int(r[-1])}")
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
+        raise ValueError(f"sparse_cols holds values in [{int(cols.min())}, {int(cols.max())}]; allowed: "
+                         f"[0, {in_features - 1}] (in_features={in_features})")
+
+
+def sparse_addmm_args(y, x, rowptr, cols, vals, check_csr: bool = True) -> None:
+    """y [M, N] and x [M, K] (one float dtype), Sp [N, K] in CSR: rowptr int32 [N + 1], cols int32 [nnz], vals
+    fp32 [nnz]. check_csr also reads the CSR's contents (a device sync on a GPU): rowptr rises from 0 to nnz
+    without decreasing, every column lies in [0, K)."""
+    _tensor("x", x, 2, FLOAT_DTYPES)
+    _tensor("y", y, 2, (x.dtype,))
+    _tensor("rowptr", rowptr, 1, (torch.int32,))
+    _tensor("cols", cols, 1, (torch.int32,))
+    _tensor("vals", vals, 1, (torch.float32,))
+    if rowptr.numel() == 0:
+        raise ValueError("rowptr is empty; it must hold N + 1 >= 1 entries (N = y.shape[1])")
+    m, k = x.shape
+    n = rowptr.numel() - 1
+    if tuple(y.shape) != (m, n):
+        raise ValueError(f"y has shape {tuple(y.shape)}; expected {(m, n)} (rows of x, len(rowptr) - 1)")
+    _shape("vals", vals, tuple(cols.shape))
+    _same_device(y=y, x=x, rowptr=rowptr, cols=cols, vals=vals)
+    if check_csr:
+        csr(rowptr, cols, k)
+
+
+def csr(rowptr: Tensor, cols: Tensor, in_features: int) -> None:
+    """The contents of a CSR matrix [N, in_features]: rowptr rises from 0 to nnz = len(cols), cols in range."""
+    nnz = cols.numel()
+    r = rowptr.long()
+    steps = r.diff()
+    first_drop = int(torch.argmax((steps < 0).int())) if steps.numel() else 0
+    lo, hi = (int(v) for v in torch.stack([cols.min(), cols.max()]).tolist()) if nnz else (0, 0)
+    first, last = int(r[0]), int(r[-1])
+    if first != 0 or last != nnz:
+        raise ValueError(f"rowptr must start at 0 and end at nnz={nnz} (len(cols)); got rowptr[0]={first}, "
+                         f"rowptr[-1]={last}")
+    if steps.numel() and int(steps[first_drop]) < 0:
+        raise ValueError(f"rowptr must not decrease; rowptr[{first_drop}]={int(r[first_drop])} > "
+                         f"rowptr[{first_drop + 1}]={int(r[first_drop + 1])}")
+    if nnz and (lo < 0 or hi >= in_features):
+        raise ValueError(f"cols holds values in [{lo}, {hi}]; allowed: [0, {in_features - 1}] "
+                         f"(K={in_features}, the columns of x)")

@@ -27,16 +27,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (row label as in the README, CalibConfig settings; epochs are the full budget's)
+# (row label as in the README, CalibConfig settings; epochs are the full budget's; a {bits: value} dict is a
+# per-width setting). The rows measured before fp16 scale storage keep their fp32 scales.
+FP32_SCALES = dict(scale_dtype="float32")
 ROWS = [
     ("fp32", None),
-    ("RTN", dict(method="rtn")),
-    ("ApiQ, `opt` 2 epochs per block", dict(method="apiq", epochs=2)),
-    ("ApiQ, `opt` 4 epochs per block (more time than saliq's default)", dict(method="apiq", epochs=4)),
+    ("RTN", dict(method="rtn", **FP32_SCALES)),
+    ("ApiQ, `opt` 2 epochs per block", dict(method="apiq", epochs=2, **FP32_SCALES)),
+    ("ApiQ, `opt` 4 epochs per block (more time than saliq's default)", dict(method="apiq", epochs=4,
+                                                                              **FP32_SCALES)),
     ("ApiQ + plain squared-error clipping search, `opt` 2 (ablation)", dict(method="apiq", epochs=2,
-                                                                             clip_init="search")),
+                                                                             clip_init="search", **FP32_SCALES)),
     ("saliq default: saliency-weighted clipping search, `wpt` 2 after LoRA, `opt` 2", dict(method="saliq",
-                                                                                          epochs=2)),
+                                                                                          epochs=2, **FP32_SCALES)),
+    ("saliq, LoRA r2 and a saliency-driven bit budget of 2.5 / 3.5 (`make demo` runs the W2 one)",
+     dict(method="saliq", epochs=2, lora_rank=2, bit_budget={2: 2.5, 3: 3.5})),
 ]
 FULL = dict(nsamples=16, seqlen=256, eval_tokens=19968)
 QUICK = dict(nsamples=4, seqlen=128, eval_tokens=2048)
@@ -85,7 +90,7 @@ def quality(bits_list, budget: dict, quick: bool) -> tuple[list[dict], dict]:
             if settings is None:
                 results.append(dict(row=label, bits=bits, perplexity=fp32, seconds=0.0))
                 continue
-            kw = dict(settings)
+            kw = {k: (v[bits] if isinstance(v, dict) else v) for k, v in settings.items()}
             if "epochs" in kw and quick:
                 kw["epochs"] = max(1, kw["epochs"] // 2)
             cfg = CalibConfig(bits=bits, group_size=GROUP, seed=SEED, **kw)

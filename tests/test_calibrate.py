@@ -82,7 +82,8 @@ def test_the_clipping_search_sets_the_starting_logits(method):
     samples = random_samples(n=2)
     sal = S.compute_saliency(make_tiny_llama(), samples)
     model, fp = make_tiny_llama(), make_tiny_llama()
-    cfg = _cfg(method=method, schedule=[("opt", 0)], clip_init="search")  # no training: the start is packed
+    # no training: the start is packed (with the fp32 scales the search gives)
+    cfg = _cfg(method=method, schedule=[("opt", 0)], clip_init="search", scale_dtype="float32")
     calibrate(model, samples, cfg, saliency=sal, progress=False)
     for i, (bq, bf) in enumerate(zip(hf.decoder_blocks(model), hf.decoder_blocks(fp))):
         for name, lin in hf.block_linears(bf).items():
@@ -103,7 +104,9 @@ def test_saliq_defaults_search_then_wpt_after_lora_then_opt_and_apiq_keeps_the_p
 
 
 @pytest.mark.parametrize("kw", [dict(method="apiq", epochs=2),
-                                dict(method="saliq", schedule=[("wpt", 1), ("mixed", 1)], after_lora=True)])
+                                dict(method="saliq", schedule=[("wpt", 1), ("mixed", 1)], after_lora=True),
+                                dict(method="saliq", epochs=1, reserve_fraction=0.02, bit_budget=2.5, sw_weight=0.5),
+                                dict(method="saliq", epochs=1, lora_in_grid=True, reserve_fraction=0.01)])
 def test_a_resumed_run_ends_with_the_same_model_as_an_uninterrupted_one(tmp_path, kw):
     samples = random_samples(n=4)
     sal = S.compute_saliency(make_tiny_llama(), samples)
@@ -171,6 +174,13 @@ def test_a_non_finite_loss_names_block_and_epoch_and_keeps_finished_blocks(tmp_p
     (dict(init_logit=float("nan")), r"init_logit=nan must be a finite number"),
     (dict(epochs=-1), r"epochs=-1 must be >= 0"),
     (dict(block_multipliers=[1, float("nan")]), r"block_multipliers=\[1.0, nan\] must all be >= 0 and finite"),
+    (dict(reserve_fraction=0.6), r"reserve_fraction=0.6 must lie in \[0, 0.5\)"),
+    (dict(reserve_score="size"), "reserve_score='size'"),
+    (dict(lora_in_grid=True, lora_rank=0), "lora_in_grid=True needs lora_rank > 0"),
+    (dict(bits=2, bit_budget=3.5), r"bit_budget=3.5 must be 0 \(off\) or lie in \[2, 3\]"),
+    (dict(sw_weight=-1.0), "sw_weight=-1.0 must be >= 0"),
+    (dict(sw_projections=0), "sw_projections=0 must be >= 1"),
+    (dict(scale_dtype="bfloat16"), "scale_dtype='bfloat16' is not supported"),
 ])
 def test_bad_settings_are_rejected_with_what_is_allowed(kw, match):
     with pytest.raises(ValueError, match=match):

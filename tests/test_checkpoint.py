@@ -50,7 +50,7 @@ def pristine(tmp_path_factory):
     """A small checkpoint (3 shards, tokenizer, generation config), its state and its description."""
     d = tmp_path_factory.mktemp("pristine") / "ck"
     model = _quant_model()
-    hf.save(model, d, make_byte_tokenizer(), method="apiq", max_shard_bytes=60_000)
+    hf.save(model, d, make_byte_tokenizer(), method="apiq", max_shard_bytes=35_000)
     return d, {k: v.clone() for k, v in model.state_dict().items()}, describe_checkpoint(d)
 
 
@@ -109,6 +109,11 @@ def _drop_manifest_entry(ck, name):
 
 def _set_qc(**kw):
     return lambda c: c["quantization_config"].update(**kw)
+
+
+def _set_module(**kw):
+    """Edit the first quantized module's entry."""
+    return lambda c: next(iter(c["quantization_config"]["modules"].values())).update(**kw)
 
 
 # Damage the manifest must catch: every case fails in hf.load and in describe_checkpoint (saliq info).
@@ -173,7 +178,7 @@ WRONG = {
                                   False),
     "unknown model type": (lambda ck: _edit_json(ck / "config.json", lambda c: c.update(model_type="nonsense")),
                            "cannot be built", False),
-    "bits 3 on 2-bit tensors": (lambda ck: _edit_json(ck / "config.json", _set_qc(bits=3)), "shape", False),
+    "bits 3 on 2-bit tensors": (lambda ck: _edit_json(ck / "config.json", _set_module(bits=3)), "shape", False),
 }
 
 
@@ -333,7 +338,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(ck, pristine, tmp_path, 
 
     monkeypatch.setattr(ckpt, "_write_shard", failing)
     with pytest.raises(type(exc)):
-        hf.save(_quant_model(seed=1), ck, max_shard_bytes=60_000)
+        hf.save(_quant_model(seed=1), ck, max_shard_bytes=35_000)
     assert len(calls) == 2 and calls[0].parent != ck  # it was writing elsewhere
     assert _snapshot(ck) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

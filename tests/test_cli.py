@@ -32,7 +32,7 @@ def test_quantize_eval_info_end_to_end(tiny_model_dir, text_file, tmp_path, caps
 
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "saliq W2 g32" in text and "bits/weight" in text
+    assert "saliq W2 g32" in text and "bits per quantized weight, everything counted" in text
 
 
 def test_saliency_command_output_is_reused_by_quantize(tiny_model_dir, text_file, tmp_path, capsys):
@@ -132,3 +132,23 @@ def test_every_command_has_complete_help(command, capsys):
     for action in sub._actions:
         if action.help is not None and action.option_strings:
             assert action.help, action.option_strings
+
+
+def test_quantize_with_reserved_weights_bit_budget_and_low_rank_in_the_grid(tiny_model_dir, text_file, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "ck"
+    rc = main(["quantize", str(tiny_model_dir), "--method", "saliq", "--bits", "2", "--calib", str(text_file),
+               "--epochs", "1", "--out", str(out), "--eval", str(text_file), "--eval-seqlen", "64", "--json",
+               "--reserve-fraction", "0.01", "--bit-budget", "2.5", "--lora-in-grid", "--sw-weight", "0.5", *SMALL])
+    assert rc == 0
+    res = _last_json(capsys)
+    assert res["perplexity"] > 1
+    assert main(["info", str(out), "--json"]) == 0
+    info = _last_json(capsys)
+    assert info["bits_by_part"]["reserved_bits"] > 0 and info["bits_by_part"]["lora_bits"] == 0
+    assert set(info["layers_by_bits"]) == {"2", "3"}  # JSON object keys
+    # g32: 2.5 code bits + 0.75 for fp16 scales and int8 zeros + reserved (1% at 32 bits, 32-bit row pointers)
+    assert 3.25 < info["bits_per_weight"] < 4.5
+    # the evaluation after saving is the evaluation of the checkpoint
+    assert main(["eval", str(out), "--text", str(text_file), "--seqlen", "64", "--json", "--no-progress"]) == 0
+    assert _last_json(capsys)["perplexity"] == pytest.approx(res["perplexity"], rel=1e-4)

@@ -60,6 +60,53 @@ bool has_avx512_bf16() {
 #endif
 }
 
+bool has_avx512_vnni_vbmi() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+  return vnni && active_isa() == CpuIsa::Avx512;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::atomic<int> g_precision{-2};  // -2: not read from the environment yet
+}  // namespace
+
+bool parse_gemv_precision(const char* name, GemvPrecision* out) {
+  static const char* const names[] = {"auto", "exact", "int8x1", "int8x2", "int8x3"};
+  for (int i = 0; i < 5; ++i)
+    if (std::strcmp(name, names[i]) == 0) {
+      *out = (GemvPrecision)(i - 1);
+      return true;
+    }
+  return false;
+}
+
+const char* gemv_precision_name(GemvPrecision precision) {
+  switch (precision) {
+    case GemvPrecision::Exact: return "exact";
+    case GemvPrecision::Int8x1: return "int8x1";
+    case GemvPrecision::Int8x2: return "int8x2";
+    case GemvPrecision::Int8x3: return "int8x3";
+    default: return "auto";
+  }
+}
+
+GemvPrecision gemv_precision() {
+  int v = g_precision.load();
+  if (v == -2) {
+    GemvPrecision p = GemvPrecision::Auto;
+    const char* env = std::getenv("SALIQ_CPU_GEMV");
+    if (env != nullptr) parse_gemv_precision(env, &p);
+    v = (int)p;
+    g_precision.store(v);
+  }
+  return (GemvPrecision)v;
+}
+
+void set_gemv_precision(GemvPrecision precision) { g_precision.store((int)precision); }
+
 const char* isa_name(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::Avx512: return "avx512";

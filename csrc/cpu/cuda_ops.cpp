@@ -196,6 +196,45 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> saliency_sq_error_cuda(const a
   return {loss, grad_out};
 }
 
+at::Tensor sparse_addmm_cuda(const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& rowptr,
+                             const at::Tensor& cols, const at::Tensor& vals, const std::optional<at::Tensor>& out_in,
+                             int64_t stream) {
+  check_on_cuda(x_in, "x");
+  check_on_cuda(y_in, "y");
+  check_on_cuda(rowptr, "rowptr");
+  check_on_cuda(cols, "cols");
+  check_on_cuda(vals, "vals");
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && y_in.dim() == 2, "sparse_addmm: x and y must be 2-D, got ", x_in.sizes(),
+                    " and ", y_in.sizes());
+  const int dt = dtype_code(x_in.scalar_type(), "x");
+  TORCH_CHECK_VALUE(y_in.scalar_type() == x_in.scalar_type(), "sparse_addmm: y has dtype ", y_in.scalar_type(),
+                    "; it must be x's ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(rowptr.dim() == 1 && rowptr.scalar_type() == at::kInt && rowptr.numel() >= 1,
+                    "sparse_addmm: rowptr must be int32 [N + 1], got ", rowptr.scalar_type(), " ", rowptr.sizes());
+  TORCH_CHECK_VALUE(cols.dim() == 1 && cols.scalar_type() == at::kInt, "sparse_addmm: cols must be int32 [nnz]");
+  TORCH_CHECK_VALUE(vals.dim() == 1 && vals.scalar_type() == at::kFloat && vals.numel() == cols.numel(),
+                    "sparse_addmm: vals must be float32 with the length of cols (", cols.numel(), ")");
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = rowptr.numel() - 1;
+  TORCH_CHECK_VALUE(y_in.size(0) == M && y_in.size(1) == N, "sparse_addmm: y has shape ", y_in.sizes(),
+                    "; expected [", M, ", ", N, "]");
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor y = y_in.contiguous(), rp = rowptr.contiguous(), c = cols.contiguous(), v = vals.contiguous();
+  at::Tensor out;
+  if (out_in.has_value()) {
+    out = *out_in;
+    TORCH_CHECK_VALUE(out.sizes() == y.sizes() && out.scalar_type() == y.scalar_type() && out.is_contiguous() &&
+                          out.device() == y.device(),
+                      "sparse_addmm: out must be a contiguous tensor like y ", y.sizes());
+  } else {
+    out = at::empty({M, N}, y.options());
+  }
+  check_cuda(saliq_cuda_sparse_addmm(y.data_ptr(), x.data_ptr(), dt, M, x.stride(0), K, N, rp.data_ptr<int32_t>(),
+                                     c.data_ptr<int32_t>(), v.data_ptr<float>(), c.numel(), out.data_ptr(),
+                                     (intptr_t)stream),
+             "sparse_addmm");
+  return out;
+}
+
 }  // namespace saliq
 
 #endif  // SALIQ_WITH_CUDA

@@ -32,6 +32,10 @@ std::tuple<std::optional<at::Tensor>, at::Tensor, at::Tensor, std::optional<at::
 std::tuple<at::Tensor, std::optional<at::Tensor>> saliency_sq_error_cuda(const at::Tensor& A, const at::Tensor& B,
                                                                          const std::optional<at::Tensor>& S,
                                                                          bool need_grad, int64_t stream);
+// out = y + x Sp^T, Sp in CSR by output row (a warp per row); into `out` when given (may be y itself).
+at::Tensor sparse_addmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& rowptr,
+                             const at::Tensor& cols, const at::Tensor& vals, const std::optional<at::Tensor>& out,
+                             int64_t stream);
 #else
 constexpr bool kWithCuda = false;
 #endif

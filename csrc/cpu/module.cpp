@@ -31,6 +31,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fake_quant_lwc_fwd", &saliq::fake_quant_lwc_fwd_cpu, "LWC fake quantization forward (CPU)");
   m.def("fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cpu, "LWC fake quantization backward (CPU)");
   m.def("saliency_sq_error", &saliq::saliency_sq_error_cpu, "sum S (A - B)^2 and its gradient (CPU)");
+  m.def("sparse_addmm", &saliq::sparse_addmm_cpu, "y + x Sp^T, Sp in CSR by output row, into out when given (CPU)");
 
   m.def("cpu_isa", [] { return std::string(saliq::isa_name(saliq::active_isa())); },
         "SIMD path in use: avx512, avx2 or portable");
@@ -42,6 +43,15 @@ PYBIND11_MODULE(_C, m) {
     else TORCH_CHECK_VALUE(name == "avx512", "cpu isa cap must be portable, avx2 or avx512, got ", name);
     saliq::set_isa_cap(cap);
   }, "cap the SIMD path (for tests): portable, avx2 or avx512");
+
+  m.def("cpu_gemv", [] { return std::string(saliq::gemv_precision_name(saliq::gemv_precision())); },
+        "how the small-M GEMV treats activations: auto, exact, int8x1, int8x2 or int8x3");
+  m.def("set_cpu_gemv", [](const std::string& name) {
+    saliq::GemvPrecision precision;
+    TORCH_CHECK_VALUE(saliq::parse_gemv_precision(name.c_str(), &precision),
+                      "cpu gemv must be auto, exact, int8x1, int8x2 or int8x3, got ", name);
+    saliq::set_gemv_precision(precision);
+  }, "auto: int8 activation digits per dtype (docs/OPS.md); exact: fp32 products; int8xN: N digits for every dtype");
 
   m.attr("with_cuda") = py::bool_(saliq::kWithCuda);
 #ifdef SALIQ_WITH_CUDA
@@ -58,5 +68,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_fake_quant_lwc_fwd", &saliq::fake_quant_lwc_fwd_cuda);
   m.def("cuda_fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cuda);
   m.def("cuda_saliency_sq_error", &saliq::saliency_sq_error_cuda);
+  m.def("cuda_sparse_addmm", &saliq::sparse_addmm_cuda);
 #endif
 }

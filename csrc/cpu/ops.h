@@ -39,6 +39,10 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> saliency_sq_error_cpu(const at
                                                                         const std::optional<at::Tensor>& S,
                                                                         bool need_grad);
 
+// out = y + x Sp^T, Sp [N, K] in CSR by output row (sparse_ops.cpp); into `out` when given (may be y itself).
+at::Tensor sparse_addmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& cols,
+                            const at::Tensor& vals, const std::optional<at::Tensor>& out);
+
 // Shared argument checks (packing_ops.cpp).
 void check_bits(int64_t bits);
 int64_t group_len_of(int64_t group_size, int64_t in_features, const char* where);

@@ -26,20 +26,36 @@ struct PackedGemvProblem {
   const float* bias;          // [N] fp32 or null
   float* y;                   // [M, N] fp32
   bool x_is_bf16;             // x holds bf16 values (exactly representable): the bf16 dot-product path may run
+  int x_dtype = 0;            // the caller's activation dtype: 0 fp32, 1 fp16, 2 bf16 (picks the int8 parts)
 };
 
 // The kernels compute whole blocks of columns. A plan, made once per call, picks the kernel for the active ISA
 // and the shape and holds what every block shares (the LUT kernel's tables, the bf16 kernel's rearranged x);
 // then any thread may compute any block, and each output element is written by exactly one block, so results do
 // not depend on the schedule. Callers with their own parallel loop (quant_linear_ops.cpp) run blocks directly.
-enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable };
+enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int8x256 };
+
+// Activations quantized per (row, group) for the integer-dot-product kernels (packed_gemv_int8.h):
+// x ~= unit * Q with Q = sum_p 256^(parts-1-p) part_p, each part an int8, so that integer codes times parts are
+// exact int32 dot products (vpdpbusd). operands: [M][parts][k_padded / 4] int32, each holding the 4 int8 parts
+// of the inputs one shifted and masked word of the weight plane pairs with (packed_gemv_int8_prep.cpp); the
+// 3-bit hi plane has its own arrangement in hi_operands.
+struct Int8Activations {
+  int parts = 0;
+  std::vector<int32_t> operands, hi_operands;
+  std::vector<float> unit;      // [M][G]
+  std::vector<float> part_sum;  // [M][G][parts] sum over the group of each part (integers)
+};
 
 struct PackedGemvPlan {
   GemvKernel kernel = GemvKernel::Portable;
   int64_t block = 16;        // columns per block of the main kernel
   int64_t main_columns = 0;  // leading columns the main kernel covers (whole blocks); the rest: portable blocks of 16
+  int64_t tail_block = 0;    // int8 kernels: after main_columns, blocks of one tile width, then portable blocks
+  int64_t tail_columns = 0;  // columns of those blocks
   std::vector<float> tables;    // Lut: per row of x, the pair tables, then (3-bit) the hi tables
   std::vector<uint32_t> pairs;  // Bf16: x as pairs of bf16 values in the order the words hold the codes
+  Int8Activations act;          // Int8x512 / Int8x256
 };
 
 constexpr int64_t kPortableBlock = 16;
@@ -63,6 +79,17 @@ void fma512_columns(const PackedGemvProblem& p, int64_t n0);
 void bf16_pairs(const PackedGemvProblem& p, uint32_t* pairs);  // [M, k_padded / 2]
 void bf16_columns(const PackedGemvProblem& p, const uint32_t* pairs, int64_t n0);
 void fma256_columns(const PackedGemvProblem& p, int64_t n0);
+
+// Integer-dot-product kernels (activations quantized to int8 parts, see Int8Activations and docs/OPS.md).
+// int8_parts_for: the parts the current setting asks for x of this problem (0: an exact kernel);
+// quantize_activations: false when a group of x is not finite (the exact kernels then run, and propagate it).
+int int8_parts_for(const PackedGemvProblem& p);
+bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations& act);
+constexpr int64_t kInt8Sub = 8;  // register-tile widths per block, at most (packed_gemv_int8.h)
+int64_t int8x512_width(const PackedGemvProblem& p);  // columns of the register tile
+int64_t int8x256_width(const PackedGemvProblem& p);
+void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
+void int8x256_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 
 // Scale of group g, column n, as fp32.
 float load_scale(const void* scales, ScaleType type, int64_t index);

@@ -1,6 +1,7 @@
 // Portable small-M packed matmul: for a block of columns, walk the packed words row by row (N is
 // contiguous, so a block of columns reads contiguous memory), accumulate x[k] * q per group, then apply
 // y += s * (sum x q - z * sum x). Also the plan that picks the SIMD kernel at run time.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -95,7 +96,17 @@ void portable_columns(const PackedGemvProblem& p, int64_t n0, int64_t nb) {
 
 void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan) {
   const CpuIsa isa = active_isa();
-  if (isa == CpuIsa::Avx512 && p.M <= 4 && p.bits != 4 && p.N >= kLutBlock) {
+  // Integer dot products on int8 digits of x unless the exact path is asked for (docs/OPS.md); a group of x
+  // that is not finite takes the exact kernels, which propagate it as the reference does.
+  const int parts = int8_parts_for(p);
+  if (parts > 0 && quantize_activations(p, parts, plan.act)) {
+    const bool vnni = has_avx512_vnni_vbmi();  // else the AVX2 form (also on AVX-512 CPUs without them)
+    plan.kernel = vnni ? GemvKernel::Int8x512 : GemvKernel::Int8x256;
+    const int64_t width = vnni ? int8x512_width(p) : int8x256_width(p);
+    const int64_t subs = std::max<int64_t>(1, std::min(kInt8Sub, p.N / width));
+    plan.block = width * subs;
+    plan.tail_block = width;
+  } else if (isa == CpuIsa::Avx512 && p.M <= 4 && p.bits != 4 && p.N >= kLutBlock) {
     plan.kernel = GemvKernel::Lut;
     plan.block = kLutBlock;
     plan.tables.resize(p.M * lut_table_floats(p));
@@ -116,17 +127,29 @@ void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan) {
     plan.block = kPortableBlock;
   }
   plan.main_columns = p.N / plan.block * plan.block;
+  if (plan.kernel != GemvKernel::Int8x512 && plan.kernel != GemvKernel::Int8x256) plan.tail_block = 0;
+  plan.tail_columns = plan.tail_block ? (p.N - plan.main_columns) / plan.tail_block * plan.tail_block : 0;
 }
 
 int64_t packed_gemv_blocks(const PackedGemvProblem& p, const PackedGemvPlan& plan) {
-  return plan.main_columns / plan.block + (p.N - plan.main_columns + kPortableBlock - 1) / kPortableBlock;
+  const int64_t rest = p.N - plan.main_columns - plan.tail_columns;
+  return plan.main_columns / plan.block + (plan.tail_block ? plan.tail_columns / plan.tail_block : 0) +
+         (rest + kPortableBlock - 1) / kPortableBlock;
 }
 
 void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, int64_t b, int64_t* n0,
                        int64_t* n1) {
   const int64_t main_blocks = plan.main_columns / plan.block;
+  const int64_t tail_blocks = plan.tail_block ? plan.tail_columns / plan.tail_block : 0;
+  if (b >= main_blocks && b < main_blocks + tail_blocks) {  // int8 kernels: one tile width
+    *n0 = plan.main_columns + (b - main_blocks) * plan.tail_block;
+    *n1 = *n0 + plan.tail_block;
+    if (plan.kernel == GemvKernel::Int8x512) int8x512_columns(p, plan.act, *n0, 1);
+    else int8x256_columns(p, plan.act, *n0, 1);
+    return;
+  }
   if (b >= main_blocks) {  // the columns past the last whole block of the main kernel
-    *n0 = plan.main_columns + (b - main_blocks) * kPortableBlock;
+    *n0 = plan.main_columns + plan.tail_columns + (b - main_blocks - tail_blocks) * kPortableBlock;
     *n1 = *n0 + kPortableBlock < p.N ? *n0 + kPortableBlock : p.N;
     portable_columns(p, *n0, *n1 - *n0);
     return;
@@ -138,6 +161,8 @@ void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, i
     case GemvKernel::Bf16: bf16_columns(p, plan.pairs.data(), *n0); break;
     case GemvKernel::Fma512: fma512_columns(p, *n0); break;
     case GemvKernel::Fma256: fma256_columns(p, *n0); break;
+    case GemvKernel::Int8x512: int8x512_columns(p, plan.act, *n0, plan.block / plan.tail_block); break;
+    case GemvKernel::Int8x256: int8x256_columns(p, plan.act, *n0, plan.block / plan.tail_block); break;
     default: portable_columns(p, *n0, plan.block); break;
   }
 }

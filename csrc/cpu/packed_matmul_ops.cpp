@@ -1,25 +1,35 @@
 // y = x W^T + bias with W in packed format v1 (saliq/ref.py packed_matmul), fp32 accumulation.
 // Small M (<= packed_matmul_gemv_max_m(), 32 by default): the GEMV kernels of packed_gemv.h, straight on
 // the packed words, through quant_linear_cpu (quant_linear_ops.cpp) without LoRA.
-// Larger M: column tiles of W^T are dequantized to fp32 [K, tile] (contiguous along N, like the packed
-// words) and multiplied with at::mm; OpenMP (at::parallel_for) over tiles, each written by one thread.
+// Larger M (prefill): column tiles of W^T [K, tile] are dequantized (packed_prefill.h) and multiplied with
+// at::mm / at::addmm straight into the output's columns; at::parallel_for over tiles, each written by one
+// thread, whose GEMM then runs on that thread. The GEMM's dtype: bf16 / fp16 when x has that dtype and the
+// CPU multiplies it natively (AVX512_BF16 / AVX512_FP16; oneDNN accumulates in fp32 and rounds the output
+// once), the weight rounded once from the fp32 (q - z) * s; else fp32, exact up to fp32 rounding.
+// SALIQ_CPU_PREFILL=auto|fp32|half overrides the dtype choice; SALIQ_CPU_PREFILL_TILE=columns the tile
+// width (0: dequantize the whole weight, then one GEMM on all threads). Both are read per call: a prefill
+// call takes milliseconds.
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/quant_math.h"
 #include "cpu/ops.h"
 #include "cpu/packed_gemv.h"
+#include "cpu/packed_prefill.h"
 
 namespace saliq {
 
 namespace {
 
-int64_t g_gemv_max_m = 32;  // measured crossover (docs/NOTES_cpp.md)
-constexpr int64_t kTileColumns = 64;
+int64_t g_gemv_max_m = 32;  // measured crossover (docs/NOTES.md)
 
 ScaleType scale_type_of(const at::Tensor& scales) {
   switch (scales.scalar_type()) {
@@ -29,50 +39,33 @@ ScaleType scale_type_of(const at::Tensor& scales) {
   }
 }
 
-// WT[k, j] = W[n0 + j, k] for j < nt, as fp32, for a tile of columns: per k, a contiguous run of packed words
-// (N is contiguous) becomes a contiguous row of WT. Plain loops over j that the compiler vectorises; the
-// target clones give AVX-512 / AVX2 versions chosen at load time, with the default as fallback.
-template <int BITS>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void dequantize_transposed_tile_bits(
-    const PackedGemvProblem& p, int64_t n0, int64_t nt, float* wt, float* s_row, float* z_row) {
-  constexpr int kPerWord = BITS == 4 ? 8 : 16;
-  constexpr int kWidth = BITS == 4 ? 4 : 2;
-  const uint32_t* qw = reinterpret_cast<const uint32_t*>(p.qweight);
-  const uint32_t* qh = reinterpret_cast<const uint32_t*>(p.qweight_hi);
-  for (int64_t k = 0; k < p.K; ++k) {
-    if (k % p.group_len == 0) {
-      const int64_t g = k / p.group_len;
-      for (int64_t j = 0; j < nt; ++j) {
-        s_row[j] = load_scale(p.scales, p.scale_type, g * p.N + n0 + j);
-        z_row[j] = (float)p.zeros[g * p.N + n0 + j];
-      }
-    }
-    const uint32_t* words = qw + (k / kPerWord) * p.N + n0;
-    const int shift = (int)(k % kPerWord) * kWidth;
-    float* out = wt + k * nt;
-    if (BITS == 3) {
-      const uint32_t* hi = qh + (k / 32) * p.N + n0;
-      const int hshift = (int)(k % 32);
-      for (int64_t j = 0; j < nt; ++j) {
-        const uint32_t q = ((words[j] >> shift) & 3u) | (((hi[j] >> hshift) & 1u) << 2);
-        out[j] = ((float)(int32_t)q - z_row[j]) * s_row[j];
-      }
-    } else {
-      for (int64_t j = 0; j < nt; ++j) {
-        const uint32_t q = (words[j] >> shift) & ((1u << kWidth) - 1u);
-        out[j] = ((float)(int32_t)q - z_row[j]) * s_row[j];
-      }
-    }
-  }
+enum class PrefillGemm { Auto, F32, Half };
+
+PrefillGemm prefill_gemm() {
+  const char* v = std::getenv("SALIQ_CPU_PREFILL");
+  if (v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0) return PrefillGemm::Auto;
+  if (std::strcmp(v, "fp32") == 0) return PrefillGemm::F32;
+  TORCH_CHECK_VALUE(std::strcmp(v, "half") == 0, "SALIQ_CPU_PREFILL must be auto, fp32 or half, got '", v, "'");
+  return PrefillGemm::Half;
 }
 
-void dequantize_transposed_tile(const PackedGemvProblem& p, int64_t n0, int64_t nt, float* wt) {
-  float s_row[kTileColumns], z_row[kTileColumns];
-  switch (p.bits) {
-    case 2: dequantize_transposed_tile_bits<2>(p, n0, nt, wt, s_row, z_row); break;
-    case 3: dequantize_transposed_tile_bits<3>(p, n0, nt, wt, s_row, z_row); break;
-    default: dequantize_transposed_tile_bits<4>(p, n0, nt, wt, s_row, z_row); break;
-  }
+// Whether torch's GEMM in this dtype runs on the CPU's own bf16 / fp16 instructions. Without them oneDNN
+// converts (bf16) or torch falls back to its own loops (fp16: ~2x slower than fp32 on an AVX-512 core).
+bool native_half_gemm(at::ScalarType t) {
+  if (t == at::kBFloat16) return has_avx512_bf16();
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool fp16 = __builtin_cpu_supports("avx512fp16");
+  if (t == at::kHalf) return fp16 && active_isa() == CpuIsa::Avx512;
+#endif
+  return false;
+}
+
+// Columns per tile. Measured (docs/NOTES.md, K = 4096 and 11008): 128 columns beat 64 (x re-read per tile)
+// and 256 for bf16 and fp32 alike; the whole weight first, then one GEMM, was slower by 10-20 ms.
+int64_t prefill_tile_columns() {
+  const char* v = std::getenv("SALIQ_CPU_PREFILL_TILE");
+  if (v != nullptr && *v != 0) return std::max<int64_t>(0, std::atoll(v));
+  return 128;
 }
 
 }  // namespace
@@ -91,19 +84,26 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   if (M > 0 && N > 0 && M <= g_gemv_max_m)  // quant_linear_cpu's GEMV path, no LoRA: the same bits either way
     return quant_linear_cpu(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, std::nullopt,
                             std::nullopt, 0.0);
-  at::Tensor bias_f;
+  const auto xt = x.scalar_type();
+  const PrefillGemm mode = prefill_gemm();  // read (and checked) for every dtype
+  const bool half = (xt == at::kBFloat16 || xt == at::kHalf) &&
+                    (mode == PrefillGemm::Half || (mode == PrefillGemm::Auto && native_half_gemm(xt)));
+  const at::ScalarType cd = half ? xt : at::kFloat;  // the GEMM's dtype
+  const DequantOut dq = !half ? DequantOut::F32 : (xt == at::kBFloat16 ? DequantOut::BF16 : DequantOut::F16);
+  at::Tensor bias_c;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ", bias->sizes());
-    bias_f = bias->to(at::kFloat).contiguous();
+    bias_c = bias->to(cd).contiguous();
   }
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  // the custom op (saliq/ops.py) owns autograd; the out= calls below must not record
+  at::NoGradGuard no_grad;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(cd));
+  if (M == 0 || N == 0) return y.to(xt);
 
-  const int64_t k_padded = (K + 31) / 32 * 32;
   PackedGemvProblem p{};
   p.M = M;
   p.K = K;
-  p.k_padded = k_padded;
+  p.k_padded = (K + 31) / 32 * 32;
   p.N = N;
   p.G = G;
   p.group_len = g;
@@ -113,29 +113,54 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   p.scales = scales.data_ptr();
   p.scale_type = scale_type_of(scales);
   p.zeros = zeros.data_ptr<int16_t>();
-  p.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  p.y = y.data_ptr<float>();
-  p.x_is_bf16 = x.scalar_type() == at::kBFloat16;
 
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t tiles = (N + kTileColumns - 1) / kTileColumns;
-  // inference mode is thread-local: the worker threads must be in it too, or writing into y (an inference
-  // tensor when the caller is) fails
+  const at::Tensor xc = x.to(cd).contiguous();
+  const int64_t elem = xc.element_size();
+  const int64_t tile = prefill_tile_columns();
+  // inference mode and grad mode are thread-local: the worker threads must match the caller, or writing into y
+  // (an inference tensor when the caller is in inference mode) fails
   const bool inference = c10::InferenceMode::is_enabled();
+  if (tile == 0 || tile >= N) {  // the whole weight, then one GEMM on all threads
+    // kept from call to call (a fresh buffer this size costs its page faults every call); a normal tensor,
+    // usable whether or not the next caller is in inference mode
+    thread_local at::Tensor whole;
+    if (!whole.defined() || whole.numel() < K * N || whole.scalar_type() != cd) {
+      c10::InferenceMode not_inference(false);
+      whole = at::Tensor();
+      whole = at::empty({K * N}, xc.options());
+    }
+    const at::Tensor wt = whole.narrow(0, 0, K * N).view({K, N});
+    char* base = static_cast<char*>(wt.data_ptr());
+    constexpr int64_t kChunk = 64;
+    at::parallel_for(0, (N + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * kChunk;
+        dequantize_columns(p, n0, std::min(kChunk, N - n0), base + n0 * elem, N, dq);
+      }
+    });
+    if (bias_c.defined())
+      at::addmm_out(y, bias_c, xc, wt);
+    else
+      at::mm_out(y, xc, wt);
+    return y.to(xt);
+  }
+  const int64_t tiles = (N + tile - 1) / tile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode inference_guard(inference);
-    at::Tensor wt = at::empty({K, kTileColumns}, xf.options());
+    at::NoGradGuard worker_no_grad;
+    const at::Tensor buf = at::empty({K * std::min(tile, N)}, xc.options());
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTileColumns, nt = std::min(kTileColumns, N - n0);
-      at::Tensor tile = wt.narrow(1, 0, nt);
-      if (nt != kTileColumns) tile = at::empty({K, nt}, xf.options());
-      dequantize_transposed_tile(p, n0, nt, tile.data_ptr<float>());
-      at::Tensor out = at::mm(xf, tile);
-      if (p.bias) out.add_(bias_f.narrow(0, n0, nt));
-      y.narrow(1, n0, nt).copy_(out);
+      const int64_t n0 = t * tile, nt = std::min(tile, N - n0);
+      const at::Tensor wt = buf.narrow(0, 0, K * nt).view({K, nt});
+      dequantize_columns(p, n0, nt, wt.data_ptr(), nt, dq);
+      at::Tensor out = y.narrow(1, n0, nt);
+      if (bias_c.defined())
+        at::addmm_out(out, bias_c.narrow(0, n0, nt), xc, wt);
+      else
+        at::mm_out(out, xc, wt);
     }
   });
-  return y.to(x.scalar_type());
+  return y.to(xt);
 }
 
 }  // namespace saliq

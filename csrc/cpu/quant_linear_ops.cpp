@@ -11,8 +11,9 @@
 //      packed GEMV kernels of packed_gemv.h and adding t B^T to the same columns.
 // A and B may be fp32, bf16 or fp16 (converted while read); all sums are fp32, so the result agrees with the
 // reference to fp32 rounding before the cast to x's dtype. Larger M (prefill) runs packed_matmul_cpu's tiled
-// GEMM and the LoRA term as two at::mm calls.
+// GEMM and the LoRA term as two fp32 at::mm calls.
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
@@ -152,9 +153,11 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
 
   if (M > packed_matmul_gemv_max_m() || M == 0 || N == 0) {  // prefill: packed_matmul_cpu's tiled GEMM, then LoRA
     at::Tensor y = packed_matmul_cpu(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias);
-    if (lora && M > 0 && N > 0) {
-      const at::Tensor lora_term = at::mm(at::mm(x.to(A.scalar_type()), A.t()), B.t());
-      y.add_(lora_term.to(y.scalar_type()), lora_scale);
+    if (lora && M > 0 && N > 0) {  // in fp32 as ref.packed_linear (r is small: cheap next to the main GEMM)
+      at::NoGradGuard no_grad;
+      const at::Tensor t = at::mm(x.to(at::kFloat), A.to(at::kFloat).t());
+      const at::Tensor lora_term = at::mm(t, B.to(at::kFloat).t()).mul_(lora_scale);
+      y.add_(lora_term.to(y.scalar_type()));
     }
     return y;
   }
@@ -198,6 +201,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   p.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   p.y = y.data_ptr<float>();
   p.x_is_bf16 = xt == at::kBFloat16;
+  p.x_dtype = xt == at::kBFloat16 ? 2 : (xt == at::kHalf ? 1 : 0);
 
   switch (r > 0 ? A.scalar_type() : at::kFloat) {
     case at::kFloat: run<float>(p, A, B, (float)lora_scale, tbuf.data()); break;

@@ -52,6 +52,13 @@ int64_t saliq_cuda_sq_error_partials(int64_t n);
 int saliq_cuda_sq_error(const float* A, const float* B, const float* S, int64_t n, float* grad, float* partials,
                         float* loss, intptr_t stream);
 
+// out[M, N] = y + x Sp^T for Sp [N, K] in CSR by output row (rowptr [N + 1], cols [nnz], vals fp32 [nnz]);
+// x [M, K] with row stride ldx; y, out [M, N] contiguous (out may be y). x, y and out share `dtype`. fp32 sums in a
+// fixed order: deterministic. Entries outside the CSR's bounds are skipped.
+int saliq_cuda_sparse_addmm(const void* y, const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int64_t N,
+                            const int32_t* rowptr, const int32_t* cols, const float* vals, int64_t nnz, void* out,
+                            intptr_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,179 @@
+"""CPU decode GEMV and prefill GEMM against F.linear (and the GEMV against memory bandwidth), in one process.
+
+For 1 thread and for all threads: the copy bandwidth (read + write GB/s of a 256 MiB tensor copy, best of
+7), then per case the median time of saliq's packed_matmul (exact fp32 path, the default path for fp32 x =
+three int8 digits, the default for bf16 x = two digits) and of fp32 / bf16 F.linear, interleaved round by
+round. "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth, so the figure means the
+same on every machine; "x fp32" / "x bf16" = F.linear time / saliq time for the same activation dtype.
+
+Prefill (M above the GEMV crossover): median times of saliq's packed_matmul with bf16 x (dequantized bf16 tiles
++ bf16 GEMM where the CPU has AVX512_BF16) against bf16 F.linear on the same weight dequantized to bf16, and
+with fp32 x against fp32 F.linear; "saliq / F.linear" is the ratio the issue bounds (<= 1.2).
+
+    OMP_WAIT_POLICY=passive python benchmarks/bench_cpu_decode.py [--ms 1,4,8,16] [--prefill-ms 64,128,256,512]
+        [--sections decode,prefill] [--out FILE] [--json FILE]
+
+Run it when the machine is otherwise idle: the load average is printed before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import copy_bandwidth_gbs
+
+from saliq import cpp_backend as cpp
+from saliq import packing
+from saliq.spec import QuantSpec
+
+SHAPES = [(11008, 4096), (4096, 11008)]  # (N out_features, K in_features)
+GROUP = 64
+
+
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_gemv(mode, fn):
+    def run():
+        cpp.set_cpu_gemv(mode)
+        return fn()
+    return run
+
+
+def prefill_rows(threads: int, ms: list, bits_list: list, records: list) -> list:
+    lines = [f"{threads} thread(s), prefill:", "",
+             "| N x K | bits | M | saliq bf16 ms | F.linear bf16 ms | saliq / F.linear bf16 | saliq fp32 ms | "
+             "F.linear fp32 ms | saliq / F.linear fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n, k in SHAPES:
+        g = torch.Generator().manual_seed(n + k)
+        for bits in bits_list:
+            q = torch.randint(0, 1 << bits, (n, k), generator=g)
+            s = torch.rand(n, k // GROUP, generator=g) * 0.01 + 0.005
+            z = torch.randint(0, 1 << bits, (n, k // GROUP), generator=g).float()
+            spec = QuantSpec(bits=bits, group_size=GROUP)
+            P32 = packing.pack_weight(q, s, z, spec, dtype=torch.float32)
+            P16 = packing.pack_weight(q, s, z, spec, dtype=torch.bfloat16)
+            # the baselines multiply the same weights, dequantized once to their dtype
+            W32 = cpp.dequantize(P32.qweight, P32.qweight_hi, P32.scales, P32.zeros, bits, GROUP, k)
+            W16 = cpp.dequantize(P16.qweight, P16.qweight_hi, P16.scales, P16.zeros, bits, GROUP, k)
+            for m in ms:
+                x = torch.randn(m, k, generator=g)
+                xb = x.bfloat16()
+
+                def pm(xx, P):
+                    return lambda: cpp.packed_matmul(xx, P.qweight, P.qweight_hi, P.scales, P.zeros, bits, GROUP, k,
+                                                     None)
+                t = interleaved_medians({"saliq16": pm(xb, P16), "lin16": lambda: F.linear(xb, W16),
+                                         "saliq32": pm(x, P32), "lin32": lambda: F.linear(x, W32)},
+                                        rounds=5 if m <= 128 else 3)
+                r16, r32 = t["saliq16"] / t["lin16"], t["saliq32"] / t["lin32"]
+                lines.append(f"| {n} x {k} | {bits} | {m} | {t['saliq16'] * 1e3:.1f} | {t['lin16'] * 1e3:.1f} | "
+                             f"{r16:.2f} | {t['saliq32'] * 1e3:.1f} | {t['lin32'] * 1e3:.1f} | {r32:.2f} |")
+                print(lines[-1], flush=True)
+                records.append({"section": "prefill", "threads": threads, "N": n, "K": k, "bits": bits, "M": m,
+                                "group_size": GROUP, "saliq_bf16_s": t["saliq16"], "linear_bf16_s": t["lin16"],
+                                "saliq_fp32_s": t["saliq32"], "linear_fp32_s": t["lin32"],
+                                "ratio_bf16": r16, "ratio_fp32": r32, "load_average": os.getloadavg()[0]})
+    return lines + [""]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="1,4,8,16")
+    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--threads", default=f"1,{torch.get_num_threads()}")
+    ap.add_argument("--prefill-ms", default="64,128,256,512")
+    ap.add_argument("--sections", default="decode,prefill")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None, help="records as JSON ({meta, records})")
+    args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    sections = set(args.sections.split(","))
+    load_before = os.getloadavg()
+    lines = [f"CPU decode GEMV and prefill GEMM, {platform.processor() or platform.machine()}, cpu path "
+             f"{cpp.cpu_isa()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average before "
+             f"{load_before[0]:.2f}", ""]
+    records = []
+    for threads in sorted({int(v) for v in args.threads.split(",")}):
+        torch.set_num_threads(threads)
+        if "prefill" in sections:
+            lines += prefill_rows(threads, [int(v) for v in args.prefill_ms.split(",")],
+                                  [int(b) for b in args.bits.split(",")], records)
+        if "decode" not in sections:
+            continue
+        bw = copy_bandwidth_gbs()
+        lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s", "",
+                  "| N x K | bits | M | exact fp32 ms | int8x3 fp32 ms (% copy) | int8x2 bf16 ms (% copy) | "
+                  "F.linear fp32 ms | F.linear bf16 ms | x fp32 (exact / int8x3) | x bf16 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for n, k in SHAPES:
+            g = torch.Generator().manual_seed(n + k)
+            W = torch.randn(n, k, generator=g) * 0.02
+            Wb = W.bfloat16()
+            for bits in [int(b) for b in args.bits.split(",")]:
+                q = torch.randint(0, 1 << bits, (n, k), generator=g)
+                s = torch.rand(n, k // GROUP, generator=g) * 0.01 + 0.005
+                z = torch.randint(0, 1 << bits, (n, k // GROUP), generator=g).float()
+                spec = QuantSpec(bits=bits, group_size=GROUP)
+                P32 = packing.pack_weight(q, s, z, spec, dtype=torch.float32)
+                P16 = packing.pack_weight(q, s, z, spec, dtype=torch.bfloat16)
+                for m in ms:
+                    x = torch.randn(m, k, generator=g)
+                    xb = x.bfloat16()
+
+                    def pm(xx, P):
+                        return lambda: cpp.packed_matmul(xx, P.qweight, P.qweight_hi, P.scales, P.zeros, bits,
+                                                         GROUP, k, None)
+                    t = interleaved_medians({
+                        "exact": with_gemv("exact", pm(x, P32)), "int8x3": with_gemv("auto", pm(x, P32)),
+                        "int8x2": with_gemv("auto", pm(xb, P16)), "lin32": lambda: F.linear(x, W),
+                        "lin16": lambda: F.linear(xb, Wb)}, rounds=21 if m == 1 else 9)
+                    cpp.set_cpu_gemv("auto")
+                    b32 = n * k * bits / 8 + n * (k // GROUP) * 6
+                    b16 = n * k * bits / 8 + n * (k // GROUP) * 4
+                    pct = lambda b, sec: 100 * b / sec / 1e9 / bw  # noqa: E731
+                    lines.append(
+                        f"| {n} x {k} | {bits} | {m} | {t['exact'] * 1e3:.3f} | {t['int8x3'] * 1e3:.3f} "
+                        f"({pct(b32, t['int8x3']):.0f}%) | {t['int8x2'] * 1e3:.3f} ({pct(b16, t['int8x2']):.0f}%) | "
+                        f"{t['lin32'] * 1e3:.3f} | {t['lin16'] * 1e3:.3f} | {t['lin32'] / t['exact']:.1f}x / "
+                        f"{t['lin32'] / t['int8x3']:.1f}x | {t['lin16'] / t['int8x2']:.1f}x |")
+                    print(lines[-1], flush=True)
+                    records.append({"section": "decode", "threads": threads, "N": n, "K": k, "bits": bits, "M": m,
+                                    "group_size": GROUP, "exact_fp32_s": t["exact"], "int8x3_fp32_s": t["int8x3"],
+                                    "int8x2_bf16_s": t["int8x2"], "linear_fp32_s": t["lin32"],
+                                    "linear_bf16_s": t["lin16"], "copy_gbs": bw, "load_average": os.getloadavg()[0]})
+        lines.append("")
+    load_after = os.getloadavg()
+    lines.append(f"load average after {load_after[0]:.2f}")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        meta = {"cpu": platform.processor() or platform.machine(), "cpu_path": cpp.cpu_isa(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_before": load_before,
+                "load_average_after": load_after, "threads": args.threads}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

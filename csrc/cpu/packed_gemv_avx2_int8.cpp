@@ -1,0 +1,67 @@
+// AVX2 integer-dot-product GEMV (packed_gemv_int8.h) for CPUs without AVX512_VNNI: the dot product of 4 code
+// bytes with 4 int8 digits per lane is vpmaddubsw (u8 x s8 pairs -> s16; |2 * 15 * 128| cannot saturate) +
+// vpmaddwd with ones (-> s32) + vpaddd. Blocks: 16 columns for M = 1, 8 columns in 4-row tiles for M > 1
+// (16 ymm registers). Compiled for avx2,fma,f16c; called only when the CPU has them.
+#include <immintrin.h>
+#include <algorithm>
+#include <stdint.h>
+
+#include "cpu/packed_gemv.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace {
+
+struct VecInt8Avx2 {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static I zero_i() { return _mm256_setzero_si256(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static I set1_i(int v) { return _mm256_set1_epi32(v); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void prefetch(const int32_t* p, int vectors) {
+    for (int v = 0; v < vectors; v += 2) _mm_prefetch(reinterpret_cast<const char*>(p + 8 * v), _MM_HINT_T0);
+  }
+  static I srl(I a, int s) { return _mm256_srli_epi32(a, s); }
+  static I sll(I a, int s) { return _mm256_slli_epi32(a, s); }
+  static I and_i(I a, I b) { return _mm256_and_si256(a, b); }
+  static I dot(I acc, I codes, I x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+  }
+  static constexpr bool kSpreadHi = false;
+  static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F load_zeros(const int16_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F load_scales(const void* base, saliq::ScaleType type, int64_t idx) {
+    if (type == saliq::ScaleType::F32) return _mm256_loadu_ps(static_cast<const float*>(base) + idx);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + idx));
+    if (type == saliq::ScaleType::F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+};
+
+}  // namespace
+
+#include "cpu/packed_gemv_int8.h"
+
+namespace saliq {
+
+int64_t int8x256_width(const PackedGemvProblem& p) { return p.M == 1 ? 16 : 8; }
+
+void int8x256_columns(const PackedGemvProblem& p, const Int8Activations& a, int64_t n0, int64_t subs) {
+  int8_columns<VecInt8Avx2, 2, 1, 4>(p, a, n0, subs);
+}
+
+}  // namespace saliq
+
+#pragma GCC pop_options

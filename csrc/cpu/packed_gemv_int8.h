@@ -1,0 +1,172 @@
+// Small-M packed matmul on integer dot products, written once over a vector-traits type V (AVX-512 VNNI: one
+// vpdpbusd; AVX2: vpmaddubsw + vpmaddwd + vpaddd). Include it only after the file's `#pragma GCC target`.
+//
+// Why: the exact kernels convert every code to fp32 (or look it up) before multiplying, ~2 instructions per
+// code and 16 columns, which on a 2-core Zen 4 reads the weights at ~13-16 GB/s per core, below memory speed.
+// Here the activations are int8 digits (Int8Activations, packed_gemv_int8_prep.cpp) and the codes stay bytes:
+// a 2-bit word shifted right by 2j and masked with 0x03030303 holds, per byte b, the code of k = 4b + j of its
+// 16 inputs, which vpdpbusd multiplies with 4 digits of x (one broadcast int32) and adds to an int32 lane:
+// shift, and, one dot product per digit for 4 inputs x 16 columns. 3-bit: the hi plane shifted to bit 2 of
+// each byte ((hi >> (j - 2)) & 0x04040404 = 4 * bit of k = 8b + j of its 32 inputs) goes into the same
+// accumulators, so lo + 4 hi is the code (or, with vpmultishiftqb, the hi bits are moved next to the lo codes
+// once per word row, and each byte fed to the dot product is the whole 3-bit code). 4-bit: nibbles (w >> 4j) & 0x0F0F0F0F, k = 2b + j.
+// Per group and digit d the int32 sum is exact; then per column, in fp32:
+//   y += s * unit * sum_d 256^(parts-1-d) (acc_d - z * sum_group(digit_d)),
+// i.e. the exact product of W with the rounded activations, up to fp32 rounding of that combination.
+// Work split: blocks of V::kLanes * NV columns; rows of x in tiles of MT sharing each unpacked word.
+
+namespace {
+
+constexpr int64_t kInt8PrefetchRows = 16;  // word rows ahead (the block's rows lie N words apart)
+
+template <class V, int BITS, int P, int MT, int NV>
+inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0, int64_t m0,
+                       int64_t g_begin, int64_t g_end) {
+  using F = typename V::F;
+  using I = typename V::I;
+  constexpr int kL = V::kLanes;
+  constexpr int kPerWord = BITS == 4 ? 8 : 16;
+  constexpr int kWidth = BITS == 4 ? 4 : 2;
+  constexpr int J = kPerWord / 4;  // shifts per word
+  const int64_t ops = p.k_padded / 4;
+  const I mask = V::set1_i(BITS == 4 ? 0x0F0F0F0F : 0x03030303);
+  const I bit2 = V::set1_i(0x04040404);
+  const I code3 = V::set1_i(0x07070707);
+  // 3-bit with a byte shuffle (V::kSpreadHi): the hi bits join the lo codes before the dot products, so a
+  // 3-bit weight costs as many of them as a 2-bit one; otherwise the hi plane has dot products of its own.
+  constexpr bool kCombined = BITS == 3 && V::kSpreadHi;
+  const int32_t* xo[MT][P];
+  const int32_t* xh[MT][P];
+  for (int m = 0; m < MT; ++m)
+    for (int d = 0; d < P; ++d) {
+      xo[m][d] = a.operands.data() + ((m0 + m) * P + d) * ops;
+      xh[m][d] = BITS == 3 && !kCombined ? a.hi_operands.data() + ((m0 + m) * P + d) * ops : nullptr;
+    }
+  // y holds the sum over the groups before g_begin (the bias before the first)
+  F yacc[MT][NV];
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < NV; ++v)
+      yacc[m][v] = g_begin > 0 ? V::load(p.y + (m0 + m) * p.N + n0 + v * kL)
+                               : (p.bias ? V::load(p.bias + n0 + v * kL) : V::zero());
+  const int64_t rows = (p.K + kPerWord - 1) / kPerWord;
+  const int32_t* wbase = p.qweight + n0;
+
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    I acc[MT][P][NV];
+    for (int m = 0; m < MT; ++m)
+      for (int d = 0; d < P; ++d)
+        for (int v = 0; v < NV; ++v) acc[m][d][v] = V::zero_i();
+    const int64_t r_begin = g * p.group_len / kPerWord;
+    const int64_t r_end = ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      if (r + kInt8PrefetchRows < rows) V::prefetch(wbase + (r + kInt8PrefetchRows) * p.N, NV);
+      I w[NV], hx[NV];
+      for (int v = 0; v < NV; ++v) {
+        w[v] = V::load_i(wbase + r * p.N + v * kL);
+        if constexpr (kCombined) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
+          if (r + kInt8PrefetchRows < rows && (r & 1) == 0)
+            V::prefetch(p.qweight_hi + n0 + ((r + kInt8PrefetchRows) >> 1) * p.N, NV);
+          hx[v] = V::spread_hi(V::load_i(p.qweight_hi + n0 + (r >> 1) * p.N + v * kL), (int)(r & 1));
+        }
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) {
+        I c[NV];
+        for (int v = 0; v < NV; ++v) {
+          if constexpr (kCombined)  // (lo code | 4 * hi bit) of k = 4b + j in byte b: the whole 3-bit code
+            c[v] = V::and_i(V::select(mask, V::srl(w[v], j * kWidth), V::srl(hx[v], j)), code3);
+          else
+            c[v] = V::and_i(V::srl(w[v], j * kWidth), mask);
+        }
+        for (int m = 0; m < MT; ++m)
+          for (int d = 0; d < P; ++d) {
+            const I xb = V::set1_i(xo[m][d][r * J + j]);
+            for (int v = 0; v < NV; ++v) acc[m][d][v] = V::dot(acc[m][d][v], c[v], xb);
+          }
+      }
+    }
+    if (BITS == 3 && !kCombined) {  // hi plane: 32 inputs per word, groups are whole words of it (32 | group_len, or G = 1)
+      const int32_t* hbase = p.qweight_hi + n0;
+      const int64_t h_begin = g * p.group_len / 32, h_end = ((g + 1) * p.group_len + 31) / 32;
+      for (int64_t rh = h_begin; rh < h_end; ++rh) {
+        I h[NV];
+        for (int v = 0; v < NV; ++v) h[v] = V::load_i(hbase + rh * p.N + v * kL);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          I c[NV];
+          for (int v = 0; v < NV; ++v) c[v] = V::and_i(j < 2 ? V::sll(h[v], 2 - j) : V::srl(h[v], j - 2), bit2);
+          for (int m = 0; m < MT; ++m)
+            for (int d = 0; d < P; ++d) {
+              const I xb = V::set1_i(xh[m][d][rh * 8 + j]);
+              for (int v = 0; v < NV; ++v) acc[m][d][v] = V::dot(acc[m][d][v], c[v], xb);
+            }
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int64_t idx = g * p.N + n0 + v * kL;
+      const F s = V::load_scales(p.scales, p.scale_type, idx);
+      const F z = V::load_zeros(p.zeros + idx);
+      for (int m = 0; m < MT; ++m) {
+        const int64_t mg = (m0 + m) * p.G + g;
+        const float* ps = a.part_sum.data() + mg * P;
+        F D = V::fnmadd(z, V::set1(ps[0]), V::cvt(acc[m][0][v]));
+        for (int d = 1; d < P; ++d) D = V::fma(D, V::set1(256.0f), V::fnmadd(z, V::set1(ps[d]), V::cvt(acc[m][d][v])));
+        yacc[m][v] = V::fma(V::mul(s, V::set1(a.unit[mg])), D, yacc[m][v]);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v)
+    for (int m = 0; m < MT; ++m) V::store(p.y + (m0 + m) * p.N + n0 + v * kL, yacc[m][v]);
+}
+
+// One block: M = 1 in one pass of NV1 vectors; more rows in tiles of MT rows (then 2, 1) of NVM vectors.
+// A block of kSub sub-blocks is walked a few groups at a time across all its sub-blocks, so that each word row
+// is read as one contiguous run of kSub * 64 words (format v1 puts a row's columns next to each other and the
+// rows N words apart: 256-byte pieces of rows in a different page each stream poorly from DRAM).
+template <class V, int BITS, int P, int NV1, int NVM, int MT>
+inline void int8_columns_bp(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
+                            int64_t subs) {
+  const int64_t width = (p.M == 1 ? NV1 : NVM) * V::kLanes;
+  
+  const int64_t g_step = std::max<int64_t>(1, 128 / p.group_len);
+  for (int64_t g0 = 0; g0 < p.G; g0 += g_step) {
+    const int64_t g1 = std::min(p.G, g0 + g_step);
+    for (int64_t c = 0; c < subs; ++c) {
+      const int64_t nc = n0 + c * width;
+      if (p.M == 1) {
+        int8_block<V, BITS, P, 1, NV1>(p, a, nc, 0, g0, g1);
+        continue;
+      }
+      int64_t m = 0;
+      for (; m + MT <= p.M; m += MT) int8_block<V, BITS, P, MT, NVM>(p, a, nc, m, g0, g1);
+      if (MT > 2 && m + 2 <= p.M) {
+        int8_block<V, BITS, P, 2, NVM>(p, a, nc, m, g0, g1);
+        m += 2;
+      }
+      if (m < p.M) int8_block<V, BITS, P, 1, NVM>(p, a, nc, m, g0, g1);
+    }
+  }
+}
+
+template <class V, int NV1, int NVM, int MT, int BITS>
+inline void int8_columns_b(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
+                           int64_t subs) {
+  switch (a.parts) {
+    case 1: int8_columns_bp<V, BITS, 1, NV1, NVM, MT>(p, a, n0, subs); break;
+    case 2: int8_columns_bp<V, BITS, 2, NV1, NVM, MT>(p, a, n0, subs); break;
+    default: int8_columns_bp<V, BITS, 3, NV1, NVM, (MT > 2 ? MT - 1 : MT)>(p, a, n0, subs); break;
+  }
+}
+
+template <class V, int NV1, int NVM, int MT>
+inline void int8_columns(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
+                         int64_t subs) {
+  switch (p.bits) {
+    case 2: int8_columns_b<V, NV1, NVM, MT, 2>(p, a, n0, subs); break;
+    case 3: int8_columns_b<V, NV1, NVM, MT, 3>(p, a, n0, subs); break;
+    default: int8_columns_b<V, NV1, NVM, MT, 4>(p, a, n0, subs); break;
+  }
+}
+
+}  // namespace

@@ -1,0 +1,146 @@
+// Activation quantization for the integer-dot-product GEMV (packed_gemv_int8.h): per row of x and weight group,
+// x ~= unit * Q, Q an integer of |Q| <= Qmax split into `parts` int8 digits of base 256
+// (Q = sum_p 256^(parts-1-p) part_p), so that the kernel's int32 dot products of codes and digits are exact and
+// the only error is the rounding of x to the grid unit = max|x_group| / Qmax (relative to the group's largest
+// element: 2^-8 for one part, 2^-16 for two, 2^-24 for three; docs/OPS.md).
+// The digits are arranged in the order the shifted and masked weight words hold the codes: byte b of the word
+// shifted by j * width is the code of k = r * per_word + b * (per_word / 4) + j.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/packed_gemv.h"
+
+namespace saliq {
+
+namespace {
+
+// Largest |Q| whose digits all stay in [-128, 127] with the top one in [-127, 127].
+constexpr int32_t kQmax[4] = {0, 127, 32768 - 128 - 1, 8388608 - 32896 - 1};
+
+// Operands of one plane: out[r * J + j] holds the digits of k = r * per_word + b * J + j in byte b (J = per_word / 4).
+template <int PW>
+void arrange_pw(const int8_t* digits, int64_t k_padded, int32_t* out) {
+  constexpr int J = PW / 4;
+  for (int64_t r = 0; r < k_padded / PW; ++r) {
+    const uint8_t* d = reinterpret_cast<const uint8_t*>(digits) + r * PW;
+    for (int j = 0; j < J; ++j)
+      out[r * J + j] = (int32_t)(d[j] | (uint32_t)d[J + j] << 8 | (uint32_t)d[2 * J + j] << 16 | (uint32_t)d[3 * J + j] << 24);
+  }
+}
+
+void arrange(const int8_t* digits, int64_t k_padded, int per_word, int32_t* out) {
+  switch (per_word) {
+    case 8: arrange_pw<8>(digits, k_padded, out); break;
+    case 16: arrange_pw<16>(digits, k_padded, out); break;
+    default: arrange_pw<32>(digits, k_padded, out); break;
+  }
+}
+
+}  // namespace
+
+int int8_parts_for(const PackedGemvProblem& p) {
+  if (active_isa() == CpuIsa::Portable) return 0;
+  // a group's accumulators end on a whole word of every plane (groups are 32, 64, 128 or all of K)
+  if (p.G > 1 && p.group_len % 32 != 0) return 0;
+  const GemvPrecision precision = gemv_precision();
+  if (precision != GemvPrecision::Auto) return (int)precision;
+  // Auto: the digits that keep each dtype inside its tolerance with room to spare (docs/OPS.md): fp32 three
+  // (2^-24 of the group maximum, like fp32 rounding), fp16 / bf16 two (2^-16, below their own rounding).
+  return p.x_dtype == 0 ? 3 : 2;
+}
+
+namespace {
+
+// One row of x: per group the grid unit and Q = rint(x / unit) (clamped: x * (Qmax / amax) may round above
+// Qmax); then the digits, most significant first. Loops the compiler vectorises (target clones).
+template <int P>
+__attribute__((target_clones("avx512f", "avx2", "default"))) bool quantize_row(
+    const float* x, int64_t G, int64_t group_len, int64_t kp, float* unit, int32_t* q, int8_t* digits) {
+  constexpr int32_t qmax = kQmax[P];
+  for (int64_t g = 0; g < G; ++g) {
+    const float* xg = x + g * group_len;
+    float amax = 0.0f, nonfinite = 0.0f;  // x - x is NaN exactly for inf and NaN (max would drop a NaN)
+#pragma omp simd reduction(max : amax) reduction(+ : nonfinite)
+    for (int64_t k = 0; k < group_len; ++k) {
+      amax = std::max(amax, std::fabs(xg[k]));
+      nonfinite += xg[k] - xg[k];
+    }
+    if (nonfinite != 0.0f || !(amax <= 3.4e38f)) return false;  // the exact kernels propagate it
+    const float inv = amax > 0.0f ? (float)qmax / amax : 0.0f;
+    if (amax > 0.0f && !(inv <= 3.4e38f)) return false;  // subnormal extremes: exact path
+    unit[g] = amax / (float)qmax;
+    int32_t* qg = q + g * group_len;
+#pragma omp simd
+    for (int64_t k = 0; k < group_len; ++k) {
+      const float v = std::min(std::max(__builtin_rintf(xg[k] * inv), (float)-qmax), (float)qmax);
+      qg[k] = (int32_t)v;
+    }
+  }
+  for (int64_t k = G * group_len; k < kp; ++k) q[k] = 0;  // padding past K
+  // the carry 128 (+ 128 * 256) makes every lower digit land in [-128, 127]
+#pragma omp simd
+  for (int64_t k = 0; k < kp; ++k) {
+    int32_t rest = q[k];
+    if (P == 3) {
+      const int32_t top = (rest + 32896) >> 16;
+      digits[k] = (int8_t)top;
+      rest -= top << 16;
+    }
+    if (P >= 2) {
+      const int32_t top = (rest + 128) >> 8;
+      digits[(P - 2) * kp + k] = (int8_t)top;
+      rest -= top << 8;
+    }
+    digits[(P - 1) * kp + k] = (int8_t)rest;
+  }
+  return true;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) float digit_sum(const int8_t* d, int64_t n) {
+  int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += d[k];
+  return (float)s;
+}
+
+}  // namespace
+
+bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations& act) {
+  const int64_t kp = p.k_padded, ops = kp / 4;
+  act.parts = parts;
+  act.operands.resize(p.M * parts * ops);
+  act.hi_operands.resize(p.bits == 3 ? p.M * parts * ops : 0);
+  act.unit.resize(p.M * p.G);
+  act.part_sum.resize(p.M * p.G * parts);
+  thread_local std::vector<int32_t> q;
+  thread_local std::vector<int8_t> digits;
+  q.resize(kp);
+  digits.resize(parts * kp);
+  const int per_word = p.bits == 4 ? 8 : 16;
+  // the combined 3-bit kernel reads only the lo arrangement; the hi one serves the separate-plane kernels
+  const bool hi = p.bits == 3 && !has_avx512_vnni_vbmi();
+  if (!hi) act.hi_operands.clear();
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* x = p.x + m * kp;
+    float* unit = act.unit.data() + m * p.G;
+    bool ok = false;
+    switch (parts) {
+      case 1: ok = quantize_row<1>(x, p.G, p.group_len, kp, unit, q.data(), digits.data()); break;
+      case 2: ok = quantize_row<2>(x, p.G, p.group_len, kp, unit, q.data(), digits.data()); break;
+      default: ok = quantize_row<3>(x, p.G, p.group_len, kp, unit, q.data(), digits.data()); break;
+    }
+    if (!ok) return false;
+    for (int64_t g = 0; g < p.G; ++g)
+      for (int d = 0; d < parts; ++d)
+        act.part_sum[(m * p.G + g) * parts + d] = digit_sum(digits.data() + d * kp + g * p.group_len, p.group_len);
+    for (int d = 0; d < parts; ++d) {
+      arrange(digits.data() + d * kp, kp, per_word, act.operands.data() + (m * parts + d) * ops);
+      if (hi) arrange(digits.data() + d * kp, kp, 32, act.hi_operands.data() + (m * parts + d) * ops);
+    }
+  }
+  return true;
+}
+
+}  // namespace saliq

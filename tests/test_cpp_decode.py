@@ -1,0 +1,125 @@
+"""The CPU GEMV on int8 activation digits (csrc/cpu/packed_gemv_int8.h) against saliq/ref.py.
+
+Contract (docs/OPS.md): by default x is rounded per (row, weight group) to a grid of max|x_group| / Qmax with
+three int8 digits for fp32 x (Qmax ~ 2^23) and two for fp16 / bf16 x (Qmax ~ 2^15); the codes times the
+digits are exact integer sums. `set_cpu_gemv("exact")` restores fp32 products. Tolerances are the usual ones:
+fp32 1e-5, fp16 2e-3, bf16 1e-2 (||out - ref|| / ||ref||).
+"""
+import pytest
+import torch
+
+from saliq import ref
+from saliq import cpp_backend as cpp
+
+from test_cpp_backend import TOL, assert_close_rel, gen, poison_heap, random_packed, rel_err
+
+ISAS = [i for i in ("avx2", "avx512") if ("portable", "avx2", "avx512").index(i) <=
+        ("portable", "avx2", "avx512").index(cpp._C.cpu_isa_detected())]
+pytestmark = pytest.mark.skipif(not ISAS, reason="the int8 kernels need AVX2")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = cpp.cpu_isa()
+    cpp.set_cpu_isa(request.param)
+    yield request.param
+    cpp.set_cpu_isa(previous)
+
+
+@pytest.fixture
+def gemv():
+    previous = cpp.cpu_gemv()
+
+    def use(name):
+        cpp.set_cpu_gemv(name)
+
+    yield use
+    cpp.set_cpu_gemv(previous)
+
+
+def case(n, k, bits, group_size, dtype, m, seed):
+    p = random_packed(n, k, bits, group_size, dtype, seed=seed)
+    x = torch.randn(m, k, generator=gen(seed + 1)).to(dtype)
+    bias = torch.randn(n, generator=gen(seed + 2)).to(dtype) if m % 2 else None
+    return (x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, group_size, k, bias)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,k", [(32, 96), (64, 320), (128, 256), (-1, 100), (-1, 4100)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_default_gemv_matches_ref(isa, gemv, bits, group_size, k, m, dtype):
+    gemv("auto")
+    n = 203  # not a multiple of any block: the tail columns take the portable kernel
+    args = case(n, k, bits, group_size, dtype, m, seed=bits * 100 + m)
+    poison_heap()
+    out = cpp.packed_matmul(*args)
+    assert_close_rel(out, ref.packed_matmul(*args), TOL[dtype], f"{isa} {dtype} m={m}")
+    if dtype == torch.float32:  # three digits: within fp32 rounding of the exact path (long groups add up)
+        gemv("exact")
+        assert rel_err(out, cpp.packed_matmul(*args)) < 5e-6
+
+
+@pytest.mark.parametrize("digits,bound", [(1, 3e-2), (2, 2e-4), (3, 2e-6)])
+def test_error_shrinks_with_digits_and_exact_is_exact(isa, gemv, digits, bound):
+    """What the digits cost, on activations with an outlier channel (a massive activation): the error bound is
+    relative to the group's largest |x|, and the exact path stays at fp32 rounding."""
+    k, n, bits = 512, 256, 2
+    args = list(case(n, k, bits, 64, torch.float32, 4, seed=digits))
+    args[0] = args[0].clone()
+    args[0][:, 7] *= 50.0
+    expected = ref.packed_matmul(*args)
+    gemv(f"int8x{digits}")
+    err = rel_err(cpp.packed_matmul(*args), expected)
+    assert err < bound
+    if digits < 3:  # an int8 digit does round: the test would notice if the path silently stayed exact
+        assert err > 1e-7
+    gemv("exact")
+    assert rel_err(cpp.packed_matmul(*args), expected) < 1e-6
+
+
+def test_non_finite_activations_propagate(gemv):
+    gemv("auto")
+    args = list(case(64, 128, 3, 64, torch.float32, 2, seed=3))
+    args[0] = args[0].clone()
+    args[0][1, 5] = float("nan")
+    out = cpp.packed_matmul(*args)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+
+
+def test_zero_rows_and_zero_groups(gemv):
+    gemv("auto")
+    args = list(case(96, 256, 2, 64, torch.float32, 3, seed=4))
+    args[0] = args[0].clone()
+    args[0][0] = 0.0
+    args[0][2, 64:128] = 0.0
+    assert_close_rel(cpp.packed_matmul(*args), ref.packed_matmul(*args), TOL[torch.float32])
+
+
+def test_quant_linear_with_lora_uses_the_same_path(gemv):
+    gemv("auto")
+    args = case(160, 192, 3, 64, torch.bfloat16, 4, seed=5)
+    A = torch.randn(8, 192, generator=gen(6)) * 0.1
+    B = torch.randn(160, 8, generator=gen(7)) * 0.1
+    out = cpp.packed_linear(*args, A, B, 0.5)
+    x = args[0]
+    expected = ref.packed_matmul(*args) + (0.5 * ((x.float() @ A.t()) @ B.t())).to(torch.bfloat16)
+    assert_close_rel(out, expected, TOL[torch.bfloat16])
+
+
+def test_setting_names(gemv):
+    for name in ("auto", "exact", "int8x1", "int8x2", "int8x3"):
+        gemv(name)
+        assert cpp.cpu_gemv() == name
+    with pytest.raises(ValueError):
+        cpp.set_cpu_gemv("int4")
+
+
+@pytest.mark.parametrize("m", [1, 4, 7])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_wide_blocks_then_tile_blocks_then_portable_tail(isa, gemv, m, bits):
+    """N = 600: whole blocks of several tiles, then single tiles, then portable columns (every part written)."""
+    gemv("auto")
+    args = case(600, 256, bits, 64, torch.bfloat16, m, seed=11 * m + bits)
+    poison_heap()
+    assert_close_rel(cpp.packed_matmul(*args), ref.packed_matmul(*args), TOL[torch.bfloat16], f"{isa} m={m}")
