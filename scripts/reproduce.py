@@ -40,7 +40,7 @@ ROWS = [
                                                                              clip_init="search", **FP32_SCALES)),
     ("saliq default: saliency-weighted clipping search, `wpt` 2 after LoRA, `opt` 2", dict(method="saliq",
                                                                                           epochs=2, **FP32_SCALES)),
-    ("saliq, LoRA r2 and a saliency-driven bit budget of 2.5 / 3.5 (`make demo` runs the W2 one)",
+    ("saliq, LoRA r2 and a saliency-driven bit budget of 2.5 / 3.5",
      dict(method="saliq", epochs=2, lora_rank=2, bit_budget={2: 2.5, 3: 3.5})),
 ]
 FULL = dict(nsamples=16, seqlen=256, eval_tokens=19968)

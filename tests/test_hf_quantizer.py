@@ -14,7 +14,8 @@ from torch import nn
 
 from fixtures_llama import make_byte_tokenizer, random_samples
 from saliq import hf
-from saliq.checkpoint import INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, CheckpointError, build_manifest, verify
+from saliq.checkpoint import (INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, CheckpointError, build_manifest, module_storage,
+                              verify)
 from saliq.hf_quantizer import WEIGHTS_GUARD, register
 from saliq.nn import QuantLinear
 from saliq.spec import QuantSpec
@@ -52,12 +53,15 @@ def _reference_load(d):
     qc = ck.quant_config
     cfg = {k: v for k, v in ck.config.items() if k not in ("quantization_config", "transformers_weights")}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
-    spec = QuantSpec(qc["bits"], qc["group_size"], qc["symmetric"])
     for name, mq in qc["modules"].items():
         lin = model.get_submodule(name)
+        st = module_storage(mq)  # width and storage forms of checkpoint format 2
+        spec = QuantSpec(st["bits"] or qc["bits"], qc["group_size"], qc["symmetric"])
         hf.set_submodule(model, name, QuantLinear.empty(lin.in_features, lin.out_features, spec, bias=mq["bias"],
                                                         lora_rank=mq["lora_rank"], lora_alpha=mq["lora_alpha"],
-                                                        dtype=torch.float32))
+                                                        dtype=torch.float32, reserved=st["reserved"],
+                                                        zeros_storage=st["zeros_storage"],
+                                                        reserved_dtype=st["reserved_dtype"]))
     model.load_state_dict(ck.load_tensors(), strict=False)
     model.tie_weights()
     return model.eval()
