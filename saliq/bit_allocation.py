@@ -19,10 +19,7 @@ from .spec import QuantSpec
 
 def rounding_error(W: Tensor, S: Optional[Tensor], spec: QuantSpec) -> float:
     """sum S (RTN(W) - W)^2 at `spec` (fp64 sum)."""
-    q, s, z = ref.rtn_quantize(W, spec.bits, spec.group_size, spec.symmetric)
-    g = spec.group_len(W.shape[1])
-    what = ((q.float().reshape(W.shape[0], -1, g) - z[..., None]) * s[..., None]).reshape(W.shape)
-    err = (what - W.float()) ** 2
+    err = (ref.rtn_dequantized(W, spec.bits, spec.group_size, spec.symmetric) - W.float()) ** 2
     if S is not None:
         err = err * S.float()
     return float(err.double().sum())

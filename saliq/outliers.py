@@ -39,10 +39,7 @@ def select(W: Tensor, S: Optional[Tensor], spec: QuantSpec, fraction: float, sco
         return mask
     Wf = W.float()
     if score == "error":
-        q, s, z = ref.rtn_quantize(Wf, spec.bits, spec.group_size, spec.symmetric)
-        g = spec.group_len(W.shape[1])
-        what = ((q.float().reshape(W.shape[0], -1, g) - z[..., None]) * s[..., None]).reshape(W.shape)
-        value = (what - Wf) ** 2
+        value = (ref.rtn_dequantized(Wf, spec.bits, spec.group_size, spec.symmetric) - Wf) ** 2
     else:
         value = Wf ** 2
     if S is not None:

@@ -75,6 +75,14 @@ def rtn_quantize(W, bits: int, group_size: int, symmetric: bool, scale_dtype: Op
     return lwc_quantize(W, inf, inf, bits, group_size, symmetric, scale_dtype)
 
 
+def rtn_dequantized(W, bits: int, group_size: int, symmetric: bool):
+    """What [N, K] (fp32) of round-to-nearest quantization: (q - z) * s with the fp32 scale."""
+    q, s, z = rtn_quantize(W, bits, group_size, symmetric)
+    n, k = W.shape
+    g = k if group_size == -1 else group_size
+    return ((q.float().reshape(n, -1, g) - z[..., None]) * s[..., None]).reshape(n, k)
+
+
 def _forward_parts(W, hi, lo, bits, group_size, symmetric):
     Wg = _grouped(W, group_size)
     wmax, wmin = Wg.amax(-1), Wg.amin(-1)
