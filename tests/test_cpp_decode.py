@@ -117,9 +117,22 @@ def test_setting_names(gemv):
 
 @pytest.mark.parametrize("m", [1, 4, 7])
 @pytest.mark.parametrize("bits", [2, 3])
-def test_wide_blocks_then_tile_blocks_then_portable_tail(isa, gemv, m, bits):
-    """N = 600: whole blocks of several tiles, then single tiles, then portable columns (every part written)."""
+@pytest.mark.parametrize("n,k", [(600, 256), (1000, 1024)])
+def test_blocks_of_whole_tiles_then_portable_tail(isa, gemv, m, bits, n, k):
+    """A few wide blocks of whole register tiles (of unequal widths: 600 and 1000 are not multiples of the block
+    count times the tile), then portable columns: every part written, and the same bits on one thread as on
+    two (each column sums its groups in the same order whichever block and thread computes it)."""
     gemv("auto")
-    args = case(600, 256, bits, 64, torch.bfloat16, m, seed=11 * m + bits)
-    poison_heap()
-    assert_close_rel(cpp.packed_matmul(*args), ref.packed_matmul(*args), TOL[torch.bfloat16], f"{isa} m={m}")
+    args = case(n, k, bits, 64, torch.bfloat16, m, seed=11 * m + bits + n)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        poison_heap()
+        one = cpp.packed_matmul(*args)
+        torch.set_num_threads(2)
+        poison_heap()
+        two = cpp.packed_matmul(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close_rel(two, ref.packed_matmul(*args), TOL[torch.bfloat16], f"{isa} m={m}")
+    assert torch.equal(one, two)

@@ -49,10 +49,9 @@ struct Int8Activations {
 
 struct PackedGemvPlan {
   GemvKernel kernel = GemvKernel::Portable;
-  int64_t block = 16;        // columns per block of the main kernel
+  int64_t block = 16;        // columns per block of the main kernel (int8 kernels: per register tile)
   int64_t main_columns = 0;  // leading columns the main kernel covers (whole blocks); the rest: portable blocks of 16
-  int64_t tail_block = 0;    // int8 kernels: after main_columns, blocks of one tile width, then portable blocks
-  int64_t tail_columns = 0;  // columns of those blocks
+  int64_t int8_blocks = 0;   // int8 kernels: main_columns split into this many runs of whole tiles (see below)
   std::vector<float> tables;    // Lut: per row of x, the pair tables, then (3-bit) the hi tables
   std::vector<uint32_t> pairs;  // Bf16: x as pairs of bf16 values in the order the words hold the codes
   Int8Activations act;          // Int8x512 / Int8x256
@@ -60,8 +59,9 @@ struct PackedGemvPlan {
 
 constexpr int64_t kPortableBlock = 16;
 
-// Chooses the kernel and builds the shared data (serial; a few microseconds).
-void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan);
+// Chooses the kernel and builds the shared data (serial; a few microseconds). `threads`: how many will share
+// the blocks (the int8 kernels make a few wide blocks per thread, see kInt8BlocksPerThread).
+void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& plan);
 // Number of blocks of the plan over all N columns.
 int64_t packed_gemv_blocks(const PackedGemvProblem& p, const PackedGemvPlan& plan);
 // Computes block b (all rows of x) and returns its columns [*n0, *n1).
@@ -85,7 +85,12 @@ void fma256_columns(const PackedGemvProblem& p, int64_t n0);
 // quantize_activations: false when a group of x is not finite (the exact kernels then run, and propagate it).
 int int8_parts_for(const PackedGemvProblem& p);
 bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations& act);
-constexpr int64_t kInt8Sub = 8;  // register-tile widths per block, at most (packed_gemv_int8.h)
+// Why few wide blocks: a block walks its columns one group of rows (a panel) at a time, each word row of the
+// panel read as one run over all the block's columns. Format v1 puts word rows N words apart, so narrow blocks
+// read short runs in a different page each, which streamed from DRAM at ~13 GB/s per core on Zen 4 against
+// ~28 GB/s for runs of a whole thread's share of the row (docs/NOTES.md). One block on one thread; with more,
+// two per thread keep a late thread from holding up the call (blocks are claimed one at a time, work_pool.h).
+constexpr int64_t kInt8BlocksPerThread = 2;
 int64_t int8x512_width(const PackedGemvProblem& p);  // columns of the register tile
 int64_t int8x256_width(const PackedGemvProblem& p);
 void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);

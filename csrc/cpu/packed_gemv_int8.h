@@ -13,11 +13,10 @@
 // Per group and digit d the int32 sum is exact; then per column, in fp32:
 //   y += s * unit * sum_d 256^(parts-1-d) (acc_d - z * sum_group(digit_d)),
 // i.e. the exact product of W with the rounded activations, up to fp32 rounding of that combination.
-// Work split: blocks of V::kLanes * NV columns; rows of x in tiles of MT sharing each unpacked word.
+// Work split: a block of the plan (a run of whole register tiles of V::kLanes * NV columns) is walked one panel
+// of word rows at a time across all its tiles; rows of x in tiles of MT sharing each unpacked word.
 
 namespace {
-
-constexpr int64_t kInt8PrefetchRows = 16;  // word rows ahead (the block's rows lie N words apart)
 
 template <class V, int BITS, int P, int MT, int NV>
 inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0, int64_t m0,
@@ -49,6 +48,9 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
       yacc[m][v] = g_begin > 0 ? V::load(p.y + (m0 + m) * p.N + n0 + v * kL)
                                : (p.bias ? V::load(p.bias + n0 + v * kL) : V::zero());
   const int64_t rows = (p.K + kPerWord - 1) / kPerWord;
+  // prefetch the same columns of the next panel (g_begin..g_end is one panel, int8_columns_bp): it is read
+  // after this panel's pass over the whole block; the hardware streams along each row meanwhile
+  const int64_t ahead = std::max<int64_t>(1, (g_end - g_begin) * p.group_len / kPerWord);
   const int32_t* wbase = p.qweight + n0;
 
   for (int64_t g = g_begin; g < g_end; ++g) {
@@ -59,13 +61,13 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
     const int64_t r_begin = g * p.group_len / kPerWord;
     const int64_t r_end = ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
     for (int64_t r = r_begin; r < r_end; ++r) {
-      if (r + kInt8PrefetchRows < rows) V::prefetch(wbase + (r + kInt8PrefetchRows) * p.N, NV);
+      if (r + ahead < rows) V::prefetch(wbase + (r + ahead) * p.N, NV);
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
         w[v] = V::load_i(wbase + r * p.N + v * kL);
         if constexpr (kCombined) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
-          if (r + kInt8PrefetchRows < rows && (r & 1) == 0)
-            V::prefetch(p.qweight_hi + n0 + ((r + kInt8PrefetchRows) >> 1) * p.N, NV);
+          if (r + ahead < rows && (r & 1) == 0)
+            V::prefetch(p.qweight_hi + n0 + ((r + ahead) >> 1) * p.N, NV);
           hx[v] = V::spread_hi(V::load_i(p.qweight_hi + n0 + (r >> 1) * p.N + v * kL), (int)(r & 1));
         }
       }
@@ -121,15 +123,16 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
 }
 
 // One block: M = 1 in one pass of NV1 vectors; more rows in tiles of MT rows (then 2, 1) of NVM vectors.
-// A block of kSub sub-blocks is walked a few groups at a time across all its sub-blocks, so that each word row
-// is read as one contiguous run of kSub * 64 words (format v1 puts a row's columns next to each other and the
-// rows N words apart: 256-byte pieces of rows in a different page each stream poorly from DRAM).
+// A block of `subs` register tiles is walked one panel (the word rows of 64 inputs, or of one group if larger)
+// at a time across all its tiles, so that each word row is read as one contiguous run over the whole block
+// (format v1 puts a row's columns next to each other and the rows N words apart: short pieces of rows in a
+// different page each stream poorly from DRAM; see kInt8BlocksPerThread).
 template <class V, int BITS, int P, int NV1, int NVM, int MT>
 inline void int8_columns_bp(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                             int64_t subs) {
   const int64_t width = (p.M == 1 ? NV1 : NVM) * V::kLanes;
-  
-  const int64_t g_step = std::max<int64_t>(1, 128 / p.group_len);
+  // one panel: the rows of (at least) 64 inputs, each read once across all the sub-blocks
+  const int64_t g_step = std::max<int64_t>(1, 64 / p.group_len);
   for (int64_t g0 = 0; g0 < p.G; g0 += g_step) {
     const int64_t g1 = std::min(p.G, g0 + g_step);
     for (int64_t c = 0; c < subs; ++c) {

@@ -94,7 +94,7 @@ void portable_columns(const PackedGemvProblem& p, int64_t n0, int64_t nb) {
   }
 }
 
-void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan) {
+void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& plan) {
   const CpuIsa isa = active_isa();
   // Integer dot products on int8 digits of x unless the exact path is asked for (docs/OPS.md); a group of x
   // that is not finite takes the exact kernels, which propagate it as the reference does.
@@ -102,10 +102,9 @@ void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan) {
   if (parts > 0 && quantize_activations(p, parts, plan.act)) {
     const bool vnni = has_avx512_vnni_vbmi();  // else the AVX2 form (also on AVX-512 CPUs without them)
     plan.kernel = vnni ? GemvKernel::Int8x512 : GemvKernel::Int8x256;
-    const int64_t width = vnni ? int8x512_width(p) : int8x256_width(p);
-    const int64_t subs = std::max<int64_t>(1, std::min(kInt8Sub, p.N / width));
-    plan.block = width * subs;
-    plan.tail_block = width;
+    plan.block = vnni ? int8x512_width(p) : int8x256_width(p);
+    const int64_t tiles = p.N / plan.block;
+    plan.int8_blocks = std::min<int64_t>(tiles, threads <= 1 ? 1 : threads * kInt8BlocksPerThread);
   } else if (isa == CpuIsa::Avx512 && p.M <= 4 && p.bits != 4 && p.N >= kLutBlock) {
     plan.kernel = GemvKernel::Lut;
     plan.block = kLutBlock;
@@ -127,31 +126,30 @@ void plan_packed_gemv(const PackedGemvProblem& p, PackedGemvPlan& plan) {
     plan.block = kPortableBlock;
   }
   plan.main_columns = p.N / plan.block * plan.block;
-  if (plan.kernel != GemvKernel::Int8x512 && plan.kernel != GemvKernel::Int8x256) plan.tail_block = 0;
-  plan.tail_columns = plan.tail_block ? (p.N - plan.main_columns) / plan.tail_block * plan.tail_block : 0;
+  if (plan.kernel != GemvKernel::Int8x512 && plan.kernel != GemvKernel::Int8x256) plan.int8_blocks = 0;
 }
 
 int64_t packed_gemv_blocks(const PackedGemvProblem& p, const PackedGemvPlan& plan) {
-  const int64_t rest = p.N - plan.main_columns - plan.tail_columns;
-  return plan.main_columns / plan.block + (plan.tail_block ? plan.tail_columns / plan.tail_block : 0) +
-         (rest + kPortableBlock - 1) / kPortableBlock;
+  const int64_t main_blocks = plan.int8_blocks ? plan.int8_blocks : plan.main_columns / plan.block;
+  return main_blocks + (p.N - plan.main_columns + kPortableBlock - 1) / kPortableBlock;
 }
 
 void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, int64_t b, int64_t* n0,
                        int64_t* n1) {
-  const int64_t main_blocks = plan.main_columns / plan.block;
-  const int64_t tail_blocks = plan.tail_block ? plan.tail_columns / plan.tail_block : 0;
-  if (b >= main_blocks && b < main_blocks + tail_blocks) {  // int8 kernels: one tile width
-    *n0 = plan.main_columns + (b - main_blocks) * plan.tail_block;
-    *n1 = *n0 + plan.tail_block;
-    if (plan.kernel == GemvKernel::Int8x512) int8x512_columns(p, plan.act, *n0, 1);
-    else int8x256_columns(p, plan.act, *n0, 1);
-    return;
-  }
+  const int64_t main_blocks = plan.int8_blocks ? plan.int8_blocks : plan.main_columns / plan.block;
   if (b >= main_blocks) {  // the columns past the last whole block of the main kernel
-    *n0 = plan.main_columns + plan.tail_columns + (b - main_blocks - tail_blocks) * kPortableBlock;
+    *n0 = plan.main_columns + (b - main_blocks) * kPortableBlock;
     *n1 = *n0 + kPortableBlock < p.N ? *n0 + kPortableBlock : p.N;
     portable_columns(p, *n0, *n1 - *n0);
+    return;
+  }
+  if (plan.int8_blocks) {  // block b: tiles [b T / B, (b + 1) T / B) of the T whole tiles, B blocks
+    const int64_t tiles = plan.main_columns / plan.block;
+    const int64_t t0 = b * tiles / plan.int8_blocks, t1 = (b + 1) * tiles / plan.int8_blocks;
+    *n0 = t0 * plan.block;
+    *n1 = t1 * plan.block;
+    if (plan.kernel == GemvKernel::Int8x512) int8x512_columns(p, plan.act, *n0, t1 - t0);
+    else int8x256_columns(p, plan.act, *n0, t1 - t0);
     return;
   }
   *n0 = b * plan.block;
@@ -161,8 +159,6 @@ void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, i
     case GemvKernel::Bf16: bf16_columns(p, plan.pairs.data(), *n0); break;
     case GemvKernel::Fma512: fma512_columns(p, *n0); break;
     case GemvKernel::Fma256: fma256_columns(p, *n0); break;
-    case GemvKernel::Int8x512: int8x512_columns(p, plan.act, *n0, plan.block / plan.tail_block); break;
-    case GemvKernel::Int8x256: int8x256_columns(p, plan.act, *n0, plan.block / plan.tail_block); break;
     default: portable_columns(p, *n0, plan.block); break;
   }
 }

@@ -92,13 +92,13 @@ void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, f
   // caller's plan, not a thread_local of their own
   thread_local PackedGemvPlan tls_plan;
   PackedGemvPlan& plan = tls_plan;
-  plan_packed_gemv(p, plan);
-  const int64_t blocks = packed_gemv_blocks(p, plan);
   const int64_t r = A.defined() ? A.size(0) : 0;
   const T* a = r ? A.data_ptr<T>() : nullptr;
   const T* b = r ? B.data_ptr<T>() : nullptr;
-  const int threads = blocks > 1 && packed_gemv_parallel(p, r * (p.K + p.N) * (int64_t)sizeof(T))
-                          ? at::get_num_threads() : 1;
+  const int team = packed_gemv_parallel(p, r * (p.K + p.N) * (int64_t)sizeof(T)) ? at::get_num_threads() : 1;
+  plan_packed_gemv(p, team, plan);
+  const int64_t blocks = packed_gemv_blocks(p, plan);
+  const int threads = blocks > 1 ? team : 1;
   if (r > 0) {
     constexpr int64_t kRows = 8;
     auto down = [&](int64_t i) {
