@@ -80,8 +80,17 @@ def packed_linear(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_fe
                            lora_scale)
 
 
-# ops.packed_linear_trusted runs a backend's packed_matmul and LoRA term in one call where the backend offers it
+def packed_linear_sliced(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, lora_A, lora_B,
+                         lora_scale, slices):
+    """packed_linear plus x Sp^T for reserved weights in slices of 16 rows (saliq/sparse_slices.py), in one call."""
+    return _C.quant_linear_sliced(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, lora_A,
+                                  lora_B, lora_scale, *slices)
+
+
+# ops.packed_linear_trusted runs a backend's packed_matmul and LoRA term in one call where the backend offers it,
+# and the reserved weights too where it offers that
 packed_matmul.with_lora = packed_linear
+packed_linear.with_slices = packed_linear_sliced
 
 DENSE_MAX_ROWS = 4  # decode, batch <= 4; more rows are a GEMM, which torch does well
 
@@ -197,7 +206,13 @@ def sparse_addmm(y, x, rowptr, cols, vals):
     return _C.sparse_addmm(y, x, rowptr, cols, vals, None)
 
 
+def sliced_sparse_addmm_(y, x, slices):
+    """y += x Sp^T in place from Sp in slices of 16 rows (saliq/sparse_slices.py)."""
+    return _C.sliced_sparse_addmm_(y, x, *slices)
+
+
 sparse_addmm.into = sparse_addmm_into  # ops.sparse_addmm_ writes over y with it
+sparse_addmm.sliced = sliced_sparse_addmm_  # and with this where the caller holds the sliced form
 backends.register("cpp", "sparse_addmm", sparse_addmm)
 
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from . import ops, outliers, ref, storage, validate
 from .packing import PackedWeight, expected_shapes, pack_weight
+from .sparse_slices import csr_slices
 from .spec import QuantSpec
 
 
@@ -222,6 +223,7 @@ class QuantLinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.lora_scale = lora_alpha / self.lora_rank if self.lora_rank else 0.0
         self.reserved = 0
+        self._sparse_slices = None  # the corrections in slices of 16 rows for the CPU kernel, made on first use
         if sparse is not None:
             rowptr, cols, values = sparse
             if not rowptr.is_meta:
@@ -249,6 +251,7 @@ class QuantLinear(nn.Module):
                               self.spec.group_size, self.in_features)
         self.sparse_cols_i32 = cols.to(torch.int32)
         self.sparse_correction = self.sparse_values.float() - what[rows, cols]
+        self._sparse_slices = None
 
     def finish_loading(self) -> None:
         """After buffers were filled from a checkpoint: widen zero points stored as 4-bit pairs or int8 to the int16
@@ -317,19 +320,29 @@ class QuantLinear(nn.Module):
         scales, qweight = b["scales"], b["qweight"]
         if x.dtype != scales.dtype:
             x = x.to(scales.dtype)
+        sparse = None
+        if self.reserved:  # the reserved weights, added into the packed matmul's output
+            corr = b["sparse_correction"]
+            slices = self._sparse_slices
+            if slices is None and corr.device.type == "cpu" and not torch.compiler.is_compiling():
+                slices = self._sparse_slices = csr_slices(b["sparse_rowptr"], b["sparse_cols_i32"], corr,
+                                                          self.in_features)
+            if slices is not None and slices.vals.device != corr.device:
+                slices = None
+            # the CSR was checked when the layer was built or loaded
+            sparse = (b["sparse_rowptr"], b["sparse_cols_i32"], corr, slices)
         if x.dim() == 0 or x.shape[-1] != self.in_features or x.device != qweight.device:
             # the full checks, for their clear error
             y = ops.packed_linear(x, self.packed, b["bias"], b["lora_A"], b["lora_B"], self.lora_scale)
-        else:  # the buffers were checked when the module was built: straight to the kernel
-            y = ops.packed_linear_trusted(x, qweight, b["qweight_hi"], scales, b["zeros"], self.spec.bits,
-                                          self.spec.group_size, self.in_features, b["bias"], b["lora_A"],
-                                          b["lora_B"], self.lora_scale)
-        if self.reserved:  # the reserved weights, added into the packed matmul's output
-            y2 = ops.sparse_addmm_(y.reshape(-1, self.out_features), x.reshape(-1, self.in_features),
-                                   b["sparse_rowptr"], b["sparse_cols_i32"], b["sparse_correction"],
-                                   check_csr=False)  # checked when the layer was built or loaded
-            y = y2.reshape(y.shape)
-        return y
+            if sparse is not None:
+                y2 = ops.sparse_addmm_trusted_(y.reshape(-1, self.out_features), x.reshape(-1, self.in_features),
+                                               *sparse)
+                y = y2.reshape(y.shape)
+            return y
+        # the buffers were checked when the module was built: straight to the kernel
+        return ops.packed_linear_trusted(x, qweight, b["qweight_hi"], scales, b["zeros"], self.spec.bits,
+                                         self.spec.group_size, self.in_features, b["bias"], b["lora_A"], b["lora_B"],
+                                         self.lora_scale, sparse)
 
     def dequantized_weight(self) -> Tensor:
         """What, with the reserved weights in place."""

@@ -13,6 +13,7 @@ from torch import Tensor
 from . import backends, validate
 from .backends import use_backend  # noqa: F401  (public: saliq.ops.use_backend)
 from .packing import PackedWeight
+from .sparse_slices import Slices
 from .spec import QuantSpec
 
 _EMPTY = (0,)
@@ -209,11 +210,13 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
 
 def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales: Tensor, zeros: Tensor, bits: int,
                           group_size: int, in_features: int, bias: Optional[Tensor], lora_A: Optional[Tensor],
-                          lora_B: Optional[Tensor], lora_scale: float) -> Tensor:
+                          lora_B: Optional[Tensor], lora_scale: float, sparse: Optional[tuple] = None) -> Tensor:
     """packed_linear without the argument checks, for callers that checked them once (QuantLinear checks its
     buffers when it is built and x's shape and device per call). Decode calls last microseconds, so the
     Python between a layer and its kernel matters: in plain eager inference the backend runs directly,
-    without the custom-op dispatcher; under autograd, torch.compile or tensor subclasses the custom op runs."""
+    without the custom-op dispatcher; under autograd, torch.compile or tensor subclasses the custom op runs.
+    sparse: the layer's reserved weights (rowptr, cols, vals, slices or None), added as sparse_addmm_trusted_
+    does; where the backend takes the slices in the same call (cpp), they share its threads."""
     x2 = x.reshape(-1, in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
@@ -224,7 +227,14 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
         impl = backends.resolve("packed_matmul", x2.device.type, *args)
         with_lora = getattr(impl, "with_lora", None)
         if with_lora is not None:  # the backend applies bias and LoRA in the same call (cpp)
+            with_slices = getattr(with_lora, "with_slices", None)
+            if sparse is not None and sparse[3] is not None and with_slices is not None and \
+                    sparse[3].cols.device == x2.device:
+                y = with_slices(*args, lora_A, lora_B, lora_scale, sparse[3])
+                return y.reshape(*x.shape[:-1], qweight.shape[1])
             y = with_lora(*args, lora_A, lora_B, lora_scale)
+            if sparse is not None:
+                y = sparse_addmm_trusted_(y, x2, *sparse)
             return y.reshape(*x.shape[:-1], qweight.shape[1])
         y = impl(*args)
     else:
@@ -232,6 +242,8 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
     if lora_A is not None:
         # two small GEMMs, the scale and the sum folded into the second (addmm): two launches, not four
         y = torch.addmm(y, x2 @ lora_A.t(), lora_B.t(), alpha=lora_scale)
+    if sparse is not None:
+        y = sparse_addmm_trusted_(y, x2, *sparse)
     return y.reshape(*x.shape[:-1], qweight.shape[1])
 
 
@@ -338,15 +350,28 @@ def sparse_addmm(y: Tensor, x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tenso
     return _sparse_addmm(y.contiguous(), x.contiguous(), rowptr.contiguous(), cols.contiguous(), vals.contiguous())
 
 
-def sparse_addmm_(y: Tensor, x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor, check_csr: bool = True) -> Tensor:
+def sparse_addmm_(y: Tensor, x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor, check_csr: bool = True,
+                  slices: Optional[Slices] = None) -> Tensor:
     """In place: y += x Sp^T (the reserved weights added to a packed matmul's output, for inference); returns y.
-    In plain eager inference the backend writes into y directly; under autograd or torch.compile this is
-    y.copy_(sparse_addmm(...))."""
+    In plain eager inference the backend writes into y directly (from `slices`, the same Sp in slices of 16 rows
+    made by saliq.sparse_slices.csr_slices, where the backend has a kernel for them: the CPU's); under autograd
+    or torch.compile this is y.copy_(sparse_addmm(...))."""
     validate.sparse_addmm_args(y, x, rowptr, cols, vals, check_csr)
+    return sparse_addmm_trusted_(y, x, rowptr, cols, vals, slices)
+
+
+def sparse_addmm_trusted_(y: Tensor, x: Tensor, rowptr: Tensor, cols: Tensor, vals: Tensor,
+                          slices: Optional[Slices] = None) -> Tensor:
+    """sparse_addmm_ without the argument checks, for callers whose operands were checked when they were built
+    (QuantLinear's reserved weights: a decode step calls it in every layer)."""
     x = x.contiguous()
     if type(y) is Tensor and y.is_contiguous() and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)):
         impl = backends.resolve("sparse_addmm", x.device.type, y, x, rowptr, cols, vals)
+        sliced = getattr(impl, "sliced", None)
+        if slices is not None and sliced is not None and slices.cols.device == x.device:
+            sliced(y, x, slices)
+            return y
         into = getattr(impl, "into", None)
         if into is not None:  # the backend writes y + x Sp^T over y, element by element
             into(y, x, rowptr.contiguous(), cols.contiguous(), vals.contiguous(), y)

@@ -32,6 +32,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cpu, "LWC fake quantization backward (CPU)");
   m.def("saliency_sq_error", &saliq::saliency_sq_error_cpu, "sum S (A - B)^2 and its gradient (CPU)");
   m.def("sparse_addmm", &saliq::sparse_addmm_cpu, "y + x Sp^T, Sp in CSR by output row, into out when given (CPU)");
+  m.def("sliced_sparse_addmm_", &saliq::sliced_sparse_addmm_cpu,
+        "y += x Sp^T in place, Sp in slices of 16 rows (saliq.sparse_slices.csr_slices) (CPU)");
+  m.def("quant_linear_sliced", &saliq::quant_linear_sliced_cpu,
+        "quant_linear, then + x Sp^T for reserved weights in slices of 16 rows, in one call (CPU)");
 
   m.def("cpu_isa", [] { return std::string(saliq::isa_name(saliq::active_isa())); },
         "SIMD path in use: avx512, avx2 or portable");

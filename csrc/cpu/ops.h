@@ -7,6 +7,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/sliced_sparse.h"
+
 namespace saliq {
 
 std::tuple<at::Tensor, at::Tensor> pack_cpu(const at::Tensor& q, int64_t bits);
@@ -42,6 +44,22 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> saliency_sq_error_cpu(const at
 // out = y + x Sp^T, Sp [N, K] in CSR by output row (sparse_ops.cpp); into `out` when given (may be y itself).
 at::Tensor sparse_addmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& cols,
                             const at::Tensor& vals, const std::optional<at::Tensor>& out);
+
+// y += x Sp^T in place, Sp in slices of 16 rows (sliced_sparse.h, sliced_sparse_ops.cpp); returns y.
+at::Tensor sliced_sparse_addmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& slot_ptr,
+                                   const at::Tensor& slot_lanes, const at::Tensor& lane_rows, const at::Tensor& cols,
+                                   const at::Tensor& vals);
+// The slices' tensors checked (shapes, dtypes, device) for N rows of Sp; x, M and ldx left for the caller.
+SliceProblem checked_slices(int64_t N, const at::Tensor& slot_ptr, const at::Tensor& slot_lanes,
+                            const at::Tensor& lane_rows, const at::Tensor& cols, const at::Tensor& vals);
+// quant_linear_cpu followed by the slices' y += x Sp^T; in the GEMV regime the slices' chunks share the GEMV's
+// threads and one pass adds them to its fp32 output (quant_linear_ops.cpp).
+at::Tensor quant_linear_sliced_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                                   const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                                   int64_t in_features, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                                   double lora_scale, const at::Tensor& slot_ptr, const at::Tensor& slot_lanes,
+                                   const at::Tensor& lane_rows, const at::Tensor& cols, const at::Tensor& vals);
 
 // Shared argument checks (packing_ops.cpp).
 void check_bits(int64_t bits);

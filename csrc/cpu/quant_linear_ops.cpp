@@ -87,7 +87,8 @@ void prepare_x(const T* x, int64_t M, int64_t K, int64_t k_padded, int64_t G, in
 // blocks of columns, each computing x What^T + bias for its columns with the kernels of packed_gemv.h and adding
 // t B^T to the same columns right away.
 template <typename T>
-void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, float scale, float* t) {
+void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, float scale, float* t,
+         const SliceProblem* sp) {
   // reused from call to call (its buffers keep their capacity); a reference, so that the other threads read the
   // caller's plan, not a thread_local of their own
   thread_local PackedGemvPlan tls_plan;
@@ -98,7 +99,8 @@ void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, f
   const int team = packed_gemv_parallel(p, r * (p.K + p.N) * (int64_t)sizeof(T)) ? at::get_num_threads() : 1;
   plan_packed_gemv(p, team, plan);
   const int64_t blocks = packed_gemv_blocks(p, plan);
-  const int threads = blocks > 1 ? team : 1;
+  const int64_t chunks = sp ? slice_chunks(*sp) : 0;
+  const int threads = blocks + chunks > 1 ? team : 1;
   if (r > 0) {
     constexpr int64_t kRows = 8;
     auto down = [&](int64_t i) {
@@ -107,12 +109,26 @@ void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, f
     };
     run_claimed((r + kRows - 1) / kRows, threads, down);
   }
-  auto columns = [&](int64_t blk) {
+  // the reserved weights' slices: their sums go to an fp32 buffer (independent of the blocks, so any thread may
+  // take a chunk once the blocks are handed out), added to y after the join
+  thread_local std::vector<float> dbuf;
+  float* delta = nullptr;
+  if (chunks) {
+    dbuf.assign(p.M * p.N, 0.0f);
+    delta = dbuf.data();
+  }
+  auto work = [&](int64_t i) {
+    if (i >= blocks) {
+      slice_chunk_sums(*sp, i - blocks, delta);
+      return;
+    }
     int64_t n0, n1;
-    packed_gemv_block(p, plan, blk, &n0, &n1);
+    packed_gemv_block(p, plan, i, &n0, &n1);
     if (r > 0) lora_up_columns<T>(t, p.M, r, b, p.N, n0, n1, p.y);
   };
-  run_claimed(blocks, threads, columns);
+  run_claimed(blocks + chunks, threads, work);
+  if (chunks)
+    for (int64_t i = 0; i < p.M * p.N; ++i) p.y[i] += delta[i];
 }
 
 ScaleType scale_type_of(const at::Tensor& t) {
@@ -123,13 +139,12 @@ ScaleType scale_type_of(const at::Tensor& t) {
   }
 }
 
-}  // namespace
-
-at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
-                            const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
-                            int64_t in_features, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
-                            double lora_scale) {
+// slices: the reserved weights' tensors (slot_ptr, slot_lanes, lane_rows, cols, vals), or null
+at::Tensor quant_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                             const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                             int64_t in_features, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                             double lora_scale, const at::Tensor* slices) {
   check_packed(qweight, qweight_hi, scales, zeros, bits, group_size, in_features);
   const int64_t g = group_len_of(group_size, in_features, "quant_linear");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, "x must be [M, ", in_features, "], got ", x.sizes());
@@ -159,6 +174,8 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
       const at::Tensor lora_term = at::mm(t, B.to(at::kFloat).t()).mul_(lora_scale);
       y.add_(lora_term.to(y.scalar_type()));
     }
+    if (slices && M > 0 && N > 0)
+      sliced_sparse_addmm_cpu(y, x.contiguous(), slices[0], slices[1], slices[2], slices[3], slices[4]);
     return y;
   }
 
@@ -203,13 +220,43 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   p.x_is_bf16 = xt == at::kBFloat16;
   p.x_dtype = xt == at::kBFloat16 ? 2 : (xt == at::kHalf ? 1 : 0);
 
+  SliceProblem sp;
+  if (slices) {
+    sp = checked_slices(N, slices[0], slices[1], slices[2], slices[3], slices[4]);
+    sp.x = xf;  // x in fp32, padded rows of k_padded
+    sp.M = M;
+    sp.ldx = k_padded;
+  }
+  const SliceProblem* spp = slices && sp.slot_ptr[sp.slices] > 0 ? &sp : nullptr;
   switch (r > 0 ? A.scalar_type() : at::kFloat) {
-    case at::kFloat: run<float>(p, A, B, (float)lora_scale, tbuf.data()); break;
-    case at::kBFloat16: run<c10::BFloat16>(p, A, B, (float)lora_scale, tbuf.data()); break;
-    case at::kHalf: run<c10::Half>(p, A, B, (float)lora_scale, tbuf.data()); break;
+    case at::kFloat: run<float>(p, A, B, (float)lora_scale, tbuf.data(), spp); break;
+    case at::kBFloat16: run<c10::BFloat16>(p, A, B, (float)lora_scale, tbuf.data(), spp); break;
+    case at::kHalf: run<c10::Half>(p, A, B, (float)lora_scale, tbuf.data(), spp); break;
     default: TORCH_CHECK_VALUE(false, "lora_A must be float32, bfloat16 or float16, got ", A.scalar_type());
   }
   return xt == at::kFloat ? y : y.to(xt);
+}
+
+}  // namespace
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                            const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                            int64_t in_features, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                            double lora_scale) {
+  return quant_linear_impl(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, lora_A, lora_B,
+                           lora_scale, nullptr);
+}
+
+at::Tensor quant_linear_sliced_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
+                                   const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                                   int64_t in_features, const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& lora_A, const std::optional<at::Tensor>& lora_B,
+                                   double lora_scale, const at::Tensor& slot_ptr, const at::Tensor& slot_lanes,
+                                   const at::Tensor& lane_rows, const at::Tensor& cols, const at::Tensor& vals) {
+  const at::Tensor slices[5] = {slot_ptr, slot_lanes, lane_rows, cols, vals};
+  return quant_linear_impl(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, lora_A, lora_B,
+                           lora_scale, slices);
 }
 
 // y = x W^T + bias for a dense W [N, K] (fp32, bf16 or fp16) and small M: rows of W shared by the threads
