@@ -8,7 +8,9 @@ Cases: weights [N, K] = [4096, 11008] and [11008, 4096], M = 1, fp32 and bf16 ac
 - "sliced_": saliq.ops.sparse_addmm_trusted_ in place over the GEMV's output from the slices, as a separate call;
 - "sparse_": the same from the CSR (int32 columns, fp32 values), validated once beforehand (check_csr=False);
 - "sparse": saliq.ops.sparse_addmm out of place with the CSR checked on every call (the public default).
-Bar: layer - gemv under 15% of the GEMV's time at 0.5% density.
+Bar: layer - gemv under 15% of the GEMV's time at 0.5% density, from medians of the two timed alternately call by
+call (test_layer_against_gemv_interleaved: separate pytest-benchmark runs drift apart on a shared machine by more
+than the difference); the pytest-benchmark minima of every provider are in the table too.
 
 Each provider cycles through copies of its operands that together exceed three times the last-level cache, so every
 call reads its weights from memory, as a decode step that streams through all layers does. Bytes floor: GEMV
@@ -26,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import time
 
 import pytest
@@ -118,7 +121,7 @@ def report(request):
         measured_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
     load_after = os.getloadavg()
-    cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and v is not None}
+    cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and k[0] in PROVIDERS and v is not None}
     if not cases:
         return
     lines = [f"CPU sparse_addmm vs packed GEMV, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
@@ -126,21 +129,24 @@ def report(request):
              f"{cpp.cpu_isa()}, copy bandwidth {RESULTS['copy_gbs']:.1f} GB/s, load average "
              f"{load_before[0]:.2f} before / {load_after[0]:.2f} after; {100 * DENSITY:g}% density, {BITS}-bit g{GROUP}, "
              f"M=1, operands rotated beyond the cache", "",
-             "| N x K | x | nnz | GEMV ms | layer ms (GEMV + reserved) | (layer - GEMV) / GEMV | "
-             f"bar < {100 * BAR:.0f}% | sliced_ ms (separate) | sparse_ ms (CSR) | sparse ms (checked) | "
-             "sliced_ / GEMV | sparse_ / GEMV |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| N x K | x | nnz | GEMV ms (interleaved median) | layer ms (GEMV + reserved) | (layer - GEMV) / GEMV | "
+             f"bar < {100 * BAR:.0f}% | GEMV ms (min) | layer ms (min) | sliced_ ms (separate) | sparse_ ms (CSR) | "
+             "sparse ms (checked) | sliced_ / GEMV | sparse_ / GEMV |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for n, k in SHAPES:
         for name in DTYPES:
             t = {p: cases.get((p, n, k, name)) for p in PROVIDERS}
-            if any(v is None for v in t.values()):
+            side = RESULTS.get(("interleaved", n, k, name))
+            if any(v is None for v in t.values()) or side is None:
                 continue
-            ratio = (t["layer"] - t["gemv"]) / t["gemv"]
+            ratio = (side["layer"] - side["gemv"]) / side["gemv"]
             rows.append(dict(N=n, K=k, dtype=name, nnz=int(n * k * DENSITY), **{f"{p}_s": t[p] for p in PROVIDERS},
-                             ratio=ratio, bar=BAR, met=ratio < BAR))
-            lines.append(f"| {n} x {k} | {name} | {int(n * k * DENSITY)} | {t['gemv'] * 1e3:.3f} | "
-                         f"{t['layer'] * 1e3:.3f} | {100 * ratio:.1f}% | {'met' if ratio < BAR else 'NOT met'} | "
+                             interleaved_gemv_s=side["gemv"], interleaved_layer_s=side["layer"], ratio=ratio, bar=BAR,
+                             met=ratio < BAR))
+            lines.append(f"| {n} x {k} | {name} | {int(n * k * DENSITY)} | {side['gemv'] * 1e3:.3f} | "
+                         f"{side['layer'] * 1e3:.3f} | {100 * ratio:.1f}% | {'met' if ratio < BAR else 'NOT met'} | "
+                         f"{t['gemv'] * 1e3:.3f} | {t['layer'] * 1e3:.3f} | "
                          f"{t['sliced_'] * 1e3:.3f} | {t['sparse_'] * 1e3:.3f} | {t['sparse'] * 1e3:.3f} | "
                          f"{100 * t['sliced_'] / t['gemv']:.1f}% | {100 * t['sparse_'] / t['gemv']:.1f}% |")
     text = "\n".join(lines)
@@ -205,3 +211,33 @@ def test_sparse_vs_gemv(benchmark, n, k, dtype_name, provider):
     assert out.dtype == dtype and err <= (1e-5 if dtype == torch.float32 else 1e-2), f"{provider}: error {err:.3g}"
     if benchmark.stats is not None:
         RESULTS[(provider, n, k, dtype_name)] = benchmark.stats.stats.min
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_layer_against_gemv_interleaved(benchmark, n, k, dtype_name):
+    """The bar's two figures side by side: the GEMV alone and the layer with its reserved weights, alternating call
+    by call through the rotated operands (medians of 41 rounds; 2 untimed rounds with timing off), and the
+    layer's output against the GEMV's plus the reserved weights' product."""
+    timing = not benchmark.disabled  # pytest-benchmark's own switch; its fixture is not otherwise used here
+    dtype = DTYPES[dtype_name]
+    ops_ = operands(n, k, dtype)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    packed, csr, slices = ops_["packed"], ops_["csr"], ops_["slices"]
+    times = {"gemv": [], "layer": []}
+    with torch.inference_mode():
+        for r in range(41 if timing else 2):
+            # each call reads a copy of the weight the other did not just read (both from memory)
+            p0, p1 = packed[(2 * r) % len(packed)], packed[(2 * r + 1) % len(packed)]
+            sparse = (*csr[r % len(csr)], slices[r % len(slices)])
+            for name, fn in (("gemv", lambda: trusted(x, p0)), ("layer", lambda: trusted(x, p1, sparse))):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        layer = trusted(x, packed[0], (*csr[0], slices[0]))
+        want = ops.sparse_addmm(trusted(x, packed[0]), x, *csr[0])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((layer.double() - want.double()).norm() / want.double().norm()) <= tol
+    if timing:
+        RESULTS[("interleaved", n, k, dtype_name)] = {name: statistics.median(v) for name, v in times.items()}
