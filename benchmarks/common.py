@@ -46,19 +46,6 @@ def time_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 30, flush_l2: 
     return cuda_time_ms(fn, warmup, rep, before_each=None if flush is None else flush.zero_)
 
 
-def copy_bandwidth_gbs(rounds: int = 5) -> float:
-    """Read + write GB/s of a 256 MiB tensor copy (best of `rounds`): the bandwidth ceiling of a weight-streaming
-    op on the CPU."""
-    src = torch.empty(64 << 20, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
 def l2_bytes() -> int:
     """The GPU's L2 cache size (a nominal 64 MiB without a GPU)."""
     if not HAS_GPU:
@@ -111,12 +98,24 @@ def graph_time_ms(calls: list[Callable[[], object]], replays: int = 10, rounds: 
     return times[len(times) // 2]
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Measured device-to-device copy bandwidth (bytes read + bytes written per second), GB/s."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).uniform_()
+def copy_bandwidth_gbs(nbytes: Optional[int] = None, rounds: int = 7) -> float:
+    """Measured copy bandwidth on DEVICE (bytes read + bytes written per second), GB/s: the ceiling of a
+    weight-streaming op. On a GPU a 1 GiB device-to-device copy timed with CUDA events; on the CPU a 256 MiB copy,
+    the best of `rounds` wall-clock runs (one run on a shared machine varies by up to 2x)."""
+    if HAS_GPU:
+        nbytes = nbytes or 1 << 30
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).uniform_()
+        dst = torch.empty_like(src)
+        ms = time_ms(lambda: dst.copy_(src), flush_l2=False)
+        return 2 * nbytes / (ms * 1e-3) / 1e9
+    src = torch.empty((nbytes or 256 << 20) // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), flush_l2=False)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
 
 
 def fp16_matmul_tflops(n: int = 8192) -> float:
