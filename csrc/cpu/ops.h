@@ -7,6 +7,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/packed_gemv.h"
 #include "cpu/sliced_sparse.h"
 
 namespace saliq {
@@ -66,5 +67,9 @@ void check_bits(int64_t bits);
 int64_t group_len_of(int64_t group_size, int64_t in_features, const char* where);
 void check_packed(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
                   const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features);
+// The weight's fields of a PackedGemvProblem (packed_gemv.h) from checked format-v1 tensors; M, x, y, bias and
+// the activation fields are the caller's.
+PackedGemvProblem packed_problem(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+                                 const at::Tensor& zeros, int64_t bits, int64_t group_len, int64_t in_features);
 
 }  // namespace saliq

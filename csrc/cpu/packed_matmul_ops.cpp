@@ -31,14 +31,6 @@ namespace {
 
 int64_t g_gemv_max_m = 32;  // measured crossover (docs/NOTES.md)
 
-ScaleType scale_type_of(const at::Tensor& scales) {
-  switch (scales.scalar_type()) {
-    case at::kHalf: return ScaleType::F16;
-    case at::kBFloat16: return ScaleType::BF16;
-    default: return ScaleType::F32;
-  }
-}
-
 enum class PrefillGemm { Auto, F32, Half };
 
 PrefillGemm prefill_gemm() {
@@ -100,19 +92,8 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   at::Tensor y = at::empty({M, N}, x.options().dtype(cd));
   if (M == 0 || N == 0) return y.to(xt);
 
-  PackedGemvProblem p{};
+  PackedGemvProblem p = packed_problem(qweight, qweight_hi, scales, zeros, bits, g, K);
   p.M = M;
-  p.K = K;
-  p.k_padded = (K + 31) / 32 * 32;
-  p.N = N;
-  p.G = G;
-  p.group_len = g;
-  p.bits = (int)bits;
-  p.qweight = qweight.data_ptr<int32_t>();
-  p.qweight_hi = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;
-  p.scales = scales.data_ptr();
-  p.scale_type = scale_type_of(scales);
-  p.zeros = zeros.data_ptr<int16_t>();
 
   const at::Tensor xc = x.to(cd).contiguous();
   const int64_t elem = xc.element_size();

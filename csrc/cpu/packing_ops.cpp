@@ -24,6 +24,25 @@ int64_t group_len_of(int64_t group_size, int64_t in_features, const char* where)
   return g;
 }
 
+PackedGemvProblem packed_problem(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+                                 const at::Tensor& zeros, int64_t bits, int64_t group_len, int64_t in_features) {
+  PackedGemvProblem p{};
+  p.K = in_features;
+  p.k_padded = (in_features + 31) / 32 * 32;
+  p.N = qweight.size(1);
+  p.G = in_features / group_len;
+  p.group_len = group_len;
+  p.bits = (int)bits;
+  p.qweight = qweight.data_ptr<int32_t>();
+  p.qweight_hi = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;
+  p.scales = scales.data_ptr();
+  p.scale_type = scales.scalar_type() == at::kHalf       ? ScaleType::F16
+                 : scales.scalar_type() == at::kBFloat16 ? ScaleType::BF16
+                                                        : ScaleType::F32;
+  p.zeros = zeros.data_ptr<int16_t>();
+  return p;
+}
+
 void check_packed(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
                   const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features) {
   check_bits(bits);

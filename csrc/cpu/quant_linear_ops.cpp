@@ -131,14 +131,6 @@ void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, f
     for (int64_t i = 0; i < p.M * p.N; ++i) p.y[i] += delta[i];
 }
 
-ScaleType scale_type_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return ScaleType::F16;
-    case at::kBFloat16: return ScaleType::BF16;
-    default: return ScaleType::F32;
-  }
-}
-
 // slices: the reserved weights' tensors (slot_ptr, slot_lanes, lane_rows, cols, vals), or null
 at::Tensor quant_linear_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qweight_hi,
                              const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
@@ -200,21 +192,10 @@ at::Tensor quant_linear_impl(const at::Tensor& x, const at::Tensor& qweight, con
     default: prepare_x(xc.data_ptr<float>(), M, K, k_padded, G, g, xf, xsum); break;
   }
 
-  PackedGemvProblem p{};
+  PackedGemvProblem p = packed_problem(qweight, qweight_hi, scales, zeros, bits, g, K);
   p.x = xf;
   p.x_group_sum = xsum;
   p.M = M;
-  p.K = K;
-  p.k_padded = k_padded;
-  p.N = N;
-  p.G = G;
-  p.group_len = g;
-  p.bits = (int)bits;
-  p.qweight = qweight.data_ptr<int32_t>();
-  p.qweight_hi = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;
-  p.scales = scales.data_ptr();
-  p.scale_type = scale_type_of(scales);
-  p.zeros = zeros.data_ptr<int16_t>();
   p.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
   p.y = y.data_ptr<float>();
   p.x_is_bf16 = xt == at::kBFloat16;
