@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, outliers, ref, storage, validate
-from .packing import PackedWeight, expected_shapes, pack_weight
+from .packing import PackedWeight, codes_at, expected_shapes, pack_weight
 from .sparse_slices import csr_slices
 from .spec import QuantSpec
 
@@ -247,10 +247,12 @@ class QuantLinear(nn.Module):
         rowptr = self.sparse_rowptr.long()
         rows = torch.repeat_interleave(torch.arange(self.out_features, device=rowptr.device), rowptr.diff())
         cols = self.sparse_cols.long()
-        what = ref.dequantize(self.qweight, self.qweight_hi, self.scales.float(), self.zeros, self.spec.bits,
-                              self.spec.group_size, self.in_features)
+        # What at the reserved positions only, (q - z) * s in fp32 as ref.dequantize computes it
+        group = cols // self.spec.group_len(self.in_features)
+        q = codes_at(self.qweight, self.qweight_hi, self.spec.bits, rows, cols).float()
+        what = (q - self.zeros[group, rows].float()) * self.scales.float()[group, rows]
         self.sparse_cols_i32 = cols.to(torch.int32)
-        self.sparse_correction = self.sparse_values.float() - what[rows, cols]
+        self.sparse_correction = self.sparse_values.float() - what
         self._sparse_slices = None
 
     def finish_loading(self) -> None:

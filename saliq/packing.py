@@ -55,6 +55,20 @@ def unpack_plane(words: torch.Tensor, width: int, in_features: int) -> torch.Ten
     return v.reshape(w.shape[0], -1)[:, :in_features].to(torch.uint8)
 
 
+def codes_at(qweight: torch.Tensor, qweight_hi: torch.Tensor, bits: int, rows: torch.Tensor,
+             cols: torch.Tensor) -> torch.Tensor:
+    """The integers q[rows, cols] (int64) of a packed weight, read from their words alone (no full unpack)."""
+    def plane(words, width):
+        per_word = 32 // width
+        w = words[cols // per_word, rows].to(torch.int64) & 0xFFFFFFFF
+        return (w >> (width * (cols % per_word))) & ((1 << width) - 1)
+
+    rows, cols = rows.long(), cols.long()
+    if bits == 3:
+        return plane(qweight, 2) | (plane(qweight_hi, 1) << 2)
+    return plane(qweight, bits)
+
+
 def pack(q: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack integers q [N, K] in [0, 2**bits - 1] -> (qweight, qweight_hi); qweight_hi is empty unless 3-bit."""
     QuantSpec(bits=bits)  # validates bits

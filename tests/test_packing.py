@@ -85,3 +85,14 @@ def test_size_close_to_bits_per_weight():
     weight_bytes = n * k * 2 / 8
     assert p.nbytes() == weight_bytes + n * 16 * (2 + 2)
     assert packing.packed_rows(k, 2) == k // 16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k", [(5, 7), (33, 100), (64, 256)])
+def test_codes_at_read_the_unpacked_integers(bits, n, k):
+    g = torch.Generator().manual_seed(bits * n + k)
+    q = torch.randint(0, 1 << bits, (n, k), generator=g)
+    qweight, qweight_hi = pack(q, bits)
+    rows = torch.randint(0, n, (200,), generator=g)
+    cols = torch.randint(0, k, (200,), generator=g)
+    assert torch.equal(packing.codes_at(qweight, qweight_hi, bits, rows, cols), q[rows, cols])

@@ -140,6 +140,10 @@ def test_quant_linear_adds_its_reserved_weights_from_slices_made_on_first_use():
     fq = FakeQuantLinear(torch.randn(45, 96) * 0.1, torch.randn(45), spec)
     fq.reserve(outliers.select(fq.weight, None, spec, 0.03, "magnitude"))
     ql = fq.to_quant_linear()
+    # the corrections, read at the reserved positions only, equal value - What of the whole dequantized weight
+    rows = torch.repeat_interleave(torch.arange(45), ql.sparse_rowptr.long().diff())
+    what = ref.dequantize(ql.qweight, ql.qweight_hi, ql.scales.float(), ql.zeros, 2, 32, 96)
+    assert torch.equal(ql.sparse_correction, ql.sparse_values.float() - what[rows, ql.sparse_cols.long()])
     x = torch.randn(5, 96)
     with torch.no_grad():
         assert ql._sparse_slices is None
