@@ -2,9 +2,9 @@
 reads (csrc/cpu/sliced_sparse.h; ops.sparse_addmm_ uses it when given).
 
 Rows are sorted by their number of nonzeros, most first (ties in row order), and taken 16 at a time: slot j of a
-slice holds the j-th nonzero (in CSR order) of each of its rows side by side, so that one 16-lane gather of x and
-one FMA advance 16 row sums, and the lanes that still hold a nonzero at slot j are a prefix (slot_lanes[j] of
-them). Sorting keeps the padding small when rows hold very different counts.
+slice holds the j-th nonzero (in CSR order) of each of its rows side by side, so that 16 row sums advance together
+(in registers, no horizontal sum per row), and the lanes that still hold a nonzero at slot j are a prefix
+(slot_lanes[j] of them). Sorting keeps the padding small when rows hold very different counts.
 
     slot_ptr   int32 [S + 1]     slots of slice s: slot_ptr[s] .. slot_ptr[s + 1]   (S = ceil(N / 16))
     slot_lanes uint8 [slots]     lanes holding a nonzero at each slot

@@ -11,7 +11,9 @@
 //      packed GEMV kernels of packed_gemv.h and adding t B^T to the same columns.
 // A and B may be fp32, bf16 or fp16 (converted while read); all sums are fp32, so the result agrees with the
 // reference to fp32 rounding before the cast to x's dtype. Larger M (prefill) runs packed_matmul_cpu's tiled
-// GEMM and the LoRA term as two fp32 at::mm calls.
+// GEMM and the LoRA term as two fp32 at::mm calls. quant_linear_sliced_cpu adds a layer's reserved weights given
+// as slices (sliced_sparse.h): at small M their chunks join the claimed work after the blocks, at larger M
+// sliced_sparse_addmm_cpu follows the GEMM.
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #include <ATen/ops/empty.h>
