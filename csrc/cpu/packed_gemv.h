@@ -38,11 +38,11 @@ enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int
 // Activations quantized per (row, group) for the integer-dot-product kernels (packed_gemv_int8.h):
 // x ~= unit * Q with Q = sum_p 256^(parts-1-p) part_p, each part an int8, so that integer codes times parts are
 // exact int32 dot products (vpdpbusd). operands: [M][parts][k_padded / 4] int32, each holding the 4 int8 parts
-// of the inputs one shifted and masked word of the weight plane pairs with (packed_gemv_int8_prep.cpp); the
-// 3-bit hi plane has its own arrangement in hi_operands.
+// of the inputs one shifted and masked word of the weight plane pairs with (packed_gemv_int8_prep.cpp; a 3-bit
+// word row pairs with the same ones, its hi bits merged into the codes).
 struct Int8Activations {
   int parts = 0;
-  std::vector<int32_t> operands, hi_operands;
+  std::vector<int32_t> operands;
   std::vector<float> unit;      // [M][G]
   std::vector<float> part_sum;  // [M][G][parts] sum over the group of each part (integers)
 };

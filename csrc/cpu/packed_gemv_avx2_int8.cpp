@@ -28,12 +28,23 @@ struct VecInt8Avx2 {
     for (int v = 0; v < vectors; v += 2) _mm_prefetch(reinterpret_cast<const char*>(p + 8 * v), _MM_HINT_T0);
   }
   static I srl(I a, int s) { return _mm256_srli_epi32(a, s); }
-  static I sll(I a, int s) { return _mm256_slli_epi32(a, s); }
   static I and_i(I a, I b) { return _mm256_and_si256(a, b); }
   static I dot(I acc, I codes, I x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
   }
-  static constexpr bool kSpreadHi = false;
+  // 3-bit: byte b of each column's word gets, in bits 2..5, the hi bits of k = 4b .. 4b + 3 of the word row
+  // (nibble b of the hi word's 16 bits for this row): vpshufb copies hi byte b / 2 into byte b, then even bytes
+  // take their low nibble (<< 2) and odd bytes their high nibble (>> 2); bits 0, 1, 6, 7 are left as they fall
+  // (code3 keeps bit 2 of its shifted copy only), so 3-bit costs the dot products of 2-bit.
+  static I spread_hi(I h, int half) {
+    const I t = half ? _mm256_srli_epi32(h, 16) : h;
+    const I x = _mm256_shuffle_epi8(t, _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13, 0, 0, 1, 1,
+                                                        4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13));
+    return _mm256_blendv_epi8(_mm256_slli_epi16(x, 2), _mm256_srli_epi16(x, 2), _mm256_set1_epi16((short)0xFF00));
+  }
+  static I code3(I w, I hx, int j, I mask, I /*code3*/) {  // (lo code of k = 4b + j) | 4 * (its hi bit)
+    return _mm256_or_si256(and_i(srl(w, 2 * j), mask), and_i(srl(hx, j), _mm256_set1_epi32(0x04040404)));
+  }
   static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }

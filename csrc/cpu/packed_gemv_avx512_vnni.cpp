@@ -27,14 +27,15 @@ struct VecVnni512 {
     for (int v = 0; v < vectors; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
   }
   static I srl(I a, int s) { return _mm512_srli_epi32(a, s); }
-  static I sll(I a, int s) { return _mm512_slli_epi32(a, s); }
   static I and_i(I a, I b) { return _mm512_and_si512(a, b); }
   static I dot(I acc, I codes, I x) { return _mm512_dpbusd_epi32(acc, codes, x); }
   static I select(I mask, I a, I b) { return _mm512_ternarylogic_epi32(a, b, mask, 0xE4); }  // mask ? a : b
   // 3-bit: byte b of column word c of the result = bits 16 half + 4b - 2 .. + 5 of hi word c (vpmultishiftqb
   // takes 8 bits at any offset of the qword holding two columns), so bits 2..5 are the hi bits of k = 4b..4b+3
   // of the word row; the bits around them are removed after each shift.
-  static constexpr bool kSpreadHi = true;
+  static I code3(I w, I hx, int j, I mask, I code3) {  // bits 0-1 from the lo word, bit 2 from the spread hi word
+    return and_i(select(mask, srl(w, 2 * j), srl(hx, j)), code3);
+  }
   static I spread_hi(I h, int half) {
     return _mm512_multishift_epi64_epi8(_mm512_set1_epi64(half ? 0x3A36322E1A16120ELL : 0x2A26221E0A06023ELL), h);
   }

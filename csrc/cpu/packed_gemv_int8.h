@@ -6,10 +6,10 @@
 // Here the activations are int8 digits (Int8Activations, packed_gemv_int8_prep.cpp) and the codes stay bytes:
 // a 2-bit word shifted right by 2j and masked with 0x03030303 holds, per byte b, the code of k = 4b + j of its
 // 16 inputs, which vpdpbusd multiplies with 4 digits of x (one broadcast int32) and adds to an int32 lane:
-// shift, and, one dot product per digit for 4 inputs x 16 columns. 3-bit: the hi plane shifted to bit 2 of
-// each byte ((hi >> (j - 2)) & 0x04040404 = 4 * bit of k = 8b + j of its 32 inputs) goes into the same
-// accumulators, so lo + 4 hi is the code (or, with vpmultishiftqb, the hi bits are moved next to the lo codes
-// once per word row, and each byte fed to the dot product is the whole 3-bit code). 4-bit: nibbles (w >> 4j) & 0x0F0F0F0F, k = 2b + j.
+// shift, and, one dot product per digit for 4 inputs x 16 columns. 3-bit: the hi bits are moved next to the lo
+// codes once per word row (V::spread_hi: vpmultishiftqb on AVX-512, vpshufb and two shifts on AVX2), so each
+// byte fed to the dot product is the whole 3-bit code (V::code3) and 3-bit costs the dot products of 2-bit.
+// 4-bit: nibbles (w >> 4j) & 0x0F0F0F0F, k = 2b + j.
 // Per group and digit d the int32 sum is exact; then per column, in fp32:
 //   y += s * unit * sum_d 256^(parts-1-d) (acc_d - z * sum_group(digit_d)),
 // i.e. the exact product of W with the rounded activations, up to fp32 rounding of that combination.
@@ -29,18 +29,10 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   constexpr int J = kPerWord / 4;  // shifts per word
   const int64_t ops = p.k_padded / 4;
   const I mask = V::set1_i(BITS == 4 ? 0x0F0F0F0F : 0x03030303);
-  const I bit2 = V::set1_i(0x04040404);
   const I code3 = V::set1_i(0x07070707);
-  // 3-bit with a byte shuffle (V::kSpreadHi): the hi bits join the lo codes before the dot products, so a
-  // 3-bit weight costs as many of them as a 2-bit one; otherwise the hi plane has dot products of its own.
-  constexpr bool kCombined = BITS == 3 && V::kSpreadHi;
   const int32_t* xo[MT][P];
-  const int32_t* xh[MT][P];
   for (int m = 0; m < MT; ++m)
-    for (int d = 0; d < P; ++d) {
-      xo[m][d] = a.operands.data() + ((m0 + m) * P + d) * ops;
-      xh[m][d] = BITS == 3 && !kCombined ? a.hi_operands.data() + ((m0 + m) * P + d) * ops : nullptr;
-    }
+    for (int d = 0; d < P; ++d) xo[m][d] = a.operands.data() + ((m0 + m) * P + d) * ops;
   // y holds the sum over the groups before g_begin (the bias before the first)
   F yacc[MT][NV];
   for (int m = 0; m < MT; ++m)
@@ -65,7 +57,7 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
         w[v] = V::load_i(wbase + r * p.N + v * kL);
-        if constexpr (kCombined) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
+        if constexpr (BITS == 3) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
           if (r + ahead < rows && (r & 1) == 0)
             V::prefetch(p.qweight_hi + n0 + ((r + ahead) >> 1) * p.N, NV);
           hx[v] = V::spread_hi(V::load_i(p.qweight_hi + n0 + (r >> 1) * p.N + v * kL), (int)(r & 1));
@@ -75,8 +67,8 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
       for (int j = 0; j < J; ++j) {
         I c[NV];
         for (int v = 0; v < NV; ++v) {
-          if constexpr (kCombined)  // (lo code | 4 * hi bit) of k = 4b + j in byte b: the whole 3-bit code
-            c[v] = V::and_i(V::select(mask, V::srl(w[v], j * kWidth), V::srl(hx[v], j)), code3);
+          if constexpr (BITS == 3)  // (lo code | 4 * hi bit) of k = 4b + j in byte b: the whole 3-bit code
+            c[v] = V::code3(w[v], hx[v], j, mask, code3);
           else
             c[v] = V::and_i(V::srl(w[v], j * kWidth), mask);
         }
@@ -85,24 +77,6 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
             const I xb = V::set1_i(xo[m][d][r * J + j]);
             for (int v = 0; v < NV; ++v) acc[m][d][v] = V::dot(acc[m][d][v], c[v], xb);
           }
-      }
-    }
-    if (BITS == 3 && !kCombined) {  // hi plane: 32 inputs per word, groups are whole words of it (32 | group_len, or G = 1)
-      const int32_t* hbase = p.qweight_hi + n0;
-      const int64_t h_begin = g * p.group_len / 32, h_end = ((g + 1) * p.group_len + 31) / 32;
-      for (int64_t rh = h_begin; rh < h_end; ++rh) {
-        I h[NV];
-        for (int v = 0; v < NV; ++v) h[v] = V::load_i(hbase + rh * p.N + v * kL);
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {
-          I c[NV];
-          for (int v = 0; v < NV; ++v) c[v] = V::and_i(j < 2 ? V::sll(h[v], 2 - j) : V::srl(h[v], j - 2), bit2);
-          for (int m = 0; m < MT; ++m)
-            for (int d = 0; d < P; ++d) {
-              const I xb = V::set1_i(xh[m][d][rh * 8 + j]);
-              for (int v = 0; v < NV; ++v) acc[m][d][v] = V::dot(acc[m][d][v], c[v], xb);
-            }
-        }
       }
     }
     for (int v = 0; v < NV; ++v) {

@@ -33,8 +33,7 @@ void arrange_pw(const int8_t* digits, int64_t k_padded, int32_t* out) {
 void arrange(const int8_t* digits, int64_t k_padded, int per_word, int32_t* out) {
   switch (per_word) {
     case 8: arrange_pw<8>(digits, k_padded, out); break;
-    case 16: arrange_pw<16>(digits, k_padded, out); break;
-    default: arrange_pw<32>(digits, k_padded, out); break;
+    default: arrange_pw<16>(digits, k_padded, out); break;
   }
 }
 
@@ -111,7 +110,6 @@ bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations
   const int64_t kp = p.k_padded, ops = kp / 4;
   act.parts = parts;
   act.operands.resize(p.M * parts * ops);
-  act.hi_operands.resize(p.bits == 3 ? p.M * parts * ops : 0);
   act.unit.resize(p.M * p.G);
   act.part_sum.resize(p.M * p.G * parts);
   thread_local std::vector<int32_t> q;
@@ -119,9 +117,6 @@ bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations
   q.resize(kp);
   digits.resize(parts * kp);
   const int per_word = p.bits == 4 ? 8 : 16;
-  // the combined 3-bit kernel reads only the lo arrangement; the hi one serves the separate-plane kernels
-  const bool hi = p.bits == 3 && !has_avx512_vnni_vbmi();
-  if (!hi) act.hi_operands.clear();
   for (int64_t m = 0; m < p.M; ++m) {
     const float* x = p.x + m * kp;
     float* unit = act.unit.data() + m * p.G;
@@ -137,7 +132,6 @@ bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations
         act.part_sum[(m * p.G + g) * parts + d] = digit_sum(digits.data() + d * kp + g * p.group_len, p.group_len);
     for (int d = 0; d < parts; ++d) {
       arrange(digits.data() + d * kp, kp, per_word, act.operands.data() + (m * parts + d) * ops);
-      if (hi) arrange(digits.data() + d * kp, kp, 32, act.hi_operands.data() + (m * parts + d) * ops);
     }
   }
   return true;
