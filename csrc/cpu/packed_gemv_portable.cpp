@@ -104,9 +104,10 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
     plan.kernel = vnni ? GemvKernel::Int8x512 : GemvKernel::Int8x256;
     plan.block = vnni ? int8x512_width(p) : int8x256_width(p);
     const int64_t tiles = p.N / plan.block;
-    plan.int8_blocks = std::min<int64_t>(
-        tiles, threads <= 1 ? 1 : std::max<int64_t>(threads, std::min<int64_t>(threads * kInt8BlocksPerThread,
-                                                                              p.N / kInt8MinBlockColumns)));
+    // one block per thread, a second where blocks stay kInt8MinBlockColumns wide (packed_gemv.h)
+    const int64_t want = threads <= 1 ? 1 : std::clamp<int64_t>(p.N / kInt8MinBlockColumns, threads,
+                                                                 threads * kInt8BlocksPerThread);
+    plan.int8_blocks = std::min(tiles, want);
   } else if (isa == CpuIsa::Avx512 && p.M <= 4 && p.bits != 4 && p.N >= kLutBlock) {
     plan.kernel = GemvKernel::Lut;
     plan.block = kLutBlock;
