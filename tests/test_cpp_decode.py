@@ -8,8 +8,9 @@ fp32 1e-5, fp16 2e-3, bf16 1e-2 (||out - ref|| / ||ref||).
 import pytest
 import torch
 
-from saliq import ref
+from saliq import packing, ref
 from saliq import cpp_backend as cpp
+from saliq.spec import QuantSpec
 
 from test_cpp_backend import TOL, assert_close_rel, gen, poison_heap, random_packed, rel_err
 
@@ -58,6 +59,30 @@ def test_default_gemv_matches_ref(isa, gemv, bits, group_size, k, m, dtype):
     if dtype == torch.float32:  # three digits: within fp32 rounding of the exact path (long groups add up)
         gemv("exact")
         assert rel_err(out, cpp.packed_matmul(*args)) < 5e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_largest_codes_and_digits_stay_exact(isa, gemv, bits, group_size, dtype, sign):
+    """The integer sums at their largest: every code at its maximum and every activation of a group at the same
+    extreme, so every digit sits at the end of its range with one sign (the AVX2 kernel sums vpmaddubsw products
+    in int16 over a few word rows: an overflow there would be far outside the tolerance)."""
+    gemv("auto")
+    n, k, m = 45, 512, 3
+    q = torch.full((n, k), (1 << bits) - 1)
+    scales = (torch.rand(n, k // group_size, generator=gen(bits)) + 0.5) * 0.02
+    p = packing.pack_weight(q, scales, torch.zeros(n, k // group_size), QuantSpec(bits=bits, group_size=group_size),
+                            dtype=dtype)
+    # a group of equal values rounds to -Qmax or +Qmax: every digit +-127; a row of a power-of-two ladder
+    # below the maximum gives digits of -128 / 127 in the lower places too
+    x = torch.full((m, k), sign)
+    x[1] = sign * (1.0 - 2.0 ** -torch.arange(k).remainder(group_size).clamp(max=20).float())
+    x[1, ::group_size] = sign
+    x = x.to(dtype)
+    args = (x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, group_size, k, None)
+    assert_close_rel(cpp.packed_matmul(*args), ref.packed_matmul(*args), TOL[dtype], f"{isa} {dtype}")
 
 
 @pytest.mark.parametrize("digits,bound", [(1, 3e-2), (2, 2e-4), (3, 2e-6)])

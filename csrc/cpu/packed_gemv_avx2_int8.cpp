@@ -1,7 +1,7 @@
 // AVX2 integer-dot-product GEMV (packed_gemv_int8.h) for CPUs without AVX512_VNNI: the dot product of 4 code
 // bytes with 4 int8 digits per lane is vpmaddubsw (u8 x s8 pairs -> s16; |2 * 15 * 128| cannot saturate) +
-// vpmaddwd with ones (-> s32) + vpaddd. Blocks: 16 columns for M = 1, 8 columns in 4-row tiles for M > 1
-// (16 ymm registers). Compiled for avx2,fma,f16c; called only when the CPU has them.
+// vpaddw into int16 sums, widened (vpmaddwd with ones) every few word rows. Blocks: 16 columns, tiles of up to
+// 2 rows of x (16 ymm registers: kAccumulators). Compiled for avx2,fma,f16c; called only when the CPU has them.
 #include <immintrin.h>
 #include <algorithm>
 #include <stdint.h>
@@ -17,6 +17,7 @@ struct VecInt8Avx2 {
   using F = __m256;
   using I = __m256i;
   static constexpr int kLanes = 8;
+  static constexpr int kAccumulators = 8;  // of 16 ymm (tiles: 2 rows x 2 digits x 2, 1 x 3 x 2)
   static F zero() { return _mm256_setzero_ps(); }
   static I zero_i() { return _mm256_setzero_si256(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
@@ -29,9 +30,18 @@ struct VecInt8Avx2 {
   }
   static I srl(I a, int s) { return _mm256_srli_epi32(a, s); }
   static I and_i(I a, I b) { return _mm256_and_si256(a, b); }
-  static I dot(I acc, I codes, I x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+  // int16 sums over a few word rows (kRowsPerInt16Sum), widened once: vpmaddubsw + vpaddw per dot product
+  // instead of vpmaddubsw + vpmaddwd + vpaddd (one multiply, not two)
+  static constexpr bool kInt16Sums = true;
+  static I dot16(I acc, I codes, I x) {
+    I sum = _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
+    // keeps each sum in order: GCC otherwise re-associates a row's adds into trees whose products, all live at
+    // once, spill the 16 ymm registers
+    __asm__("" : "+x"(sum));
+    return sum;
   }
+  static I widen16(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+  static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   // 3-bit: byte b of each column's word gets, in bits 2..5, the hi bits of k = 4b .. 4b + 3 of the word row
   // (nibble b of the hi word's 16 bits for this row): vpshufb copies hi byte b / 2 into byte b, then even bytes
   // take their low nibble (<< 2) and odd bytes their high nibble (>> 2); bits 0, 1, 6, 7 are left as they fall
@@ -67,10 +77,10 @@ struct VecInt8Avx2 {
 
 namespace saliq {
 
-int64_t int8x256_width(const PackedGemvProblem& p) { return p.M == 1 ? 16 : 8; }
+int64_t int8x256_width(const PackedGemvProblem& /*p*/) { return 16; }
 
 void int8x256_columns(const PackedGemvProblem& p, const Int8Activations& a, int64_t n0, int64_t subs) {
-  int8_columns<VecInt8Avx2, 2, 1, 4>(p, a, n0, subs);
+  int8_columns<VecInt8Avx2, 2, 2, 4>(p, a, n0, subs);
 }
 
 }  // namespace saliq

@@ -16,6 +16,7 @@ struct VecVnni512 {
   using F = __m512;
   using I = __m512i;
   static constexpr int kLanes = 16;
+  static constexpr int kAccumulators = 18;  // of 32 zmm (tiles: 4 rows x 2 digits x 2, 3 x 3 x 2)
   static F zero() { return _mm512_setzero_ps(); }
   static I zero_i() { return _mm512_setzero_si512(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
@@ -28,6 +29,7 @@ struct VecVnni512 {
   }
   static I srl(I a, int s) { return _mm512_srli_epi32(a, s); }
   static I and_i(I a, I b) { return _mm512_and_si512(a, b); }
+  static constexpr bool kInt16Sums = false;  // vpdpbusd sums into int32 itself
   static I dot(I acc, I codes, I x) { return _mm512_dpbusd_epi32(acc, codes, x); }
   static I select(I mask, I a, I b) { return _mm512_ternarylogic_epi32(a, b, mask, 0xE4); }  // mask ? a : b
   // 3-bit: byte b of column word c of the result = bits 16 half + 4b - 2 .. + 5 of hi word c (vpmultishiftqb

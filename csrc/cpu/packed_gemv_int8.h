@@ -1,5 +1,5 @@
 // Small-M packed matmul on integer dot products, written once over a vector-traits type V (AVX-512 VNNI: one
-// vpdpbusd; AVX2: vpmaddubsw + vpmaddwd + vpaddd). Include it only after the file's `#pragma GCC target`.
+// vpdpbusd; AVX2: vpmaddubsw + vpaddw, int16 sums). Include it only after the file's `#pragma GCC target`.
 //
 // Why: the exact kernels convert every code to fp32 (or look it up) before multiplying, ~2 instructions per
 // code and 16 columns, which on a 2-core Zen 4 reads the weights at ~13-16 GB/s per core, below memory speed.
@@ -17,6 +17,11 @@
 // of word rows at a time across all its tiles; rows of x in tiles of MT sharing each unpacked word.
 
 namespace {
+
+// Word rows whose int16 sums cannot overflow (V::kInt16Sums): each 16-bit half of a column's lane sums 2 products
+// per shift, |code * digit| <= 15 * 128; 4 rows are 32 products of 2- or 3-bit codes (<= 7 * 128 * 32 = 28,672)
+// or 16 of 4-bit codes (15 * 128 * 16 = 30,720).
+constexpr int64_t kRowsPerInt16Sum = 4;
 
 template <class V, int BITS, int P, int MT, int NV>
 inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0, int64_t m0,
@@ -45,14 +50,9 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   const int64_t ahead = std::max<int64_t>(1, (g_end - g_begin) * p.group_len / kPerWord);
   const int32_t* wbase = p.qweight + n0;
 
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    I acc[MT][P][NV];
-    for (int m = 0; m < MT; ++m)
-      for (int d = 0; d < P; ++d)
-        for (int v = 0; v < NV; ++v) acc[m][d][v] = V::zero_i();
-    const int64_t r_begin = g * p.group_len / kPerWord;
-    const int64_t r_end = ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
-    for (int64_t r = r_begin; r < r_end; ++r) {
+  // the dot products of word rows r0 .. r1 - 1 added to s: int16 sums where V::kInt16Sums, else int32
+  auto rows_into = [&](I (&s)[MT][P][NV], int64_t r0, int64_t r1) __attribute__((always_inline)) {
+    for (int64_t r = r0; r < r1; ++r) {
       if (r + ahead < rows) V::prefetch(wbase + (r + ahead) * p.N, NV);
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
@@ -75,8 +75,40 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
         for (int m = 0; m < MT; ++m)
           for (int d = 0; d < P; ++d) {
             const I xb = V::set1_i(xo[m][d][r * J + j]);
-            for (int v = 0; v < NV; ++v) acc[m][d][v] = V::dot(acc[m][d][v], c[v], xb);
+            for (int v = 0; v < NV; ++v) {
+              if constexpr (V::kInt16Sums) s[m][d][v] = V::dot16(s[m][d][v], c[v], xb);
+              else s[m][d][v] = V::dot(s[m][d][v], c[v], xb);
+            }
           }
+      }
+    }
+  };
+  auto zero_all = [](I (&s)[MT][P][NV]) __attribute__((always_inline)) {
+    for (int m = 0; m < MT; ++m)
+      for (int d = 0; d < P; ++d)
+        for (int v = 0; v < NV; ++v) s[m][d][v] = V::zero_i();
+  };
+
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t r_begin = g * p.group_len / kPerWord;
+    const int64_t r_end = ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
+    I acc[MT][P][NV];  // int32 sums of the group
+    zero_all(acc);
+    if constexpr (!V::kInt16Sums) {
+      rows_into(acc, r_begin, r_end);
+    } else if (r_end - r_begin <= kRowsPerInt16Sum) {  // the usual group: its int16 sums widened once
+      rows_into(acc, r_begin, r_end);
+      for (int m = 0; m < MT; ++m)
+        for (int d = 0; d < P; ++d)
+          for (int v = 0; v < NV; ++v) acc[m][d][v] = V::widen16(acc[m][d][v]);
+    } else {  // a long group: int16 sums of runs of rows, each widened into acc
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerInt16Sum) {
+        I part[MT][P][NV];
+        zero_all(part);
+        rows_into(part, r0, std::min(r_end, r0 + kRowsPerInt16Sum));
+        for (int m = 0; m < MT; ++m)
+          for (int d = 0; d < P; ++d)
+            for (int v = 0; v < NV; ++v) acc[m][d][v] = V::add_i(acc[m][d][v], V::widen16(part[m][d][v]));
       }
     }
     for (int v = 0; v < NV; ++v) {
@@ -126,13 +158,21 @@ inline void int8_columns_bp(const saliq::PackedGemvProblem& p, const saliq::Int8
   }
 }
 
+// Rows of x per tile: at most MT, and no more accumulators (rows x digits x vectors) than V::kAccumulators, the
+// registers left after the codes, the broadcast digit and the masks (more spill to the stack every word row).
+template <class V, int P, int NVM, int MT>
+constexpr int tile_rows() {
+  const int fit = V::kAccumulators / (P * NVM);
+  return fit < 1 ? 1 : (fit < MT ? fit : MT);
+}
+
 template <class V, int NV1, int NVM, int MT, int BITS>
 inline void int8_columns_b(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                            int64_t subs) {
   switch (a.parts) {
-    case 1: int8_columns_bp<V, BITS, 1, NV1, NVM, MT>(p, a, n0, subs); break;
-    case 2: int8_columns_bp<V, BITS, 2, NV1, NVM, MT>(p, a, n0, subs); break;
-    default: int8_columns_bp<V, BITS, 3, NV1, NVM, (MT > 2 ? MT - 1 : MT)>(p, a, n0, subs); break;
+    case 1: int8_columns_bp<V, BITS, 1, NV1, NVM, tile_rows<V, 1, NVM, MT>()>(p, a, n0, subs); break;
+    case 2: int8_columns_bp<V, BITS, 2, NV1, NVM, tile_rows<V, 2, NVM, MT>()>(p, a, n0, subs); break;
+    default: int8_columns_bp<V, BITS, 3, NV1, NVM, tile_rows<V, 3, NVM, MT>()>(p, a, n0, subs); break;
   }
 }
 
