@@ -1,8 +1,9 @@
 // y = x W^T + bias with W in packed format v1 (saliq/ref.py packed_matmul), fp32 accumulation.
 // Small M (<= packed_matmul_gemv_max_m(), 32 by default): the GEMV kernels of packed_gemv.h, straight on
 // the packed words, through quant_linear_cpu (quant_linear_ops.cpp) without LoRA.
-// Larger M (prefill): column tiles of W^T [K, tile] are dequantized (packed_prefill.h) and multiplied with
-// at::mm / at::addmm straight into the output's columns; at::parallel_for over tiles, each written by one
+// Larger M (prefill): tiles of rows of W [tile, K] are dequantized (packed_prefill.h) and multiplied with
+// at::mm / at::addmm (x times the tile's transpose, as F.linear does) straight into the output's columns;
+// at::parallel_for over tiles, each written by one
 // thread, whose GEMM then runs on that thread. The GEMM's dtype: bf16 / fp16 when x has that dtype and the
 // CPU multiplies it natively (AVX512_BF16 / AVX512_FP16; oneDNN accumulates in fp32 and rounds the output
 // once), the weight rounded once from the fp32 (q - z) * s; else fp32, exact up to fp32 rounding.
@@ -52,7 +53,19 @@ bool native_half_gemm(at::ScalarType t) {
   return false;
 }
 
-// Columns per tile. Measured (docs/NOTES.md, K = 4096 and 11008): 128 columns beat 64 (x re-read per tile)
+// The first `size` elements of a buffer kept in `slot` (thread-local at the caller) from call to call: a fresh
+// buffer of megabytes costs its page faults every call. A normal tensor, usable whether or not the next caller is
+// in inference mode.
+at::Tensor kept_buffer(at::Tensor& slot, int64_t size, const at::TensorOptions& options) {
+  if (!slot.defined() || slot.numel() < size || slot.scalar_type() != options.dtype().toScalarType()) {
+    c10::InferenceMode not_inference(false);
+    slot = at::Tensor();
+    slot = at::empty({size}, options);
+  }
+  return slot.narrow(0, 0, size);
+}
+
+// Rows of W (output columns) per tile. Measured (docs/NOTES.md, K = 4096 and 11008): 128 columns beat 64 (x re-read per tile)
 // and 256 for bf16 and fp32 alike; the whole weight first, then one GEMM, was slower by 10-20 ms.
 int64_t prefill_tile_columns() {
   const char* v = std::getenv("SALIQ_CPU_PREFILL_TILE");
@@ -102,43 +115,37 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   // (an inference tensor when the caller is in inference mode) fails
   const bool inference = c10::InferenceMode::is_enabled();
   if (tile == 0 || tile >= N) {  // the whole weight, then one GEMM on all threads
-    // kept from call to call (a fresh buffer this size costs its page faults every call); a normal tensor,
-    // usable whether or not the next caller is in inference mode
     thread_local at::Tensor whole;
-    if (!whole.defined() || whole.numel() < K * N || whole.scalar_type() != cd) {
-      c10::InferenceMode not_inference(false);
-      whole = at::Tensor();
-      whole = at::empty({K * N}, xc.options());
-    }
-    const at::Tensor wt = whole.narrow(0, 0, K * N).view({K, N});
-    char* base = static_cast<char*>(wt.data_ptr());
+    const at::Tensor w = kept_buffer(whole, K * N, xc.options()).view({N, K});
+    char* base = static_cast<char*>(w.data_ptr());
     constexpr int64_t kChunk = 64;
     at::parallel_for(0, (N + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * kChunk;
-        dequantize_columns(p, n0, std::min(kChunk, N - n0), base + n0 * elem, N, dq);
+        dequantize_rows(p, n0, std::min(kChunk, N - n0), base + n0 * K * elem, K, dq);
       }
     });
     if (bias_c.defined())
-      at::addmm_out(y, bias_c, xc, wt);
+      at::addmm_out(y, bias_c, xc, w.t());
     else
-      at::mm_out(y, xc, wt);
+      at::mm_out(y, xc, w.t());
     return y.to(xt);
   }
   const int64_t tiles = (N + tile - 1) / tile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode inference_guard(inference);
     at::NoGradGuard worker_no_grad;
-    const at::Tensor buf = at::empty({K * std::min(tile, N)}, xc.options());
+    thread_local at::Tensor tile_buffer;
+    const at::Tensor buf = kept_buffer(tile_buffer, K * std::min(tile, N), xc.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile, nt = std::min(tile, N - n0);
-      const at::Tensor wt = buf.narrow(0, 0, K * nt).view({K, nt});
-      dequantize_columns(p, n0, nt, wt.data_ptr(), nt, dq);
+      const at::Tensor w = buf.narrow(0, 0, K * nt).view({nt, K});
+      dequantize_rows(p, n0, nt, w.data_ptr(), K, dq);
       at::Tensor out = y.narrow(1, n0, nt);
       if (bias_c.defined())
-        at::addmm_out(out, bias_c.narrow(0, n0, nt), xc, wt);
+        at::addmm_out(out, bias_c.narrow(0, n0, nt), xc, w.t());
       else
-        at::mm_out(out, xc, wt);
+        at::mm_out(out, xc, w.t());
     }
   });
   return y.to(xt);

@@ -5,42 +5,41 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <vector>
 
 namespace saliq {
 namespace {
 
-// Plain loops over j that the compiler vectorises (contiguous in and out); c10's conversions round to nearest
-// even like the AVX-512 instructions. s and z of the current group are kept per column.
+// Plain loops over the inputs of one word (a constant count the compiler vectorises with variable shifts);
+// c10's conversions round to nearest even like the AVX-512 instructions.
 template <int BITS, typename OutT>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void columns_portable(
-    const PackedGemvProblem& p, int64_t n0, int64_t nt, OutT* out, int64_t ld, float* s_row, float* z_row) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void rows_portable(
+    const PackedGemvProblem& p, int64_t n0, int64_t nt, OutT* out, int64_t ld) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;
   constexpr int kWidth = BITS == 4 ? 4 : 2;
   const uint32_t* qw = reinterpret_cast<const uint32_t*>(p.qweight);
   const uint32_t* qh = reinterpret_cast<const uint32_t*>(p.qweight_hi);
-  for (int64_t k = 0; k < p.K; ++k) {
-    if (k % p.group_len == 0) {
-      const int64_t g = k / p.group_len;
-      for (int64_t j = 0; j < nt; ++j) {
-        s_row[j] = load_scale(p.scales, p.scale_type, g * p.N + n0 + j);
-        z_row[j] = (float)p.zeros[g * p.N + n0 + j];
-      }
-    }
-    const uint32_t* words = qw + (k / kPerWord) * p.N + n0;
-    const int shift = (int)(k % kPerWord) * kWidth;
-    OutT* row = out + k * ld;
-    if (BITS == 3) {
-      const uint32_t* hi = qh + (k / 32) * p.N + n0;
-      const int hshift = (int)(k % 32);
-      for (int64_t j = 0; j < nt; ++j) {
-        const uint32_t q = ((words[j] >> shift) & 3u) | (((hi[j] >> hshift) & 1u) << 2);
-        row[j] = OutT(((float)(int32_t)q - z_row[j]) * s_row[j]);
-      }
-    } else {
-      for (int64_t j = 0; j < nt; ++j) {
-        const uint32_t q = (words[j] >> shift) & ((1u << kWidth) - 1u);
-        row[j] = OutT(((float)(int32_t)q - z_row[j]) * s_row[j]);
+  for (int64_t j = 0; j < nt; ++j) {
+    const int64_t n = n0 + j;
+    OutT* row = out + j * ld;
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float s = load_scale(p.scales, p.scale_type, g * p.N + n);
+      const float z = (float)p.zeros[g * p.N + n];
+      const int64_t k_begin = g * p.group_len, k_end = std::min(k_begin + p.group_len, p.K);
+      // groups are whole words except a per-channel group whose K ends inside a word
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += kPerWord) {
+        const uint32_t w = qw[(k0 / kPerWord) * p.N + n];
+        const uint32_t h = BITS == 3 ? qh[(k0 / 32) * p.N + n] >> (k0 % 32) : 0u;
+        const int count = (int)std::min<int64_t>(kPerWord, k_end - k0);
+        auto one = [&](int i) {
+          uint32_t q = (w >> (i * kWidth)) & ((1u << kWidth) - 1u);
+          if (BITS == 3) q |= ((h >> i) & 1u) << 2;
+          row[k0 + i] = OutT(((float)(int32_t)q - z) * s);
+        };
+        if (count == kPerWord) {
+          for (int i = 0; i < kPerWord; ++i) one(i);
+        } else {
+          for (int i = 0; i < count; ++i) one(i);
+        }
       }
     }
   }
@@ -48,21 +47,18 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void columns_portab
 
 template <typename OutT>
 void portable_of_type(const PackedGemvProblem& p, int64_t n0, int64_t nt, OutT* out, int64_t ld) {
-  thread_local std::vector<float> sz;
-  sz.resize(2 * nt);
   switch (p.bits) {
-    case 2: columns_portable<2, OutT>(p, n0, nt, out, ld, sz.data(), sz.data() + nt); break;
-    case 3: columns_portable<3, OutT>(p, n0, nt, out, ld, sz.data(), sz.data() + nt); break;
-    default: columns_portable<4, OutT>(p, n0, nt, out, ld, sz.data(), sz.data() + nt); break;
+    case 2: rows_portable<2, OutT>(p, n0, nt, out, ld); break;
+    case 3: rows_portable<3, OutT>(p, n0, nt, out, ld); break;
+    default: rows_portable<4, OutT>(p, n0, nt, out, ld); break;
   }
 }
 
 }  // namespace
 
-void dequantize_columns(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld,
-                        DequantOut type) {
+void dequantize_rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld, DequantOut type) {
   if (active_isa() == CpuIsa::Avx512 && (type != DequantOut::BF16 || has_avx512_bf16())) {
-    dequantize_columns_avx512(p, n0, nt, out, ld, type);
+    dequantize_rows_avx512(p, n0, nt, out, ld, type);
     return;
   }
   switch (type) {

@@ -1,9 +1,8 @@
-// AVX-512 dequantizer for the prefill GEMM (packed_prefill.h). Per 16 columns and input k: shift and mask the
-// word, OR 0x4B000000 (the float 2^23 + q, exact), subtract 2^23 + z (exact: |z| < 2^15), so q - z is exact
+// AVX-512 dequantizer for the prefill GEMM (packed_prefill.h). Per row of W and 16 inputs: shift and mask the
+// codes, OR 0x4B000000 (the float 2^23 + q, exact), subtract 2^23 + z (exact: |z| < 2^15), so q - z is exact
 // and the one multiply by s rounds as ref.dequantize's does; then one conversion to the output type
 // (vcvtneps2bf16 / vcvtps2ph, both round to nearest even; bf16 flushes denormal results, which no scale
-// within the format's clamps produces). Loops: group, 16-column strip, k, so a group's rows of the tile
-// (64 x tile width) stay in L1 while written.
+// within the format's clamps produces).
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -45,49 +44,59 @@ inline void store(void* out, int64_t idx, __m512 v, __mmask16 m) {
   }
 }
 
-// 2^23 + code as a float's bits. 3-bit: h2 holds this word row's 16 hi bits shifted to bits 2..17, so after
-// a shift by j its bit 2 is code bit 2; one select takes bits 0-1 from the word, the rest from h2, and one
-// AND-OR keeps the 3 code bits under the exponent (8 instructions per 16 weights, 2-bit 6).
-template <int BITS>
-inline __m512i code_bits(__m512i w, __m512i h2, int j) {
-  constexpr int kWidth = BITS == 4 ? 4 : 2;
-  const __m512i magic = _mm512_set1_epi32(0x4B000000);
-  const __m512i a = _mm512_srli_epi32(w, j * kWidth);
-  if (BITS != 3)
-    return _mm512_ternarylogic_epi32(a, _mm512_set1_epi32((1 << kWidth) - 1), magic, 0xEA);  // (a & b) | c
-  const __m512i sel = _mm512_ternarylogic_epi32(a, _mm512_srli_epi32(h2, j), _mm512_set1_epi32(3), 0xE4);  // c ? a : b
-  return _mm512_ternarylogic_epi32(sel, _mm512_set1_epi32(7), magic, 0xEA);
-}
-
+// Rows n0 .. n0 + nt - 1 of W, each contiguous along K (out[j * ld + k]), 16 inputs of one row per vector: the
+// row's word broadcast and shifted lane by lane (vpsrlvd), its 3-bit hi word rotated so that the hi bit of input
+// k lands on bit 2 (vprorvd), one select and one AND-OR as before, so 2-bit costs 5 instructions per 16 weights
+// and 3-bit 7. 4-bit: the words of two word rows in the two halves. Loops: group, 16-row strip (its scales
+// loaded once; the packed words are read along their rows, which stream, not down the columns), row, word row.
 template <int BITS, DequantOut T>
-void columns(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
+void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;
+  constexpr int kWidth = BITS == 4 ? 4 : 2;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i shift = _mm512_mullo_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(kPerWord - 1)),
+                                           _mm512_set1_epi32(kWidth));
+  // 3-bit: the hi word holds 32 inputs; rotating right by (k % 32) - 2 puts the hi bit of input k on bit 2
+  const __m512i rot_lo = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(30)), _mm512_set1_epi32(31));
+  const __m512i rot_hi = _mm512_add_epi32(lane, _mm512_set1_epi32(14));
+  const __m512i magic = _mm512_set1_epi32(0x4B000000);
   const __m512 two23 = _mm512_set1_ps(8388608.0f);
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t k_begin = g * p.group_len, k_end = std::min(k_begin + p.group_len, p.K);
     for (int64_t c = 0; c < nt; c += 16) {
-      const __mmask16 m = nt - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nt - c)) - 1u);
-      const int64_t n = n0 + c;
-      const __m512 s = load_scales(p.scales, p.scale_type, g * p.N + n, m);
-      const __m512 zz = _mm512_add_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p.zeros + g * p.N + n))), two23);
-      // groups are whole words except a per-channel group whose K ends inside a word
-      for (int64_t k0 = k_begin; k0 < k_end; k0 += kPerWord) {
-        const __m512i w = _mm512_maskz_loadu_epi32(m, p.qweight + (k0 / kPerWord) * p.N + n);
-        __m512i h2 = _mm512_setzero_si512();
-        if (BITS == 3) {  // a word row is 16 inputs: the low or the high half of a hi word
-          const __m512i h = _mm512_maskz_loadu_epi32(m, p.qweight_hi + (k0 / 32) * p.N + n);
-          h2 = _mm512_slli_epi32(k0 % 32 ? _mm512_srli_epi32(h, 16) : h, 2);
-        }
-        auto one = [&](int j) {
-          const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(code_bits<BITS>(w, h2, j)), zz), s);
-          store<T>(out, (k0 + j) * ld + c, v, m);
-        };
-        if (k_end - k0 >= kPerWord) {
-#pragma GCC unroll 16
-          for (int j = 0; j < kPerWord; ++j) one(j);
-        } else {
-          for (int j = 0; j < (int)(k_end - k0); ++j) one(j);
+      const int64_t rows_here = std::min<int64_t>(16, nt - c);
+      const __mmask16 m = rows_here == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows_here) - 1u);
+      const __m512 s16 = load_scales(p.scales, p.scale_type, g * p.N + n0 + c, m);
+      const __m512 zz16 = _mm512_add_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p.zeros + g * p.N + n0 + c))), two23);
+      for (int64_t jj = 0; jj < rows_here; ++jj) {
+        const __m512i pick = _mm512_set1_epi32((int)jj);
+        const __m512 s = _mm512_permutexvar_ps(pick, s16), zz = _mm512_permutexvar_ps(pick, zz16);
+        const int64_t n = n0 + c + jj;
+        const int64_t row_idx = (c + jj) * ld;
+        // this row's words of the group, one word row (N words) apart; groups start on a hi word (32 inputs)
+        const int32_t* wp = p.qweight + (k_begin / kPerWord) * p.N + n;
+        const int32_t* hp = BITS == 3 ? p.qweight_hi + (k_begin / 32) * p.N + n : nullptr;
+        // groups are whole words except a per-channel group whose K ends inside a word
+#pragma GCC unroll 4
+        for (int64_t k0 = k_begin; k0 < k_end; k0 += 16) {
+          __m512i w = _mm512_set1_epi32(*wp);
+          if (BITS == 4 && k0 + 8 < k_end) w = _mm512_mask_set1_epi32(w, (__mmask16)0xFF00, wp[p.N]);
+          wp += (BITS == 4 ? 2 : 1) * p.N;
+          const __m512i a = _mm512_srlv_epi32(w, shift);
+          __m512i bits;
+          if constexpr (BITS == 3) {
+            const bool upper = (k0 - k_begin) & 16;  // inputs 16..31 of the hi word
+            const __m512i h = _mm512_rorv_epi32(_mm512_set1_epi32(*hp), upper ? rot_hi : rot_lo);
+            if (upper) hp += p.N;
+            const __m512i sel = _mm512_ternarylogic_epi32(a, h, _mm512_set1_epi32(3), 0xE4);  // c ? a : b
+            bits = _mm512_ternarylogic_epi32(sel, _mm512_set1_epi32(7), magic, 0xEA);  // (a & b) | c
+          } else {
+            bits = _mm512_ternarylogic_epi32(a, _mm512_set1_epi32((1 << kWidth) - 1), magic, 0xEA);
+          }
+          const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(bits), zz), s);
+          const int64_t left = k_end - k0;
+          store<T>(out, row_idx + k0, v, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u));
         }
       }
     }
@@ -95,22 +104,22 @@ void columns(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int6
 }
 
 template <DequantOut T>
-void columns_of_type(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
+void rows_of_type(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
   switch (p.bits) {
-    case 2: columns<2, T>(p, n0, nt, out, ld); break;
-    case 3: columns<3, T>(p, n0, nt, out, ld); break;
-    default: columns<4, T>(p, n0, nt, out, ld); break;
+    case 2: rows<2, T>(p, n0, nt, out, ld); break;
+    case 3: rows<3, T>(p, n0, nt, out, ld); break;
+    default: rows<4, T>(p, n0, nt, out, ld); break;
   }
 }
 
 }  // namespace
 
-void dequantize_columns_avx512(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld,
-                               DequantOut type) {
+void dequantize_rows_avx512(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld,
+                            DequantOut type) {
   switch (type) {
-    case DequantOut::F32: columns_of_type<DequantOut::F32>(p, n0, nt, out, ld); break;
-    case DequantOut::F16: columns_of_type<DequantOut::F16>(p, n0, nt, out, ld); break;
-    case DequantOut::BF16: columns_of_type<DequantOut::BF16>(p, n0, nt, out, ld); break;
+    case DequantOut::F32: rows_of_type<DequantOut::F32>(p, n0, nt, out, ld); break;
+    case DequantOut::F16: rows_of_type<DequantOut::F16>(p, n0, nt, out, ld); break;
+    case DequantOut::BF16: rows_of_type<DequantOut::BF16>(p, n0, nt, out, ld); break;
   }
 }
 
