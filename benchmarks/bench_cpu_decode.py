@@ -1,9 +1,10 @@
 """CPU decode GEMV and prefill GEMM against F.linear (and the GEMV against memory bandwidth), in one process.
 
 For 1 thread and for all threads: the copy bandwidth (read + write GB/s of a 256 MiB tensor copy, best of
-7), then per case the median time of saliq's packed_matmul (exact fp32 path, the default path for fp32 x =
-three int8 digits, the default for bf16 x = two digits) and of fp32 / bf16 F.linear, interleaved round by
-round. "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth, so the figure means the
+7), then per case the median time of saliq's packed_matmul (exact fp32 path; "auto", the default: for fp32 x
+three int8 digits, the exact kernel on CPUs without AVX512_VNNI from M = 3; for bf16 x two digits) and of
+fp32 / bf16 F.linear, interleaved round by round. SALIQ_CPU_ISA=avx2 measures the AVX2 kernels on an AVX-512
+CPU (its bf16 prefill then takes fp32 tiles, while torch's bf16 F.linear keeps AVX512_BF16). "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth, so the figure means the
 same on every machine; "x fp32" / "x bf16" = F.linear time / saliq time for the same activation dtype.
 
 Prefill (M above the GEMV crossover): median times of saliq's packed_matmul with bf16 x (dequantized bf16 tiles
@@ -120,8 +121,8 @@ def main():
             continue
         bw = copy_bandwidth_gbs()
         lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s", "",
-                  "| N x K | bits | M | exact fp32 ms | int8x3 fp32 ms (% copy) | int8x2 bf16 ms (% copy) | "
-                  "F.linear fp32 ms | F.linear bf16 ms | x fp32 (exact / int8x3) | x bf16 |",
+                  "| N x K | bits | M | exact fp32 ms | auto fp32 ms (% copy) | auto bf16 ms (% copy) | "
+                  "F.linear fp32 ms | F.linear bf16 ms | x fp32 (exact / auto) | x bf16 |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for n, k in SHAPES:
             g = torch.Generator().manual_seed(n + k)
