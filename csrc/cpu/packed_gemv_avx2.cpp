@@ -1,47 +1,12 @@
 // AVX2/FMA small-M packed matmul: the shared FMA kernel (packed_gemv_fma.h) over 8-lane vectors, two
 // vectors (16 columns) per block. Compiled for avx2,fma,f16c by the pragma below; called only when the
 // CPU has them (cpu_features.cpp).
-#include <immintrin.h>
-#include <stdint.h>
-
 #include "cpu/packed_gemv.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
-namespace {
-
-struct VecAvx2 {
-  using F = __m256;
-  using I = __m256i;
-  static constexpr int kLanes = 8;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F set1(float v) { return _mm256_set1_ps(v); }
-  static I set1_i(int v) { return _mm256_set1_epi32(v); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I srl(I a, int s) { return _mm256_srli_epi32(a, s); }
-  static I sll(I a, int s) { return _mm256_slli_epi32(a, s); }
-  static I and_i(I a, I b) { return _mm256_and_si256(a, b); }
-  static I or_i(I a, I b) { return _mm256_or_si256(a, b); }
-  static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
-  static F load_zeros(const int16_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  static F load_scales(const void* base, saliq::ScaleType type, int64_t idx) {
-    if (type == saliq::ScaleType::F32) return _mm256_loadu_ps(static_cast<const float*>(base) + idx);
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + idx));
-    if (type == saliq::ScaleType::F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-};
-
-}  // namespace
-
+#include "cpu/vec_avx2.h"
 #include "cpu/packed_gemv_fma.h"
 
 namespace saliq {

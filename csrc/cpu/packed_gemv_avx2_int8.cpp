@@ -2,34 +2,22 @@
 // bytes with 4 int8 digits per lane is vpmaddubsw (u8 x s8 pairs -> s16; |2 * 15 * 128| cannot saturate) +
 // vpaddw into int16 sums, widened (vpmaddwd with ones) every few word rows. Blocks: 16 columns, tiles of up to
 // 2 rows of x (16 ymm registers: kAccumulators). Compiled for avx2,fma,f16c; called only when the CPU has them.
-#include <immintrin.h>
 #include <algorithm>
-#include <stdint.h>
 
 #include "cpu/packed_gemv.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+#include "cpu/vec_avx2.h"
+
 namespace {
 
-struct VecInt8Avx2 {
-  using F = __m256;
-  using I = __m256i;
-  static constexpr int kLanes = 8;
+struct VecInt8Avx2 : VecAvx2 {
   static constexpr int kAccumulators = 8;  // of 16 ymm (tiles: 2 rows x 2 digits x 2, 1 x 3 x 2)
-  static F zero() { return _mm256_setzero_ps(); }
-  static I zero_i() { return _mm256_setzero_si256(); }
-  static F set1(float v) { return _mm256_set1_ps(v); }
-  static I set1_i(int v) { return _mm256_set1_epi32(v); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static void prefetch(const int32_t* p, int vectors) {
     for (int v = 0; v < vectors; v += 2) _mm_prefetch(reinterpret_cast<const char*>(p + 8 * v), _MM_HINT_T0);
   }
-  static I srl(I a, int s) { return _mm256_srli_epi32(a, s); }
-  static I and_i(I a, I b) { return _mm256_and_si256(a, b); }
   // int16 sums over a few word rows (kRowsPerInt16Sum), widened once: vpmaddubsw + vpaddw per dot product
   // instead of vpmaddubsw + vpmaddwd + vpaddd (one multiply, not two)
   static constexpr bool kInt16Sums = true;
@@ -41,7 +29,6 @@ struct VecInt8Avx2 {
     return sum;
   }
   static I widen16(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
-  static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   // 3-bit: byte b of each column's word gets, in bits 2..5, the hi bits of k = 4b .. 4b + 3 of the word row
   // (nibble b of the hi word's 16 bits for this row): vpshufb copies hi byte b / 2 into byte b, then even bytes
   // take their low nibble (<< 2) and odd bytes their high nibble (>> 2); bits 0, 1, 6, 7 are left as they fall
@@ -54,20 +41,6 @@ struct VecInt8Avx2 {
   }
   static I code3(I w, I hx, int j, I mask, I /*code3*/) {  // (lo code of k = 4b + j) | 4 * (its hi bit)
     return _mm256_or_si256(and_i(srl(w, 2 * j), mask), and_i(srl(hx, j), _mm256_set1_epi32(0x04040404)));
-  }
-  static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
-  static F load_zeros(const int16_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  static F load_scales(const void* base, saliq::ScaleType type, int64_t idx) {
-    if (type == saliq::ScaleType::F32) return _mm256_loadu_ps(static_cast<const float*>(base) + idx);
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + idx));
-    if (type == saliq::ScaleType::F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
 };
 

@@ -18,16 +18,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
 
+#include "cpu/vec_avx512.h"
+
 namespace {
 
 constexpr int kVectors = 2;
-
-inline __m512 load_scales16(const void* base, saliq::ScaleType type, int64_t idx) {
-  if (type == saliq::ScaleType::F32) return _mm512_loadu_ps(static_cast<const float*>(base) + idx);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + idx));
-  if (type == saliq::ScaleType::F16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 inline uint32_t bf16_bits(float v) {  // exact for values that came from bf16
   uint32_t b;
@@ -82,7 +77,7 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
     }
     for (int v = 0; v < kVectors; ++v) {
       const int64_t idx = g * p.N + n0 + v * 16;
-      const __m512 s = load_scales16(p.scales, p.scale_type, idx);
+      const __m512 s = VecAvx512::load_scales(p.scales, p.scale_type, idx);
       const __m512 z = _mm512_add_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zeros + idx)))),
           _mm512_set1_ps(128.0f));
