@@ -9,7 +9,8 @@ real launcher call whose kernel launches are stubbed out), and the PTX is checke
   and every fp32 mul / add / sub carries an explicit .rn, which ptxas never fuses (a plain mul.f32 followed by
   add.f32 it may turn into an fma). fmax * wmax - fmin * wmin contracted into one fma moves the scale by an
   ulp and with it every What of the group;
-- the packed matmul with fp32 activations: its tl.dot calls run in IEEE fp32 (FMAs), never TF32.
+- the packed matmul with fp32 activations: its tl.dot calls run in IEEE fp32 (FMAs), never TF32;
+- the reserved weights' sparse addmm: it builds for sm_90 (it has not yet run on a GPU) and has no atomics.
 
 The compilation runs in a subprocess without TRITON_INTERPRET (under the interpreter @triton.jit gives
 functions that cannot be compiled). The tests skip, with the reason, when this Triton cannot compile for CUDA
@@ -34,7 +35,7 @@ SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 
 def _record_launches():
     """Replace every Triton kernel the launchers use with a stub that records (kernel, args, kwargs) instead of
     launching, and return the list the stubs append to."""
-    from saliq.kernels import common, dequantize, fake_quant, packed_matmul, sq_error
+    from saliq.kernels import common, dequantize, fake_quant, packed_matmul, sparse, sq_error
 
     launches = []
 
@@ -50,7 +51,7 @@ def _record_launches():
     for mod, name in ((fake_quant, "_fq_fwd_kernel"), (fake_quant, "_fq_bwd_kernel"),
                       (common, "_sum_partials_kernel"), (dequantize, "_dequantize_kernel"),
                       (packed_matmul, "_packed_matmul_kernel"), (packed_matmul, "_splitk_reduce_kernel"),
-                      (sq_error, "_sq_error_kernel")):
+                      (sq_error, "_sq_error_kernel"), (sparse, "_sparse_addmm_kernel")):
         setattr(mod, name, Stub(getattr(mod, name)))
     return launches
 
@@ -60,7 +61,7 @@ def _cases():
     import torch
 
     from saliq import packing
-    from saliq.kernels import dequantize, fake_quant, packed_matmul
+    from saliq.kernels import dequantize, fake_quant, packed_matmul, sparse
     from saliq.spec import QuantSpec
 
     torch.manual_seed(0)
@@ -88,6 +89,13 @@ def _cases():
     cfg = packed_matmul._cfg("gemm", BM=16, BN=32, BK=32, SK=2)
     cases.append(("packed_matmul_fp32",
                   lambda: packed_matmul.packed_linear(x, *pargs, None, lora_A, lora_B, 0.5, config=cfg)))
+    # the reserved weights' CSR (int16 columns, as QuantLinear stores them when K fits) on fp32 and bf16 outputs
+    rowptr = torch.tensor([0, 2, 2, 5] + [5] * 13, dtype=torch.int32)
+    cols16, vals = torch.tensor([1, 7, 0, 3, 95], dtype=torch.int16), torch.randn(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        y, xs = torch.randn(16, 16).to(dtype), x.to(dtype)
+        cases.append((f"sparse_addmm_{str(dtype)[6:]}",
+                      lambda y=y, xs=xs: sparse.sparse_addmm(y, xs, rowptr, cols16, vals)))
     return cases
 
 
@@ -231,6 +239,16 @@ def test_fp32_packed_matmul_has_no_tf32(ptx):
             c = _counts(text)
             # the IEEE fp32 dot is lowered to FMAs, not to (w)mma
             assert c["fma.rn.f32"] > 0 and not any("mma" in op for op in c), name
+
+
+def test_sparse_addmm_compiles_without_atomics(ptx):
+    """The reserved weights' kernel builds for sm_90 and keeps its contract there: each output an fp32 sum in CSR
+    order written by one program, so no atomic or reduction instructions (results independent of scheduling)."""
+    for name, k in _select(ptx, "sparse_addmm").items():
+        c = _counts(k["ptx"])
+        atomics = {op: n for op, n in c.items() if op.startswith(("atom", "red."))}
+        assert not atomics, f"{name}: {atomics}"
+        assert any(op.startswith("st.global") for op in c), f"{name}: no global store"
 
 
 def test_oversized_default_config_falls_back(monkeypatch):
