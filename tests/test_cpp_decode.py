@@ -161,3 +161,19 @@ def test_blocks_of_whole_tiles_then_portable_tail(isa, gemv, m, bits, n, k):
         torch.set_num_threads(threads)
     assert_close_rel(two, ref.packed_matmul(*args), TOL[torch.bfloat16], f"{isa} m={m}")
     assert torch.equal(one, two)
+
+
+def test_decode_digits_benchmark_smoke_run():
+    """benchmarks/decode_digits_ppl.py on a tiny quantized model: every setting reads the same tokens one at a
+    time; exact and three digits agree with the whole-sequence (prefill) pass to fp32 rounding, one digit does not."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_digits_ppl
+
+    res = decode_digits_ppl.main(["--smoke", "--tokens", "12", "--threads", "1"])["results"]
+    assert set(res) == {"exact", "auto", "int8x1", "int8x2", "int8x3", "prefill"}
+    assert res["exact"]["max_log_prob_diff"] == 0.0
+    assert res["prefill"]["max_log_prob_diff"] < 1e-4 and res["int8x3"]["max_log_prob_diff"] < 1e-4
+    assert res["int8x1"]["max_log_prob_diff"] > 10 * res["int8x3"]["max_log_prob_diff"]
