@@ -5,6 +5,8 @@ three int8 digits for fp32 x (Qmax ~ 2^23) and two for fp16 / bf16 x (Qmax ~ 2^1
 digits are exact integer sums. `set_cpu_gemv("exact")` restores fp32 products. Tolerances are the usual ones:
 fp32 1e-5, fp16 2e-3, bf16 1e-2 (||out - ref|| / ||ref||).
 """
+import os
+
 import pytest
 import torch
 
@@ -68,8 +70,9 @@ def test_default_gemv_matches_ref(isa, gemv, bits, group_size, k, m, dtype):
 def test_largest_codes_and_digits_stay_exact(isa, gemv, bits, group_size, dtype, sign):
     """The integer sums at their largest: every code at its maximum and every activation of a group at the same
     extreme, so every digit sits at the end of its range with one sign (the AVX2 kernel sums vpmaddubsw products
-    in int16 over a few word rows: an overflow there would be far outside the tolerance)."""
-    gemv("auto")
+    in int16 over a few word rows: an overflow there would be far outside the tolerance). Each dtype's digits
+    named, since fp32 x with M > 2 takes the exact kernel by default on AVX2."""
+    gemv("int8x3" if dtype == torch.float32 else "int8x2")
     n, k, m = 45, 512, 3
     q = torch.full((n, k), (1 << bits) - 1)
     scales = (torch.rand(n, k // group_size, generator=gen(bits)) + 0.5) * 0.02
@@ -83,6 +86,23 @@ def test_largest_codes_and_digits_stay_exact(isa, gemv, bits, group_size, dtype,
     x = x.to(dtype)
     args = (x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, group_size, k, None)
     assert_close_rel(cpp.packed_matmul(*args), ref.packed_matmul(*args), TOL[dtype], f"{isa} {dtype}")
+
+
+def test_avx2_fp32_from_three_rows_takes_the_exact_kernel(isa, gemv):
+    """The default on the AVX2 form (docs/OPS.md): fp32 x on three digits for M <= 2, the exact kernel from M = 3
+    (there the faster one); on AVX-512 VNNI three digits for every M <= 32."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    vnni = isa == "avx512" and "avx512_vnni" in flags and "avx512vbmi" in flags
+    if isa == "avx512" and not flags:
+        pytest.skip("no /proc/cpuinfo: cannot tell whether the VNNI kernel serves AVX-512 here")
+    gemv("auto")
+    for m in (2, 4):
+        args = case(96, 256, 2, 64, torch.float32, m, seed=m)
+        auto = cpp.packed_matmul(*args)
+        gemv("exact")
+        exact = cpp.packed_matmul(*args)
+        gemv("auto")
+        assert torch.equal(auto, exact) == (m > 2 and not vnni), (isa, m)
 
 
 @pytest.mark.parametrize("digits,bound", [(1, 3e-2), (2, 2e-4), (3, 2e-6)])

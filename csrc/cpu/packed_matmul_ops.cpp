@@ -3,8 +3,7 @@
 // the packed words, through quant_linear_cpu (quant_linear_ops.cpp) without LoRA.
 // Larger M (prefill): tiles of rows of W [tile, K] are dequantized (packed_prefill.h) and multiplied with
 // at::mm / at::addmm (x times the tile's transpose, as F.linear does) straight into the output's columns;
-// at::parallel_for over tiles, each written by one
-// thread, whose GEMM then runs on that thread. The GEMM's dtype: bf16 / fp16 when x has that dtype and the
+// at::parallel_for over tiles, each written by one thread, whose GEMM then runs on that thread. The GEMM's dtype: bf16 / fp16 when x has that dtype and the
 // CPU multiplies it natively (AVX512_BF16 / AVX512_FP16; oneDNN accumulates in fp32 and rounds the output
 // once), the weight rounded once from the fp32 (q - z) * s; else fp32, exact up to fp32 rounding.
 // SALIQ_CPU_PREFILL=auto|fp32|half overrides the dtype choice; SALIQ_CPU_PREFILL_TILE=columns the tile
@@ -65,8 +64,8 @@ at::Tensor kept_buffer(at::Tensor& slot, int64_t size, const at::TensorOptions& 
   return slot.narrow(0, 0, size);
 }
 
-// Rows of W (output columns) per tile. Measured (docs/NOTES.md, K = 4096 and 11008): 128 columns beat 64 (x re-read per tile)
-// and 256 for bf16 and fp32 alike; the whole weight first, then one GEMM, was slower by 10-20 ms.
+// Rows of W (columns of the output) per tile. Measured (docs/NOTES.md, K = 4096 and 11008): 128 beat 64 (x re-read
+// per tile) and matched 256; the whole weight first, then one GEMM, was slower by 10-20 ms.
 int64_t prefill_tile_columns() {
   const char* v = std::getenv("SALIQ_CPU_PREFILL_TILE");
   if (v != nullptr && *v != 0) return std::max<int64_t>(0, std::atoll(v));
