@@ -56,7 +56,7 @@ def test_cuda_code_for_sm80_and_sm90a():
     kernels = subprocess.run([tool, "--dump-resource-usage", cpp._C.__file__], capture_output=True, text=True,
                              check=True).stdout
     for name in ("packed_gemv_kernel", "decode_mma_kernel", "fake_quant_fwd_kernel", "fake_quant_bwd_kernel",
-                 "sq_error_kernel"):
+                 "sq_error_kernel", "sparse_addmm_kernel"):
         assert name in kernels, f"kernel {name} missing from the built cubins"
 
 

@@ -55,8 +55,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 #pragma unroll
     for (int m = 0; m < kRowsPerPass; ++m) {
+      if (m >= rows) break;  // the same for the whole warp: decode (M = 1) does one warp sum, not kRowsPerPass
       const float s = saliq_cuda::warp_sum(acc[m]);
-      if (m < rows && lane == m) {
+      if (lane == m) {
         const int64_t i = (m0 + m) * N + n;
         out[i] = from_f32<T>(to_f32(y[i]) + s);
       }
