@@ -22,51 +22,76 @@ CpuIsa detect() {
 #endif
 }
 
-CpuIsa cap_from_env() {
-  const char* v = std::getenv("SALIQ_CPU_ISA");
-  if (v == nullptr) return CpuIsa::Avx512;
-  if (std::strcmp(v, "portable") == 0) return CpuIsa::Portable;
-  if (std::strcmp(v, "avx2") == 0) return CpuIsa::Avx2;
-  return CpuIsa::Avx512;
+const char* const kCapNames[] = {"portable", "avx2", "avx512bw", "avx512vnni", "avx512"};
+
+std::atomic<int> g_cap{-1};  // an IsaCap; -1: not read from the environment yet
+
+IsaCap cap() {
+  int c = g_cap.load();
+  if (c < 0) {
+    IsaCap from_env = IsaCap::Avx512;
+    const char* v = std::getenv("SALIQ_CPU_ISA");
+    if (v != nullptr) parse_isa_cap(v, &from_env);
+    c = (int)from_env;
+    g_cap.store(c);
+  }
+  return (IsaCap)c;
 }
 
-std::atomic<int> g_cap{-1};
+// An AVX-512 extension usable now: present, the AVX-512 path active, and the cap at least `needs`.
+bool extension(bool present, IsaCap needs) {
+  return present && active_isa() == CpuIsa::Avx512 && (int)cap() >= (int)needs;
+}
 
 }  // namespace
+
+bool parse_isa_cap(const char* name, IsaCap* out) {
+  for (int i = 0; i < 5; ++i)
+    if (std::strcmp(name, kCapNames[i]) == 0) {
+      *out = (IsaCap)i;
+      return true;
+    }
+  return false;
+}
 
 CpuIsa detected_isa() {
   static const CpuIsa isa = detect();
   return isa;
 }
 
-void set_isa_cap(CpuIsa cap) { g_cap.store((int)cap); }
+void set_isa_cap(IsaCap c) { g_cap.store((int)c); }
 
 CpuIsa active_isa() {
-  int cap = g_cap.load();
-  if (cap < 0) {
-    cap = (int)cap_from_env();
-    g_cap.store(cap);
-  }
-  const int best = (int)detected_isa();
-  return (CpuIsa)(cap < best ? cap : best);
+  const int c = (int)cap();
+  const CpuIsa capped = c >= (int)IsaCap::Avx512Bw ? CpuIsa::Avx512 : (CpuIsa)c;
+  return (int)capped < (int)detected_isa() ? capped : detected_isa();
 }
+
+const char* active_isa_name() {
+  const CpuIsa isa = active_isa();
+  return isa == CpuIsa::Avx512 ? kCapNames[(int)cap()] : isa_name(isa);
+}
+
+// __builtin_cpu_supports takes a string literal only
+#if defined(__x86_64__) || defined(__i386__)
+#define SALIQ_CPU_HAS(feature) __builtin_cpu_supports(feature)
+#else
+#define SALIQ_CPU_HAS(feature) false
+#endif
 
 bool has_avx512_bf16() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
-  return bf16 && active_isa() == CpuIsa::Avx512;
-#else
-  return false;
-#endif
+  static const bool present = SALIQ_CPU_HAS("avx512bf16");
+  return extension(present, IsaCap::Avx512);
 }
 
-bool has_avx512_vnni_vbmi() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
-  return vnni && active_isa() == CpuIsa::Avx512;
-#else
-  return false;
-#endif
+bool has_avx512_vnni() {
+  static const bool present = SALIQ_CPU_HAS("avx512vnni");
+  return extension(present, IsaCap::Avx512Vnni);
+}
+
+bool has_avx512_vbmi() {
+  static const bool present = SALIQ_CPU_HAS("avx512vbmi");
+  return extension(present, IsaCap::Avx512);
 }
 
 namespace {

@@ -37,16 +37,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("quant_linear_sliced", &saliq::quant_linear_sliced_cpu,
         "quant_linear, then + x Sp^T for reserved weights in slices of 16 rows, in one call (CPU)");
 
-  m.def("cpu_isa", [] { return std::string(saliq::isa_name(saliq::active_isa())); },
-        "SIMD path in use: avx512, avx2 or portable");
+  m.def("cpu_isa", [] { return std::string(saliq::active_isa_name()); },
+        "SIMD path in use: avx512 (avx512vnni, avx512bw when capped there), avx2 or portable");
   m.def("cpu_isa_detected", [] { return std::string(saliq::isa_name(saliq::detected_isa())); });
   m.def("set_cpu_isa_cap", [](const std::string& name) {
-    saliq::CpuIsa cap = saliq::CpuIsa::Avx512;
-    if (name == "portable") cap = saliq::CpuIsa::Portable;
-    else if (name == "avx2") cap = saliq::CpuIsa::Avx2;
-    else TORCH_CHECK_VALUE(name == "avx512", "cpu isa cap must be portable, avx2 or avx512, got ", name);
+    saliq::IsaCap cap;
+    TORCH_CHECK_VALUE(saliq::parse_isa_cap(name.c_str(), &cap),
+                      "cpu isa cap must be portable, avx2, avx512bw, avx512vnni or avx512, got ", name);
     saliq::set_isa_cap(cap);
-  }, "cap the SIMD path (for tests): portable, avx2 or avx512");
+  }, "cap the SIMD path (for tests): portable, avx2, avx512bw (AVX-512 F/BW/VL only), avx512vnni (+ VNNI) or "
+     "avx512 (all the CPU has)");
 
   m.def("cpu_gemv", [] { return std::string(saliq::gemv_precision_name(saliq::gemv_precision())); },
         "how the small-M GEMV treats activations: auto, exact, int8x1, int8x2 or int8x3");

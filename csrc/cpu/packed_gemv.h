@@ -33,7 +33,8 @@ struct PackedGemvProblem {
 // and the shape and holds what every block shares (the LUT kernel's tables, the bf16 kernel's rearranged x);
 // then any thread may compute any block, and each output element is written by exactly one block, so results do
 // not depend on the schedule. Callers with their own parallel loop (quant_linear_ops.cpp) run blocks directly.
-enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int8x256 };
+// Int8x512: VNNI + VBMI; Int8x512NoVbmi: VNNI; Int8x512Mad: AVX-512 BW only; Int8x256: AVX2
+enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int8x512NoVbmi, Int8x512Mad, Int8x256 };
 
 // Activations quantized per (row, group) for the integer-dot-product kernels (packed_gemv_int8.h):
 // x ~= unit * Q with Q = sum_p 256^(parts-1-p) part_p, each part an int8, so that integer codes times parts are
@@ -54,7 +55,7 @@ struct PackedGemvPlan {
   int64_t int8_blocks = 0;   // int8 kernels: main_columns split into this many runs of whole tiles (see below)
   std::vector<float> tables;    // Lut: per row of x, the pair tables, then (3-bit) the hi tables
   std::vector<uint32_t> pairs;  // Bf16: x as pairs of bf16 values in the order the words hold the codes
-  Int8Activations act;          // Int8x512 / Int8x256
+  Int8Activations act;          // the Int8 kernels
 };
 
 constexpr int64_t kPortableBlock = 16;
@@ -97,6 +98,8 @@ constexpr int64_t kInt8MinBlockColumns = 2048;
 int64_t int8x512_width(const PackedGemvProblem& p);  // columns of the register tile
 int64_t int8x256_width(const PackedGemvProblem& p);
 void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
+void int8x512_novbmi_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
+void int8x512_mad_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 void int8x256_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 
 // Scale of group g, column n, as fp32.

@@ -100,9 +100,13 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
   // that is not finite takes the exact kernels, which propagate it as the reference does.
   const int parts = int8_parts_for(p);
   if (parts > 0 && quantize_activations(p, parts, plan.act)) {
-    const bool vnni = has_avx512_vnni_vbmi();  // else the AVX2 form (also on AVX-512 CPUs without them)
-    plan.kernel = vnni ? GemvKernel::Int8x512 : GemvKernel::Int8x256;
-    plan.block = vnni ? int8x512_width(p) : int8x256_width(p);
+    // the form for this CPU's extensions (packed_gemv_int8_avx512.h, packed_gemv_avx2_int8.cpp)
+    const bool avx512 = isa == CpuIsa::Avx512;
+    plan.kernel = !avx512              ? GemvKernel::Int8x256
+                  : !has_avx512_vnni() ? GemvKernel::Int8x512Mad
+                  : has_avx512_vbmi()  ? GemvKernel::Int8x512
+                                       : GemvKernel::Int8x512NoVbmi;
+    plan.block = avx512 ? int8x512_width(p) : int8x256_width(p);
     const int64_t tiles = p.N / plan.block;
     // one block per thread, a second where blocks stay kInt8MinBlockColumns wide (packed_gemv.h)
     const int64_t want = threads <= 1 ? 1 : std::clamp<int64_t>(p.N / kInt8MinBlockColumns, threads,
@@ -129,7 +133,9 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
     plan.block = kPortableBlock;
   }
   plan.main_columns = p.N / plan.block * plan.block;
-  if (plan.kernel != GemvKernel::Int8x512 && plan.kernel != GemvKernel::Int8x256) plan.int8_blocks = 0;
+  if (plan.kernel != GemvKernel::Int8x512 && plan.kernel != GemvKernel::Int8x512NoVbmi &&
+      plan.kernel != GemvKernel::Int8x512Mad && plan.kernel != GemvKernel::Int8x256)
+    plan.int8_blocks = 0;
 }
 
 int64_t packed_gemv_blocks(const PackedGemvProblem& p, const PackedGemvPlan& plan) {
@@ -151,8 +157,12 @@ void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, i
     const int64_t t0 = b * tiles / plan.int8_blocks, t1 = (b + 1) * tiles / plan.int8_blocks;
     *n0 = t0 * plan.block;
     *n1 = t1 * plan.block;
-    if (plan.kernel == GemvKernel::Int8x512) int8x512_columns(p, plan.act, *n0, t1 - t0);
-    else int8x256_columns(p, plan.act, *n0, t1 - t0);
+    switch (plan.kernel) {
+      case GemvKernel::Int8x512: int8x512_columns(p, plan.act, *n0, t1 - t0); break;
+      case GemvKernel::Int8x512NoVbmi: int8x512_novbmi_columns(p, plan.act, *n0, t1 - t0); break;
+      case GemvKernel::Int8x512Mad: int8x512_mad_columns(p, plan.act, *n0, t1 - t0); break;
+      default: int8x256_columns(p, plan.act, *n0, t1 - t0); break;
+    }
     return;
   }
   *n0 = b * plan.block;

@@ -1,0 +1,68 @@
+// Vector traits of the 16-lane integer-dot-product GEMV (packed_gemv_int8.h) for the AVX-512 CPUs of three
+// generations. With AVX512_VNNI one vpdpbusd per 4 inputs x 16 columns x digit (VecVnni512), its 3-bit hi bits
+// joined to the codes by one vpmultishiftqb per word row where AVX512_VBMI exists (Ice Lake, Zen 4) or by a byte
+// shuffle, two 16-bit shifts and a masked blend where it does not (Cascade Lake). Without VNNI (Skylake-SP),
+// vpmaddubsw + vpaddw into int16 sums as the AVX2 form, on 16 lanes (VecMad512). Include it only after the file's
+// `#pragma GCC target`; each form lives in a file compiled for just the extensions it uses, so that no
+// instruction of a missing extension can reach a CPU without it.
+#pragma once
+
+#include "cpu/vec_avx512.h"
+
+namespace {
+
+// Byte b of each column's word gets, in bits 2..5, the hi bits of k = 4b .. 4b + 3 of the word row (nibble b of
+// the hi word's 16 bits for this row): vpshufb copies hi byte b / 2 into byte b, then even bytes take its low
+// nibble (<< 2) and odd bytes its high nibble (>> 2); the other bits are left as they fall (removed after each
+// shift). AVX512BW.
+inline __m512i spread_hi_shuffle(__m512i h, int half) {
+  const __m512i t = half ? _mm512_srli_epi32(h, 16) : h;
+  const __m512i x = _mm512_shuffle_epi8(t, _mm512_set4_epi32(0x0D0D0C0C, 0x09090808, 0x05050404, 0x01010000));
+  return _mm512_mask_blend_epi8((__mmask64)0xAAAAAAAAAAAAAAAAULL, _mm512_slli_epi16(x, 2), _mm512_srli_epi16(x, 2));
+}
+
+// The codes of a 3-bit word row: bits 0-1 from the lo word shifted by 2j, bit 2 from the spread hi word shifted
+// by j (one ternary select, one AND).
+inline __m512i code3_select(__m512i w, __m512i hx, int j, __m512i mask, __m512i code3) {
+  return _mm512_and_si512(_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 2 * j), _mm512_srli_epi32(hx, j), mask, 0xE4),
+                          code3);
+}
+
+template <bool kVbmi>
+struct VecVnni512 : VecAvx512 {
+  static constexpr int kAccumulators = 18;  // of 32 zmm (tiles: 4 rows x 2 digits x 2, 3 x 3 x 2)
+  static void prefetch(const int32_t* p, int vectors) {
+    for (int v = 0; v < vectors; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
+  }
+  static constexpr bool kInt16Sums = false;  // vpdpbusd sums into int32 itself
+  static I dot(I acc, I codes, I x) { return _mm512_dpbusd_epi32(acc, codes, x); }
+  static I code3(I w, I hx, int j, I mask, I code3) { return code3_select(w, hx, j, mask, code3); }
+  static I spread_hi(I h, int half) {
+    if constexpr (kVbmi) {
+      // byte b of column word c = bits 16 half + 4b - 2 .. + 5 of hi word c (vpmultishiftqb takes 8 bits at any
+      // offset of the qword holding two columns)
+      return _mm512_multishift_epi64_epi8(_mm512_set1_epi64(half ? 0x3A36322E1A16120ELL : 0x2A26221E0A06023ELL),
+                                          h);
+    } else {
+      return spread_hi_shuffle(h, half);
+    }
+  }
+};
+
+struct VecMad512 : VecAvx512 {
+  static constexpr int kAccumulators = 16;  // of 32 zmm, each a digit's int16 sums (tiles: 4 x 2 x 2, 2 x 3 x 2)
+  static void prefetch(const int32_t* p, int vectors) {
+    for (int v = 0; v < vectors; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
+  }
+  static constexpr bool kInt16Sums = true;  // as the AVX2 form (packed_gemv_avx2_int8.cpp)
+  static I dot16(I acc, I codes, I x) {
+    I sum = _mm512_add_epi16(acc, _mm512_maddubs_epi16(codes, x));
+    __asm__("" : "+v"(sum));  // each sum in order: re-associated trees of products spill (see the AVX2 form)
+    return sum;
+  }
+  static I widen16(I a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
+  static I code3(I w, I hx, int j, I mask, I code3) { return code3_select(w, hx, j, mask, code3); }
+  static I spread_hi(I h, int half) { return spread_hi_shuffle(h, half); }
+};
+
+}  // namespace
