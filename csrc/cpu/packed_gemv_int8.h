@@ -48,18 +48,21 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   // prefetch the same columns of the next panel (g_begin..g_end is one panel, int8_columns_bp): it is read
   // after this panel's pass over the whole block; the hardware streams along each row meanwhile
   const int64_t ahead = std::max<int64_t>(1, (g_end - g_begin) * p.group_len / kPerWord);
+  // rows N words apart fall in the same L1 sets when N * 4 bytes is a multiple of 4 KiB: the next panel's
+  // lines, fetched into L1 beside this panel's, then evict them; into L2 only (measured, docs/NOTES.md)
+  const bool l2 = p.N % 1024 == 0;
   const int32_t* wbase = p.qweight + n0;
 
   // the dot products of word rows r0 .. r1 - 1 added to s: int16 sums where V::kInt16Sums, else int32
   auto rows_into = [&](I (&s)[MT][P][NV], int64_t r0, int64_t r1) __attribute__((always_inline)) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + ahead < rows) V::prefetch(wbase + (r + ahead) * p.N, NV);
+      if (r + ahead < rows) V::prefetch(wbase + (r + ahead) * p.N, NV, l2);
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
         w[v] = V::load_i(wbase + r * p.N + v * kL);
         if constexpr (BITS == 3) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
           if (r + ahead < rows && (r & 1) == 0)
-            V::prefetch(p.qweight_hi + n0 + ((r + ahead) >> 1) * p.N, NV);
+            V::prefetch(p.qweight_hi + n0 + ((r + ahead) >> 1) * p.N, NV, l2);
           hx[v] = V::spread_hi(V::load_i(p.qweight_hi + n0 + (r >> 1) * p.N + v * kL), (int)(r & 1));
         }
       }

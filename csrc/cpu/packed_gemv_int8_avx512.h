@@ -28,12 +28,18 @@ inline __m512i code3_select(__m512i w, __m512i hx, int j, __m512i mask, __m512i 
                           code3);
 }
 
+// The lines of `vectors` zmm at p, into L1 or (l2) only into L2.
+inline void prefetch_lines(const int32_t* p, int vectors, bool l2) {
+  for (int v = 0; v < vectors; ++v) {
+    if (l2) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T1);
+    else _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
+  }
+}
+
 template <bool kVbmi>
 struct VecVnni512 : VecAvx512 {
   static constexpr int kAccumulators = 18;  // of 32 zmm (tiles: 4 rows x 2 digits x 2, 3 x 3 x 2)
-  static void prefetch(const int32_t* p, int vectors) {
-    for (int v = 0; v < vectors; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
-  }
+  static void prefetch(const int32_t* p, int vectors, bool l2) { prefetch_lines(p, vectors, l2); }
   static constexpr bool kInt16Sums = false;  // vpdpbusd sums into int32 itself
   static I dot(I acc, I codes, I x) { return _mm512_dpbusd_epi32(acc, codes, x); }
   static I code3(I w, I hx, int j, I mask, I code3) { return code3_select(w, hx, j, mask, code3); }
@@ -51,9 +57,7 @@ struct VecVnni512 : VecAvx512 {
 
 struct VecMad512 : VecAvx512 {
   static constexpr int kAccumulators = 8;  // int16 sums: tiles of 2 rows x 2 digits x 2, 1 x 3 x 2 (measured best)
-  static void prefetch(const int32_t* p, int vectors) {
-    for (int v = 0; v < vectors; ++v) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
-  }
+  static void prefetch(const int32_t* p, int vectors, bool l2) { prefetch_lines(p, vectors, l2); }
   static constexpr bool kInt16Sums = true;  // as the AVX2 form (packed_gemv_avx2_int8.cpp)
   static I dot16(I acc, I codes, I x) {
     I sum = _mm512_add_epi16(acc, _mm512_maddubs_epi16(codes, x));
