@@ -3,9 +3,10 @@
 For 1 thread and for all threads: the copy bandwidth (read + write GB/s of a 256 MiB tensor copy, best of
 7), then per case the median time of saliq's packed_matmul (exact fp32 path; "auto", the default: for fp32 x
 three int8 digits, the exact kernel on CPUs without AVX512_VNNI from M = 3; for bf16 x two digits) and of
-fp32 / bf16 F.linear, interleaved round by round. SALIQ_CPU_ISA=avx2 measures the AVX2 kernels on an AVX-512
-CPU (its bf16 prefill then takes fp32 tiles, while torch's bf16 F.linear keeps AVX512_BF16). "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth, so the figure means the
-same on every machine; "x fp32" / "x bf16" = F.linear time / saliq time for the same activation dtype.
+fp32 / bf16 F.linear, interleaved round by round. SALIQ_CPU_ISA=avx2 (or avx512bw, avx512vnni) measures those
+kernels on a CPU that has more (an AVX2 run's bf16 prefill takes fp32 tiles, while torch's bf16 F.linear keeps
+AVX512_BF16). "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth, so the figure means
+the same on every machine; "x fp32" / "x bf16" = F.linear time / saliq time for the same activation dtype.
 
 Prefill (M above the GEMV crossover): median times of saliq's packed_matmul with bf16 x (dequantized bf16 tiles
 + bf16 GEMM where the CPU has AVX512_BF16) against bf16 F.linear on the same weight dequantized to bf16, and

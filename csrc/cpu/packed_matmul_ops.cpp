@@ -3,11 +3,11 @@
 // the packed words, through quant_linear_cpu (quant_linear_ops.cpp) without LoRA.
 // Larger M (prefill): tiles of rows of W [tile, K] are dequantized (packed_prefill.h) and multiplied with
 // at::mm / at::addmm (x times the tile's transpose, as F.linear does) straight into the output's columns;
-// at::parallel_for over tiles, each written by one thread, whose GEMM then runs on that thread. The GEMM's dtype: bf16 / fp16 when x has that dtype and the
-// CPU multiplies it natively (AVX512_BF16 / AVX512_FP16; oneDNN accumulates in fp32 and rounds the output
-// once), the weight rounded once from the fp32 (q - z) * s; else fp32, exact up to fp32 rounding.
-// SALIQ_CPU_PREFILL=auto|fp32|half overrides the dtype choice; SALIQ_CPU_PREFILL_TILE=columns the tile
-// width (0: dequantize the whole weight, then one GEMM on all threads). Both are read per call: a prefill
+// at::parallel_for over tiles, each written by one thread, whose GEMM then runs on that thread. The GEMM's
+// dtype: bf16 / fp16 when x has that dtype and the CPU multiplies it natively (AVX512_BF16 / AVX512_FP16;
+// oneDNN accumulates in fp32 and rounds the output once), the weight rounded once from the fp32 (q - z) * s;
+// else fp32, exact up to fp32 rounding. SALIQ_CPU_PREFILL=auto|fp32|half overrides the dtype choice;
+// SALIQ_CPU_PREFILL_TILE=rows the tile height (0: dequantize the whole weight, then one GEMM on all threads). Both are read per call: a prefill
 // call takes milliseconds.
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
