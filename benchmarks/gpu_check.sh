@@ -25,7 +25,7 @@ step() {  # step NAME COMMAND...: run, log, remember failure
 $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 step build env MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e .
 step cuda-tests $PY -m pytest -q -p no:cacheprovider -n ${JOBS:-8} tests/test_cuda_gpu.py tests/test_cuda_build.py \
-  tests/test_decode_e2e.py tests/test_regimes.py tests/test_rounding_ties.py
+  tests/test_decode_e2e.py tests/test_regimes.py tests/test_rounding_ties.py tests/test_sparse_addmm.py
 step report $PY benchmarks/gpu_report.py --out benchmarks/results ${REPORT_ARGS:-}
 if [ "${TRITON_TESTS:-1}" = 1 ]; then
   step triton-tests timeout ${TRITON_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${JOBS:-8} tests/kernels
