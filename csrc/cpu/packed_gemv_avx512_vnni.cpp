@@ -14,10 +14,8 @@
 
 namespace saliq {
 
-int64_t int8x512_width(const PackedGemvProblem& p) { return p.M == 1 ? 64 : 32; }
-
 void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& a, int64_t n0, int64_t subs) {
-  int8_columns<VecVnni512<true>, 4, 2, 4>(p, a, n0, subs);
+  int8_columns<VecVnni512<true>, kVectorsM1, kVectorsM, kTileRows>(p, a, n0, subs);
 }
 
 }  // namespace saliq

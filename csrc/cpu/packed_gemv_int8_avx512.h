@@ -21,28 +21,33 @@ inline __m512i spread_hi_shuffle(__m512i h, int half) {
   return _mm512_mask_blend_epi8((__mmask64)0xAAAAAAAAAAAAAAAAULL, _mm512_slli_epi16(x, 2), _mm512_srli_epi16(x, 2));
 }
 
-// The codes of a 3-bit word row: bits 0-1 from the lo word shifted by 2j, bit 2 from the spread hi word shifted
-// by j (one ternary select, one AND).
-inline __m512i code3_select(__m512i w, __m512i hx, int j, __m512i mask, __m512i code3) {
-  return _mm512_and_si512(_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 2 * j), _mm512_srli_epi32(hx, j), mask, 0xE4),
-                          code3);
-}
+// Register tiles of every 16-lane form: kVectorsM1 zmm of columns (64) for M = 1, kVectorsM (32) in tiles of up
+// to kTileRows rows of x for M > 1 (int8x512_width, packed_gemv_avx512_mad.cpp).
+constexpr int kVectorsM1 = 4, kVectorsM = 2, kTileRows = 4;
 
-// The lines of `vectors` zmm at p, into L1 or (l2) only into L2.
-inline void prefetch_lines(const int32_t* p, int vectors, bool l2) {
-  for (int v = 0; v < vectors; ++v) {
-    if (l2) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T1);
-    else _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
+// What the 16-lane forms share: the prefetch and the 3-bit codes of a word row.
+struct VecInt8Avx512 : VecAvx512 {
+  // the lines of `vectors` zmm at p, into L1 or (l2) only into L2
+  static void prefetch(const int32_t* p, int vectors, bool l2) {
+    for (int v = 0; v < vectors; ++v) {
+      if (l2) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T1);
+      else _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
+    }
   }
-}
+  // bits 0-1 from the lo word shifted by 2j, bit 2 from the spread hi word shifted by j (one ternary select, one
+  // AND)
+  static I code3(I w, I hx, int j, I mask, I code3) {
+    return _mm512_and_si512(_mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 2 * j), _mm512_srli_epi32(hx, j), mask,
+                                                      0xE4),
+                            code3);
+  }
+};
 
 template <bool kVbmi>
-struct VecVnni512 : VecAvx512 {
+struct VecVnni512 : VecInt8Avx512 {
   static constexpr int kAccumulators = 18;  // of 32 zmm (tiles: 4 rows x 2 digits x 2, 3 x 3 x 2)
-  static void prefetch(const int32_t* p, int vectors, bool l2) { prefetch_lines(p, vectors, l2); }
   static constexpr bool kInt16Sums = false;  // vpdpbusd sums into int32 itself
   static I dot(I acc, I codes, I x) { return _mm512_dpbusd_epi32(acc, codes, x); }
-  static I code3(I w, I hx, int j, I mask, I code3) { return code3_select(w, hx, j, mask, code3); }
   static I spread_hi(I h, int half) {
     if constexpr (kVbmi) {
       // byte b of column word c = bits 16 half + 4b - 2 .. + 5 of hi word c (vpmultishiftqb takes 8 bits at any
@@ -55,9 +60,8 @@ struct VecVnni512 : VecAvx512 {
   }
 };
 
-struct VecMad512 : VecAvx512 {
+struct VecMad512 : VecInt8Avx512 {
   static constexpr int kAccumulators = 8;  // int16 sums: tiles of 2 rows x 2 digits x 2, 1 x 3 x 2 (measured best)
-  static void prefetch(const int32_t* p, int vectors, bool l2) { prefetch_lines(p, vectors, l2); }
   static constexpr bool kInt16Sums = true;  // as the AVX2 form (packed_gemv_avx2_int8.cpp)
   static I dot16(I acc, I codes, I x) {
     I sum = _mm512_add_epi16(acc, _mm512_maddubs_epi16(codes, x));
@@ -65,7 +69,6 @@ struct VecMad512 : VecAvx512 {
     return sum;
   }
   static I widen16(I a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
-  static I code3(I w, I hx, int j, I mask, I code3) { return code3_select(w, hx, j, mask, code3); }
   static I spread_hi(I h, int half) { return spread_hi_shuffle(h, half); }
 };
 
