@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/prefetch.h"
 
 namespace saliq {
 
@@ -40,12 +41,17 @@ enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int
 // x ~= unit * Q with Q = sum_p 256^(parts-1-p) part_p, each part an int8, so that integer codes times parts are
 // exact int32 dot products (vpdpbusd). operands: [M][parts][k_padded / 4] int32, each holding the 4 int8 parts
 // of the inputs one shifted and masked word of the weight plane pairs with (packed_gemv_int8_prep.cpp; a 3-bit
-// word row pairs with the same ones, its hi bits merged into the codes).
+// word row pairs with the same ones, its hi bits merged into the codes), each written `replicas` times in a row.
 struct Int8Activations {
   int parts = 0;
-  std::vector<int32_t> operands;
+  // copies of each operand: at M = 1 the AVX2 kernel loads 8 as one vector, a plain load, where a broadcast from
+  // memory costs a shuffle on Zen (12 per word row of three digits: a sixth of the loop's vector operations);
+  // with more rows of x the copies would crowd L1 (16 rows at two digits: 16 KB a panel), so one copy there
+  int replicas = 1;
+  std::vector<int32_t> operands;  // [M][parts][k_padded / 4][replicas]
   std::vector<float> unit;      // [M][G]
   std::vector<float> part_sum;  // [M][G][parts] sum over the group of each part (integers)
+  PrefetchTo prefetch = PrefetchTo::kL2;  // where the kernel fetches the next panel's rows
 };
 
 struct PackedGemvPlan {
@@ -85,7 +91,7 @@ void fma256_columns(const PackedGemvProblem& p, int64_t n0);
 // int8_parts_for: the parts the current setting asks for x of this problem (0: an exact kernel);
 // quantize_activations: false when a group of x is not finite (the exact kernels then run, and propagate it).
 int int8_parts_for(const PackedGemvProblem& p);
-bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations& act);
+bool quantize_activations(const PackedGemvProblem& p, int parts, int replicas, Int8Activations& act);
 // Why few wide blocks: a block walks its columns one group of rows (a panel) at a time, each word row of the
 // panel read as one run over all the block's columns. Format v1 puts word rows N words apart, so narrow blocks
 // read short runs in a different page each, which streamed from DRAM at ~13 GB/s per core on Zen 4 against
@@ -101,6 +107,7 @@ void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& act, in
 void int8x512_novbmi_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 void int8x512_mad_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 void int8x256_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
+constexpr int kInt8x256DigitReplicasM1 = 8;  // Int8Activations::replicas the AVX2 form reads at M = 1
 
 // Scale of group g, column n, as fp32.
 float load_scale(const void* scales, ScaleType type, int64_t index);

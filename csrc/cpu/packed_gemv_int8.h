@@ -23,9 +23,14 @@ namespace {
 // or 16 of 4-bit codes (15 * 128 * 16 = 30,720).
 constexpr int64_t kRowsPerInt16Sum = 4;
 
-template <class V, int BITS, int P, int MT, int NV>
-inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0, int64_t m0,
-                       int64_t g_begin, int64_t g_end) {
+// One panel (groups g_begin .. g_end - 1, the word rows of at least 64 inputs) of rows m0 .. m0 + MT - 1 of x,
+// over `tiles` register tiles of NV vectors from column n_first. One call covers the whole run of tiles, so the
+// setup (digit pointers, masks, row range, prefetch distance) is paid once per panel, not once per tile and panel
+// (at 16 columns per AVX2 tile it had cost a third of the instructions). GR: the word rows of a group when
+// known at compile time (groups of 64, the default), else 0. R: copies of each digit operand (Int8Activations).
+template <class V, int BITS, int P, int MT, int NV, int GR, int R>
+inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n_first,
+                       int64_t tiles, int64_t m0, int64_t g_begin, int64_t g_end) {
   using F = typename V::F;
   using I = typename V::I;
   constexpr int kL = V::kLanes;
@@ -37,33 +42,24 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   const I code3 = V::set1_i(0x07070707);
   const int32_t* xo[MT][P];
   for (int m = 0; m < MT; ++m)
-    for (int d = 0; d < P; ++d) xo[m][d] = a.operands.data() + ((m0 + m) * P + d) * ops;
-  // y holds the sum over the groups before g_begin (the bias before the first)
-  F yacc[MT][NV];
-  for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < NV; ++v)
-      yacc[m][v] = g_begin > 0 ? V::load(p.y + (m0 + m) * p.N + n0 + v * kL)
-                               : (p.bias ? V::load(p.bias + n0 + v * kL) : V::zero());
-  const int64_t rows = (p.K + kPerWord - 1) / kPerWord;
-  // prefetch the same columns of the next panel (g_begin..g_end is one panel, int8_columns_bp): it is read
-  // after this panel's pass over the whole block; the hardware streams along each row meanwhile
+    for (int d = 0; d < P; ++d) xo[m][d] = a.operands.data() + ((m0 + m) * P + d) * ops * R;
+  // prefetch the same columns of the next panel: it is read after this panel's pass over the whole block; the
+  // hardware streams along each row meanwhile
   const int64_t ahead = std::max<int64_t>(1, (g_end - g_begin) * p.group_len / kPerWord);
-  // rows N words apart fall in the same L1 sets when N * 4 bytes is a multiple of 4 KiB: the next panel's
-  // lines, fetched into L1 beside this panel's, then evict them; into L2 only (measured, docs/NOTES.md)
-  const bool l2 = p.N % 1024 == 0;
-  const int32_t* wbase = p.qweight + n0;
+  const saliq::PrefetchTo to = a.prefetch;
 
   // the dot products of word rows r0 .. r1 - 1 added to s: int16 sums where V::kInt16Sums, else int32
-  auto rows_into = [&](I (&s)[MT][P][NV], int64_t r0, int64_t r1) __attribute__((always_inline)) {
+  auto rows_into = [&](I (&s)[MT][P][NV], const int32_t* wbase, const int32_t* hbase, int64_t r0, int64_t r1)
+      __attribute__((always_inline)) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (r + ahead < rows) V::prefetch(wbase + (r + ahead) * p.N, NV, l2);
+      // past the last row too: a prefetch never faults, and one test fewer per row
+      V::prefetch(wbase + (r + ahead) * p.N, NV, to);
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
         w[v] = V::load_i(wbase + r * p.N + v * kL);
         if constexpr (BITS == 3) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
-          if (r + ahead < rows && (r & 1) == 0)
-            V::prefetch(p.qweight_hi + n0 + ((r + ahead) >> 1) * p.N, NV, l2);
-          hx[v] = V::spread_hi(V::load_i(p.qweight_hi + n0 + (r >> 1) * p.N + v * kL), (int)(r & 1));
+          if ((r & 1) == 0) V::prefetch(hbase + ((r + ahead) >> 1) * p.N, NV, to);
+          hx[v] = V::spread_hi(V::load_i(hbase + (r >> 1) * p.N + v * kL), (int)(r & 1));
         }
       }
 #pragma GCC unroll 4
@@ -77,7 +73,8 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
         }
         for (int m = 0; m < MT; ++m)
           for (int d = 0; d < P; ++d) {
-            const I xb = V::set1_i(xo[m][d][r * J + j]);
+            const int32_t* xd = xo[m][d] + (r * J + j) * R;
+            const I xb = R == V::kLanes ? V::load_i(xd) : V::set1_i(*xd);
             for (int v = 0; v < NV; ++v) {
               if constexpr (V::kInt16Sums) s[m][d][v] = V::dot16(s[m][d][v], c[v], xb);
               else s[m][d][v] = V::dot(s[m][d][v], c[v], xb);
@@ -94,41 +91,59 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
 
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t r_begin = g * p.group_len / kPerWord;
-    const int64_t r_end = ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
-    I acc[MT][P][NV];  // int32 sums of the group
-    zero_all(acc);
-    if constexpr (!V::kInt16Sums) {
-      rows_into(acc, r_begin, r_end);
-    } else if (r_end - r_begin <= kRowsPerInt16Sum) {  // the usual group: its int16 sums widened once
-      rows_into(acc, r_begin, r_end);
+    const int64_t r_end = GR ? r_begin + GR : ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
+    // what every tile of the group shares, copied out of the vectors (locals: not reloaded after each store to y)
+    float unit[MT], part_sum[MT][P];
+    for (int m = 0; m < MT; ++m) {
+      const int64_t mg = (m0 + m) * p.G + g;
+      unit[m] = a.unit[mg];
+      for (int d = 0; d < P; ++d) part_sum[m][d] = a.part_sum[mg * P + d];
+    }
+    float* yrow = p.y + m0 * p.N + n_first;
+    // the tiles, left to right: each adds this group to y (the sum of the groups before, or the bias, or zero)
+    for (int64_t t = 0, n = n_first; t < tiles; ++t, n += NV * kL) {
+      const int32_t* wbase = p.qweight + n;
+      const int32_t* hbase = BITS == 3 ? p.qweight_hi + n : nullptr;
+      F yacc[MT][NV];
       for (int m = 0; m < MT; ++m)
-        for (int d = 0; d < P; ++d)
-          for (int v = 0; v < NV; ++v) acc[m][d][v] = V::widen16(acc[m][d][v]);
-    } else {  // a long group: int16 sums of runs of rows, each widened into acc
-      for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerInt16Sum) {
-        I part[MT][P][NV];
-        zero_all(part);
-        rows_into(part, r0, std::min(r_end, r0 + kRowsPerInt16Sum));
+        for (int v = 0; v < NV; ++v)
+          yacc[m][v] = g > 0 ? V::load(yrow + m * p.N + t * NV * kL + v * kL)
+                             : (p.bias ? V::load(p.bias + n + v * kL) : V::zero());
+      I acc[MT][P][NV];  // int32 sums of the group
+      zero_all(acc);
+      if constexpr (!V::kInt16Sums) {
+        rows_into(acc, wbase, hbase, r_begin, r_end);
+      } else if (GR ? GR <= kRowsPerInt16Sum : r_end - r_begin <= kRowsPerInt16Sum) {
+        // the usual group: its int16 sums widened once
+        rows_into(acc, wbase, hbase, r_begin, r_end);
         for (int m = 0; m < MT; ++m)
           for (int d = 0; d < P; ++d)
-            for (int v = 0; v < NV; ++v) acc[m][d][v] = V::add_i(acc[m][d][v], V::widen16(part[m][d][v]));
+            for (int v = 0; v < NV; ++v) acc[m][d][v] = V::widen16(acc[m][d][v]);
+      } else {  // a long group: int16 sums of runs of rows, each widened into acc
+        for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerInt16Sum) {
+          I part[MT][P][NV];
+          zero_all(part);
+          rows_into(part, wbase, hbase, r0, std::min(r_end, r0 + kRowsPerInt16Sum));
+          for (int m = 0; m < MT; ++m)
+            for (int d = 0; d < P; ++d)
+              for (int v = 0; v < NV; ++v) acc[m][d][v] = V::add_i(acc[m][d][v], V::widen16(part[m][d][v]));
+        }
       }
-    }
-    for (int v = 0; v < NV; ++v) {
-      const int64_t idx = g * p.N + n0 + v * kL;
-      const F s = V::load_scales(p.scales, p.scale_type, idx);
-      const F z = V::load_zeros(p.zeros + idx);
-      for (int m = 0; m < MT; ++m) {
-        const int64_t mg = (m0 + m) * p.G + g;
-        const float* ps = a.part_sum.data() + mg * P;
-        F D = V::fnmadd(z, V::set1(ps[0]), V::cvt(acc[m][0][v]));
-        for (int d = 1; d < P; ++d) D = V::fma(D, V::set1(256.0f), V::fnmadd(z, V::set1(ps[d]), V::cvt(acc[m][d][v])));
-        yacc[m][v] = V::fma(V::mul(s, V::set1(a.unit[mg])), D, yacc[m][v]);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t idx = g * p.N + n + v * kL;
+        const F s = V::load_scales(p.scales, p.scale_type, idx);
+        const F z = V::load_zeros(p.zeros + idx);
+        for (int m = 0; m < MT; ++m) {
+          F D = V::fnmadd(z, V::set1(part_sum[m][0]), V::cvt(acc[m][0][v]));
+          for (int d = 1; d < P; ++d)
+            D = V::fma(D, V::set1(256.0f), V::fnmadd(z, V::set1(part_sum[m][d]), V::cvt(acc[m][d][v])));
+          yacc[m][v] = V::fma(V::mul(s, V::set1(unit[m])), D, yacc[m][v]);
+        }
       }
+      for (int v = 0; v < NV; ++v)
+        for (int m = 0; m < MT; ++m) V::store(yrow + m * p.N + t * NV * kL + v * kL, yacc[m][v]);
     }
   }
-  for (int v = 0; v < NV; ++v)
-    for (int m = 0; m < MT; ++m) V::store(p.y + (m0 + m) * p.N + n0 + v * kL, yacc[m][v]);
 }
 
 // One block: M = 1 in one pass of NV1 vectors; more rows in tiles of MT rows (then 2, 1) of NVM vectors.
@@ -136,27 +151,27 @@ inline void int8_block(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
 // at a time across all its tiles, so that each word row is read as one contiguous run over the whole block
 // (format v1 puts a row's columns next to each other and the rows N words apart: short pieces of rows in a
 // different page each stream poorly from DRAM; see kInt8BlocksPerThread).
-template <class V, int BITS, int P, int NV1, int NVM, int MT>
+template <class V, int BITS, int P, int NV1, int NVM, int MT, int GR>
 inline void int8_columns_bp(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                             int64_t subs) {
-  const int64_t width = (p.M == 1 ? NV1 : NVM) * V::kLanes;
   // one panel: the rows of (at least) 64 inputs, each read once across all the sub-blocks
   const int64_t g_step = std::max<int64_t>(1, 64 / p.group_len);
   for (int64_t g0 = 0; g0 < p.G; g0 += g_step) {
     const int64_t g1 = std::min(p.G, g0 + g_step);
+    if (p.M == 1) {
+      int8_panel<V, BITS, P, 1, NV1, GR, V::kDigitReplicasM1>(p, a, n0, subs, 0, g0, g1);
+      continue;
+    }
+    // M > 1: tile by tile, every row tile of x in turn, so each tile's codes are read again from L1
     for (int64_t c = 0; c < subs; ++c) {
-      const int64_t nc = n0 + c * width;
-      if (p.M == 1) {
-        int8_block<V, BITS, P, 1, NV1>(p, a, nc, 0, g0, g1);
-        continue;
-      }
+      const int64_t nc = n0 + c * NVM * V::kLanes;
       int64_t m = 0;
-      for (; m + MT <= p.M; m += MT) int8_block<V, BITS, P, MT, NVM>(p, a, nc, m, g0, g1);
+      for (; m + MT <= p.M; m += MT) int8_panel<V, BITS, P, MT, NVM, GR, 1>(p, a, nc, 1, m, g0, g1);
       if (MT > 2 && m + 2 <= p.M) {
-        int8_block<V, BITS, P, 2, NVM>(p, a, nc, m, g0, g1);
+        int8_panel<V, BITS, P, 2, NVM, GR, 1>(p, a, nc, 1, m, g0, g1);
         m += 2;
       }
-      if (m < p.M) int8_block<V, BITS, P, 1, NVM>(p, a, nc, m, g0, g1);
+      if (m < p.M) int8_panel<V, BITS, P, 1, NVM, GR, 1>(p, a, nc, 1, m, g0, g1);
     }
   }
 }
@@ -169,14 +184,23 @@ constexpr int tile_rows() {
   return fit < 1 ? 1 : (fit < MT ? fit : MT);
 }
 
+template <class V, int NV1, int NVM, int MT, int BITS, int GR>
+inline void int8_columns_bg(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
+                            int64_t subs) {
+  switch (a.parts) {
+    case 1: int8_columns_bp<V, BITS, 1, NV1, NVM, tile_rows<V, 1, NVM, MT>(), GR>(p, a, n0, subs); break;
+    case 2: int8_columns_bp<V, BITS, 2, NV1, NVM, tile_rows<V, 2, NVM, MT>(), GR>(p, a, n0, subs); break;
+    default: int8_columns_bp<V, BITS, 3, NV1, NVM, tile_rows<V, 3, NVM, MT>(), GR>(p, a, n0, subs); break;
+  }
+}
+
+// Groups of 64 (the default) with their word rows known at compile time (the int16-sum path chosen while
+// compiling); other lengths counted at run time.
 template <class V, int NV1, int NVM, int MT, int BITS>
 inline void int8_columns_b(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                            int64_t subs) {
-  switch (a.parts) {
-    case 1: int8_columns_bp<V, BITS, 1, NV1, NVM, tile_rows<V, 1, NVM, MT>()>(p, a, n0, subs); break;
-    case 2: int8_columns_bp<V, BITS, 2, NV1, NVM, tile_rows<V, 2, NVM, MT>()>(p, a, n0, subs); break;
-    default: int8_columns_bp<V, BITS, 3, NV1, NVM, tile_rows<V, 3, NVM, MT>()>(p, a, n0, subs); break;
-  }
+  if (p.group_len == 64) int8_columns_bg<V, NV1, NVM, MT, BITS, BITS == 4 ? 8 : 4>(p, a, n0, subs);
+  else int8_columns_bg<V, NV1, NVM, MT, BITS, 0>(p, a, n0, subs);
 }
 
 template <class V, int NV1, int NVM, int MT>

@@ -27,12 +27,9 @@ constexpr int kVectorsM1 = 4, kVectorsM = 2, kTileRows = 4;
 
 // What the 16-lane forms share: the prefetch and the 3-bit codes of a word row.
 struct VecInt8Avx512 : VecAvx512 {
-  // the lines of `vectors` zmm at p, into L1 or (l2) only into L2
-  static void prefetch(const int32_t* p, int vectors, bool l2) {
-    for (int v = 0; v < vectors; ++v) {
-      if (l2) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T1);
-      else _mm_prefetch(reinterpret_cast<const char*>(p + 16 * v), _MM_HINT_T0);
-    }
+  static constexpr int kDigitReplicasM1 = 1;  // the digits of an operand broadcast from memory
+  static void prefetch(const int32_t* p, int vectors, saliq::PrefetchTo to) {  // the lines of `vectors` zmm
+    for (int v = 0; v < vectors; ++v) saliq::prefetch_line(p + 16 * v, to);
   }
   // bits 0-1 from the lo word shifted by 2j, bit 2 from the spread hi word shifted by j (one ternary select, one
   // AND)

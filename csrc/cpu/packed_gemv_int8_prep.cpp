@@ -20,20 +20,25 @@ namespace {
 constexpr int32_t kQmax[4] = {0, 127, 32768 - 128 - 1, 8388608 - 32896 - 1};
 
 // Operands of one plane: out[r * J + j] holds the digits of k = r * per_word + b * J + j in byte b (J = per_word / 4).
+// Each operand is written `replicas` times in a row.
 template <int PW>
-void arrange_pw(const int8_t* digits, int64_t k_padded, int32_t* out) {
+void arrange_pw(const int8_t* digits, int64_t k_padded, int replicas, int32_t* out) {
   constexpr int J = PW / 4;
   for (int64_t r = 0; r < k_padded / PW; ++r) {
     const uint8_t* d = reinterpret_cast<const uint8_t*>(digits) + r * PW;
-    for (int j = 0; j < J; ++j)
-      out[r * J + j] = (int32_t)(d[j] | (uint32_t)d[J + j] << 8 | (uint32_t)d[2 * J + j] << 16 | (uint32_t)d[3 * J + j] << 24);
+    for (int j = 0; j < J; ++j) {
+      const int32_t v =
+          (int32_t)(d[j] | (uint32_t)d[J + j] << 8 | (uint32_t)d[2 * J + j] << 16 | (uint32_t)d[3 * J + j] << 24);
+      int32_t* o = out + (r * J + j) * replicas;
+      for (int c = 0; c < replicas; ++c) o[c] = v;
+    }
   }
 }
 
-void arrange(const int8_t* digits, int64_t k_padded, int per_word, int32_t* out) {
+void arrange(const int8_t* digits, int64_t k_padded, int per_word, int replicas, int32_t* out) {
   switch (per_word) {
-    case 8: arrange_pw<8>(digits, k_padded, out); break;
-    default: arrange_pw<16>(digits, k_padded, out); break;
+    case 8: arrange_pw<8>(digits, k_padded, replicas, out); break;
+    default: arrange_pw<16>(digits, k_padded, replicas, out); break;
   }
 }
 
@@ -111,9 +116,10 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) float digit_sum(con
 
 }  // namespace
 
-bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations& act) {
-  const int64_t kp = p.k_padded, ops = kp / 4;
+bool quantize_activations(const PackedGemvProblem& p, int parts, int replicas, Int8Activations& act) {
+  const int64_t kp = p.k_padded, ops = kp / 4 * replicas;
   act.parts = parts;
+  act.replicas = replicas;
   act.operands.resize(p.M * parts * ops);
   act.unit.resize(p.M * p.G);
   act.part_sum.resize(p.M * p.G * parts);
@@ -136,7 +142,7 @@ bool quantize_activations(const PackedGemvProblem& p, int parts, Int8Activations
       for (int d = 0; d < parts; ++d)
         act.part_sum[(m * p.G + g) * parts + d] = digit_sum(digits.data() + d * kp + g * p.group_len, p.group_len);
     for (int d = 0; d < parts; ++d) {
-      arrange(digits.data() + d * kp, kp, per_word, act.operands.data() + (m * parts + d) * ops);
+      arrange(digits.data() + d * kp, kp, per_word, replicas, act.operands.data() + (m * parts + d) * ops);
     }
   }
   return true;

@@ -99,9 +99,10 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
   // Integer dot products on int8 digits of x unless the exact path is asked for (docs/OPS.md); a group of x
   // that is not finite takes the exact kernels, which propagate it as the reference does.
   const int parts = int8_parts_for(p);
-  if (parts > 0 && quantize_activations(p, parts, plan.act)) {
+  const bool avx512 = isa == CpuIsa::Avx512;
+  const int replicas = !avx512 && p.M == 1 ? kInt8x256DigitReplicasM1 : 1;
+  if (parts > 0 && quantize_activations(p, parts, replicas, plan.act)) {
     // the form for this CPU's extensions (packed_gemv_int8_avx512.h, packed_gemv_avx2_int8.cpp)
-    const bool avx512 = isa == CpuIsa::Avx512;
     plan.kernel = !avx512              ? GemvKernel::Int8x256
                   : !has_avx512_vnni() ? GemvKernel::Int8x512Mad
                   : has_avx512_vbmi()  ? GemvKernel::Int8x512
@@ -112,6 +113,9 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
     const int64_t want = threads <= 1 ? 1 : std::clamp<int64_t>(p.N / kInt8MinBlockColumns, threads,
                                                                  threads * kInt8BlocksPerThread);
     plan.int8_blocks = std::min(tiles, want);
+    // the next panel's rows: N words apart, so when N * 4 bytes is a multiple of 4 KiB they fall in the same L1
+    // sets and, fetched into L1 beside this panel's, evict them; there into L2 only (docs/NOTES.md)
+    plan.act.prefetch = p.N % 1024 == 0 ? PrefetchTo::kL2 : PrefetchTo::kL1;
   } else if (isa == CpuIsa::Avx512 && p.M <= 4 && p.bits != 4 && p.N >= kLutBlock) {
     plan.kernel = GemvKernel::Lut;
     plan.block = kLutBlock;
