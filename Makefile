@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.saliq-installed
 TORCH  := torch==2.13.0
 TRITON := triton==3.7.1
 
-.PHONY: install build test test-fast demo bench reproduce mutation-check gpu-report gpu-check clean
+.PHONY: install build test test-fast demo bench gemv-cycles reproduce mutation-check gpu-report gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,19 @@ demo: build
 # CPU timings: passive OpenMP waiting keeps a busy machine from stalling every multi-threaded call
 bench: build
 	OMP_WAIT_POLICY=passive $(PY) -m pytest benchmarks -q -o python_files='bench_*.py' --benchmark-enable
+
+# Cycles per word row of the CPU int8 GEMV kernels, called from C++ with the weights in L2: their compute rate,
+# steady on a machine whose DRAM timings drift (benchmarks/cpu_gemv_cycles.cpp; needs only g++)
+GEMV_CYCLES_SRC := benchmarks/cpu_gemv_cycles.cpp csrc/cpu/packed_gemv_avx2_int8.cpp csrc/cpu/packed_gemv_avx512_vnni.cpp \
+	csrc/cpu/packed_gemv_avx512_mad.cpp csrc/cpu/packed_gemv_int8_prep.cpp csrc/cpu/cpu_features.cpp
+build/cpu_gemv_cycles: $(GEMV_CYCLES_SRC) $(CSRC)
+	mkdir -p build
+	g++ -O3 -std=c++17 -fopenmp-simd -Icsrc $(GEMV_CYCLES_SRC) -o $@
+
+gemv-cycles: build/cpu_gemv_cycles
+	@for form in avx2 vnni; do for bits in 2 3; do for digits in 3 2; do \
+		build/cpu_gemv_cycles $$form 1040 1024 $$bits $$digits; done; done; \
+		build/cpu_gemv_cycles $$form 1040 1024 2 2 16 200; done
 
 # The README's quality and CPU-speed tables from scratch (about 30 minutes on a 2-core CPU; REPRODUCE_ARGS=--quick
 # for a small budget that only checks the pipeline). Writes benchmarks/results/ (scripts/reproduce.py).

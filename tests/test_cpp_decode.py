@@ -199,3 +199,43 @@ def test_decode_digits_benchmark_smoke_run():
     assert res["exact"]["max_log_prob_diff"] == 0.0
     assert res["prefill"]["max_log_prob_diff"] < 1e-4 and res["int8x3"]["max_log_prob_diff"] < 1e-4
     assert res["int8x1"]["max_log_prob_diff"] > 10 * res["int8x3"]["max_log_prob_diff"]
+
+
+def test_decode_ab_benchmark_smoke_run(tmp_path):
+    """benchmarks/decode_ab.py with this tree as both builds: one round of both, a row per case with a ratio."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ab.md"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "decode_ab.py"), str(root), str(root), "--rounds", "1",
+                    "--calls", "2", "--shapes", "64x128,48x256", "--bits", "2,3", "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "bit" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| 64x128 2-bit", "| 64x128 3-bit", "| 48x256 2-bit",
+                                                     "| 48x256 3-bit"]
+    assert all(float(row.split(" | ")[3].rstrip(" |")) > 0 for row in rows)
+
+
+def test_gemv_cycles_tool_builds_and_runs(tmp_path):
+    """benchmarks/cpu_gemv_cycles.cpp (`make gemv-cycles`) compiles against csrc/ as it is and times a case of each
+    form the CPU has (it says so for a form the CPU lacks)."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine")
+    root = Path(__file__).resolve().parents[1]
+    make = subprocess.run(["make", "-s", "-n", "-B", "build/cpu_gemv_cycles"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+    compile_line = next(line for line in make.splitlines() if line.startswith("g++"))
+    exe = tmp_path / "cpu_gemv_cycles"
+    subprocess.run(compile_line.replace("-o build/cpu_gemv_cycles", f"-o {exe}").split(), cwd=root, check=True,
+                   timeout=600)
+    for form in ("avx2", "vnni"):
+        out = subprocess.run([str(exe), form, "128", "256", "3", "3", "1", "3"], capture_output=True, text=True,
+                             check=True, timeout=120).stdout
+        assert re.search(r"[0-9.]+ cycles per word row", out) or "lacks the form's extensions" in out, out

@@ -1,0 +1,110 @@
+"""Two builds of saliq's M = 1 CPU GEMV side by side, caches flushed before every call: the A/B test for a kernel
+change on a machine whose timings drift (on a shared 2-core VM they move by 20-30% from minute to minute, so
+only builds measured alternately, round after round, compare).
+
+Each round runs one short process per build (`--child`), alternately; a process times `--calls` calls per
+case, each after streaming a 64 MiB buffer (the weights come from DRAM, as in a decode step), and prints the
+median per case. Reported per case: the median over rounds of each build's median, its range, and the ratio.
+
+    git worktree add /tmp/before <rev> && (cd /tmp/before && python setup.py -q build_ext --inplace)
+    python benchmarks/decode_ab.py /tmp/before . [--rounds 4] [--threads 2] [--dtype float32] [--isa avx2]
+        [--shapes 11008x4096,4096x11008] [--bits 2,3] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def child(args) -> None:
+    """Times this process's saliq (the build found first on sys.path); prints {case: median seconds} as JSON."""
+    import torch
+
+    from saliq import cpp_backend as cpp
+    from saliq import packing
+    from saliq.spec import QuantSpec
+
+    torch.set_num_threads(args.threads)
+    if args.isa:
+        cpp.set_cpu_isa(args.isa)
+    dtype = getattr(torch, args.dtype)
+    flush = torch.ones((64 << 20) // 4)
+    out = {}
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        for bits in (int(b) for b in args.bits.split(",")):
+            gen = torch.Generator().manual_seed(n + k + bits)
+            q = torch.randint(0, 1 << bits, (n, k), generator=gen)
+            scales = torch.rand(n, k // 64, generator=gen) * 0.01 + 0.005
+            zeros = torch.randint(0, 1 << bits, (n, k // 64), generator=gen).float()
+            p = packing.pack_weight(q, scales, zeros, QuantSpec(bits=bits, group_size=64), dtype=dtype)
+            x = torch.randn(1, k, generator=gen).to(dtype)
+
+            def call():
+                return cpp.packed_matmul(x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k, None)
+
+            call()
+            times = []
+            for _ in range(args.calls):
+                flush.add_(1.0)
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            out[f"{shape} {bits}-bit"] = statistics.median(times)
+    print(json.dumps(out))
+
+
+def run_build(tree: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--dtype", args.dtype,
+           "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls)] + (["--isa", args.isa] if args.isa else [])
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("before", nargs="?", type=Path)
+    ap.add_argument("after", nargs="?", type=Path)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--isa", default="", help="cap the CPU path (saliq.cpp_backend.set_cpu_isa)")
+    ap.add_argument("--shapes", default="11008x4096,4096x11008")
+    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.before is None or args.after is None:
+        ap.error("give the two source trees (each with saliq._C built in place)")
+    runs = {"before": [], "after": []}
+    for _ in range(args.rounds):
+        for name, tree in (("before", args.before), ("after", args.after)):
+            runs[name].append(run_build(tree.resolve(), args))
+    head = (f"M = 1 GEMV, {args.dtype} x, {args.threads} thread(s), cpu path {args.isa or 'auto'}, caches flushed, "
+            f"{args.rounds} rounds alternated, median of {args.calls} calls per process")
+    lines = [head, "", "| case | before ms (range) | after ms (range) | before / after |", "|---|---|---|---|"]
+    for case in runs["before"][0]:
+        b = [r[case] * 1e3 for r in runs["before"]]
+        a = [r[case] * 1e3 for r in runs["after"]]
+        mb, ma = statistics.median(b), statistics.median(a)
+        lines.append(f"| {case} | {mb:.3f} ({min(b):.3f}-{max(b):.3f}) | {ma:.3f} ({min(a):.3f}-{max(a):.3f}) "
+                     f"| {mb / ma:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
