@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from common import copy_bandwidth_gbs
 
+from saliq import _C
 from saliq import cpp_backend as cpp
 from saliq import packing
 from saliq.spec import QuantSpec
@@ -121,6 +122,7 @@ def main():
         if "decode" not in sections:
             continue
         bw = copy_bandwidth_gbs()
+        serial_before, calls = _C.decode_serial_calls(), 0
         lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s", "",
                   "| N x K | bits | M | exact fp32 ms | auto fp32 ms (% copy) | auto bf16 ms (% copy) | "
                   "F.linear fp32 ms | F.linear bf16 ms | x fp32 (exact / auto) | x bf16 |",
@@ -147,6 +149,7 @@ def main():
                         "exact": with_gemv("exact", pm(x, P32)), "int8x3": with_gemv("auto", pm(x, P32)),
                         "int8x2": with_gemv("auto", pm(xb, P16)), "lin32": lambda: F.linear(x, W),
                         "lin16": lambda: F.linear(xb, Wb)}, rounds=21 if m == 1 else 9)
+                    calls += 3 * (22 if m == 1 else 10)
                     cpp.set_cpu_gemv("auto")
                     b32 = n * k * bits / 8 + n * (k // GROUP) * 6
                     b16 = n * k * bits / 8 + n * (k // GROUP) * 4
@@ -161,6 +164,11 @@ def main():
                                     "group_size": GROUP, "exact_fp32_s": t["exact"], "int8x3_fp32_s": t["int8x3"],
                                     "int8x2_bf16_s": t["int8x2"], "linear_fp32_s": t["lin32"],
                                     "linear_bf16_s": t["lin16"], "copy_gbs": bw, "load_average": os.getloadavg()[0]})
+        if threads > 1:  # a stalled join (a worker descheduled by the host) runs the next calls on one thread
+            serial = _C.decode_serial_calls() - serial_before
+            lines += ["", f"saliq calls run on one thread after a stalled join (csrc/cpu/work_pool.cpp): {serial} of about "
+                          f"{calls}" + (" -- their rows time one thread, not all" if serial else "")]
+            records.append({"section": "decode", "threads": threads, "serial_calls": serial, "saliq_calls": calls})
         lines.append("")
     load_after = os.getloadavg()
     lines.append(f"load average after {load_after[0]:.2f}")

@@ -18,9 +18,14 @@ using Clock = std::chrono::steady_clock;
 constexpr auto kStall = std::chrono::microseconds(300);
 constexpr int64_t kMinBackoff = 64, kMaxBackoff = 1 << 14;
 
-// Per calling thread: calls left to run alone, and the length of the next back-off.
+// Per calling thread: calls left to run alone, the length of the next back-off, and which of its last 8 parallel
+// calls stalled (bit 0 the latest). One stall alone is a worker the host paused once (a shared VM does that every
+// few hundred calls, and 64 calls on one thread then cost ~30x the wait); another process holding the core stalls
+// call after call, so two among the last 8 back off.
 thread_local int64_t t_serial_left = 0;
 thread_local int64_t t_backoff = kMinBackoff;
+thread_local uint32_t t_stalls = 0;
+constexpr int kStallsToBackOff = 2;
 std::atomic<int64_t> g_serial_calls{0};
 
 }  // namespace
@@ -52,10 +57,12 @@ void run_claimed(int64_t n, int threads, void (*fn)(void* ctx, int64_t i), void*
   }
   const auto per_index = caller_indices ? (caller_done - caller_start) / caller_indices : Clock::duration::zero();
   const auto waited = Clock::now() - caller_done;
-  if (waited > kStall && waited > 2 * per_index) {
+  const bool stalled = waited > kStall && waited > 2 * per_index;
+  t_stalls = ((t_stalls << 1) | (stalled ? 1u : 0u)) & 0xFFu;
+  if (stalled && __builtin_popcount(t_stalls) >= kStallsToBackOff) {
     t_serial_left = t_backoff;
     t_backoff = t_backoff * 2 < kMaxBackoff ? t_backoff * 2 : kMaxBackoff;
-  } else if (t_backoff > kMinBackoff) {
+  } else if (!stalled && t_backoff > kMinBackoff) {
     --t_backoff;  // recover slowly while parallel calls go well
   }
 }

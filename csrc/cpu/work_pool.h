@@ -7,9 +7,10 @@
 // next to torch's spinning OpenMP worker on a two-core machine and slow the caller down.
 // The one hazard of a parallel region is its join: when another process holds the other core, the worker may
 // not run for a whole scheduler slice (milliseconds) and the caller waits for it. run_claimed measures how long
-// the caller waits after its last index; a wait far beyond one index's work means the worker was descheduled,
-// and the next calls run on the calling thread alone, for a number of calls that doubles with every further
-// stall (and shrinks again while parallel calls go well).
+// the caller waits after its last index; a wait far beyond one index's work means the worker was descheduled.
+// Two such stalls among the caller's last 8 parallel calls (a core held by another process, not a one-off pause
+// of a virtual CPU) make the next calls run on the calling thread alone, for a number of calls that doubles with
+// every further stall (and shrinks again while parallel calls go well).
 #pragma once
 
 #include <stdint.h>
