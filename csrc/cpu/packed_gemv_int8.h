@@ -5,7 +5,8 @@
 // code and 16 columns, which on a 2-core Zen 4 reads the weights at ~13-16 GB/s per core, below memory speed.
 // Here the activations are int8 digits (Int8Activations, packed_gemv_int8_prep.cpp) and the codes stay bytes:
 // a 2-bit word shifted right by 2j and masked with 0x03030303 holds, per byte b, the code of k = 4b + j of its
-// 16 inputs, which vpdpbusd multiplies with 4 digits of x (one broadcast int32) and adds to an int32 lane:
+// 16 inputs, which vpdpbusd multiplies with 4 digits of x (one int32 broadcast, or at M = 1 on AVX2 loaded as 8
+// copies: Int8Activations::replicas) and adds to an int32 lane:
 // shift, and, one dot product per digit for 4 inputs x 16 columns. 3-bit: the hi bits are moved next to the lo
 // codes once per word row (V::spread_hi: vpmultishiftqb on AVX-512, vpshufb and two shifts on AVX2), so each
 // byte fed to the dot product is the whole 3-bit code (V::code3) and 3-bit costs the dot products of 2-bit.
