@@ -52,6 +52,7 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   // the dot products of word rows r0 .. r1 - 1 added to s: int16 sums where V::kInt16Sums, else int32
   auto rows_into = [&](I (&s)[MT][P][NV], const int32_t* wbase, const int32_t* hbase, int64_t r0, int64_t r1)
       __attribute__((always_inline)) {
+#pragma GCC unroll 4
     for (int64_t r = r0; r < r1; ++r) {
       // past the last row too: a prefetch never faults, and one test fewer per row
       V::prefetch(wbase + (r + ahead) * p.N, NV, to);
@@ -91,7 +92,7 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   };
 
   for (int64_t g = g_begin; g < g_end; ++g) {
-    const int64_t r_begin = g * p.group_len / kPerWord;
+    const int64_t r_begin = GR ? g * GR : g * p.group_len / kPerWord;
     const int64_t r_end = GR ? r_begin + GR : ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
     // what every tile of the group shares, copied out of the vectors (locals: not reloaded after each store to y)
     float unit[MT], part_sum[MT][P];
