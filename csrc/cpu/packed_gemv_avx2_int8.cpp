@@ -17,9 +17,6 @@ struct VecInt8Avx2 : VecAvx2 {
   static constexpr int kAccumulators = 8;  // of 16 ymm (tiles: 2 rows x 2 digits x 2, 1 x 3 x 2)
   // M = 1: the 4 digits of an operand copied to every lane in memory (Int8Activations::replicas), a plain load
   static constexpr int kDigitReplicasM1 = saliq::kInt8x256DigitReplicasM1;
-  static void prefetch(const int32_t* p, int vectors, saliq::PrefetchTo to) {  // one line per two ymm
-    for (int v = 0; v < vectors; v += 2) saliq::prefetch_line(p + 8 * v, to);
-  }
   // int16 sums over a few word rows (kRowsPerInt16Sum), widened once: vpmaddubsw + vpaddw per dot product
   // instead of vpmaddubsw + vpmaddwd + vpaddd (one multiply, not two)
   static constexpr bool kInt16Sums = true;

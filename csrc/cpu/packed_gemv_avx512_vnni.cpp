@@ -1,7 +1,7 @@
-// AVX-512 VNNI integer-dot-product GEMV (packed_gemv_int8.h, packed_gemv_vnni.h), the form for CPUs with
+// AVX-512 VNNI integer-dot-product GEMV (packed_gemv_int8.h, packed_gemv_int8_avx512.h), the form for CPUs with
 // AVX512_VBMI. Blocks: 64 columns for M = 1 (4 words of each row in flight), 32 columns in tiles of up to 4 rows
 // for M > 1. Called only when the CPU has AVX512_VNNI and AVX512_VBMI and the AVX-512 path is active
-// (packed_gemv_portable.cpp); packed_gemv_avx512_vnni_bw.cpp serves VNNI without VBMI.
+// (packed_gemv_portable.cpp); packed_gemv_avx512_vnni_novbmi.cpp serves VNNI without VBMI.
 #include <algorithm>
 
 #include "cpu/packed_gemv.h"

@@ -48,6 +48,7 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   // hardware streams along each row meanwhile
   const int64_t ahead = std::max<int64_t>(1, (g_end - g_begin) * p.group_len / kPerWord);
   const saliq::PrefetchTo to = a.prefetch;
+  constexpr int64_t kTileBytes = NV * kL * 4;  // one word row of a tile
 
   // the dot products of word rows r0 .. r1 - 1 added to s: int16 sums where V::kInt16Sums, else int32
   auto rows_into = [&](I (&s)[MT][P][NV], const int32_t* wbase, const int32_t* hbase, int64_t r0, int64_t r1)
@@ -55,12 +56,12 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
 #pragma GCC unroll 4
     for (int64_t r = r0; r < r1; ++r) {
       // past the last row too: a prefetch never faults, and one test fewer per row
-      V::prefetch(wbase + (r + ahead) * p.N, NV, to);
+      saliq::prefetch_lines(wbase + (r + ahead) * p.N, kTileBytes, to);
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
         w[v] = V::load_i(wbase + r * p.N + v * kL);
         if constexpr (BITS == 3) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
-          if ((r & 1) == 0) V::prefetch(hbase + ((r + ahead) >> 1) * p.N, NV, to);
+          if ((r & 1) == 0) saliq::prefetch_lines(hbase + ((r + ahead) >> 1) * p.N, kTileBytes, to);
           hx[v] = V::spread_hi(V::load_i(hbase + (r >> 1) * p.N + v * kL), (int)(r & 1));
         }
       }

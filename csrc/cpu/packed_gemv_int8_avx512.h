@@ -25,12 +25,9 @@ inline __m512i spread_hi_shuffle(__m512i h, int half) {
 // to kTileRows rows of x for M > 1 (int8x512_width, packed_gemv_avx512_mad.cpp).
 constexpr int kVectorsM1 = 4, kVectorsM = 2, kTileRows = 4;
 
-// What the 16-lane forms share: the prefetch and the 3-bit codes of a word row.
+// What the 16-lane forms share: the 3-bit codes of a word row.
 struct VecInt8Avx512 : VecAvx512 {
   static constexpr int kDigitReplicasM1 = 1;  // the digits of an operand broadcast from memory
-  static void prefetch(const int32_t* p, int vectors, saliq::PrefetchTo to) {  // the lines of `vectors` zmm
-    for (int v = 0; v < vectors; ++v) saliq::prefetch_line(p + 16 * v, to);
-  }
   // bits 0-1 from the lo word shifted by 2j, bit 2 from the spread hi word shifted by j (one ternary select, one
   // AND)
   static I code3(I w, I hx, int j, I mask, I code3) {

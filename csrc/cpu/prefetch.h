@@ -16,4 +16,9 @@ inline void prefetch_line(const void* p, PrefetchTo to) {
   else if (to == PrefetchTo::kL2) __asm__ volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 }
 
+// The 64-byte lines of `bytes` bytes from p.
+inline void prefetch_lines(const void* p, int64_t bytes, PrefetchTo to) {
+  for (int64_t b = 0; b < bytes; b += 64) prefetch_line(static_cast<const char*>(p) + b, to);
+}
+
 }  // namespace saliq
