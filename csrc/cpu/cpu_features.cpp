@@ -22,21 +22,26 @@ CpuIsa detect() {
 #endif
 }
 
+// A setting held in `slot` as an int: until a setter stores one (or at first use), read from the environment
+// variable `name` by `parse`, `fallback` when unset or not a known name. `unread` is no value of T.
+template <class T>
+T setting(std::atomic<int>& slot, int unread, const char* name, bool (*parse)(const char*, T*), T fallback) {
+  int v = slot.load();
+  if (v == unread) {
+    T from_env = fallback;
+    const char* text = std::getenv(name);
+    if (text != nullptr) parse(text, &from_env);
+    v = (int)from_env;
+    slot.store(v);
+  }
+  return (T)v;
+}
+
 const char* const kCapNames[] = {"portable", "avx2", "avx512bw", "avx512vnni", "avx512"};
 
 std::atomic<int> g_cap{-1};  // an IsaCap; -1: not read from the environment yet
 
-IsaCap cap() {
-  int c = g_cap.load();
-  if (c < 0) {
-    IsaCap from_env = IsaCap::Avx512;
-    const char* v = std::getenv("SALIQ_CPU_ISA");
-    if (v != nullptr) parse_isa_cap(v, &from_env);
-    c = (int)from_env;
-    g_cap.store(c);
-  }
-  return (IsaCap)c;
-}
+IsaCap cap() { return setting(g_cap, -1, "SALIQ_CPU_ISA", parse_isa_cap, IsaCap::Avx512); }
 
 // An AVX-512 extension usable now: present, the AVX-512 path active, and the cap at least `needs`.
 bool extension(bool present, IsaCap needs) {
@@ -119,15 +124,7 @@ const char* gemv_precision_name(GemvPrecision precision) {
 }
 
 GemvPrecision gemv_precision() {
-  int v = g_precision.load();
-  if (v == -2) {
-    GemvPrecision p = GemvPrecision::Auto;
-    const char* env = std::getenv("SALIQ_CPU_GEMV");
-    if (env != nullptr) parse_gemv_precision(env, &p);
-    v = (int)p;
-    g_precision.store(v);
-  }
-  return (GemvPrecision)v;
+  return setting(g_precision, -2, "SALIQ_CPU_GEMV", parse_gemv_precision, GemvPrecision::Auto);
 }
 
 void set_gemv_precision(GemvPrecision precision) { g_precision.store((int)precision); }
