@@ -5,15 +5,18 @@ For 1 thread and for all threads: the copy bandwidth (read + write GB/s of a 256
 three int8 digits, the exact kernel on CPUs without AVX512_VNNI from M = 3; for bf16 x two digits) and of
 fp32 / bf16 F.linear, interleaved round by round. SALIQ_CPU_ISA=avx2 (or avx512bw, avx512vnni) measures those
 kernels on a CPU that has more (an AVX2 run's bf16 prefill takes fp32 tiles, while torch's bf16 F.linear keeps
-AVX512_BF16). "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth, so the figure means
-the same on every machine; "x fp32" / "x bf16" = F.linear time / saliq time for the same activation dtype.
+AVX512_BF16). Every timed decode call (and copy) follows a stream of twice the CPU's largest cache, so the weights
+come from DRAM as in a decode step. "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth,
+the copy (256 MiB, read + write) timed in the same rounds as the row's kernels, so the figure means the same on
+every machine and moves with the machine's bandwidth of the moment; "x fp32" / "x bf16" = F.linear time / saliq
+time for the same activation dtype.
 
 Prefill (M above the GEMV crossover): median times of saliq's packed_matmul with bf16 x (dequantized bf16 tiles
 + bf16 GEMM where the CPU has AVX512_BF16) against bf16 F.linear on the same weight dequantized to bf16, and
 with fp32 x against fp32 F.linear; "saliq / F.linear" is the ratio the issue bounds (<= 1.2).
 
     OMP_WAIT_POLICY=passive python benchmarks/bench_cpu_decode.py [--ms 1,4,8,16] [--prefill-ms 64,128,256,512]
-        [--sections decode,prefill] [--out FILE] [--json FILE]
+        [--sections decode,prefill] [--shapes 11008x4096,4096x11008] [--out FILE] [--json FILE]
 
 Run it when the machine is otherwise idle: the load average is printed before and after.
 """
@@ -29,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import copy_bandwidth_gbs
+from common import copy_bandwidth_gbs, cpu_cache_flush_bytes
 
 from saliq import _C
 from saliq import cpp_backend as cpp
@@ -38,14 +41,17 @@ from saliq.spec import QuantSpec
 
 SHAPES = [(11008, 4096), (4096, 11008)]  # (N out_features, K in_features)
 GROUP = 64
+COPY_BYTES = 256 << 20  # as common.copy_bandwidth_gbs
 
 
-def interleaved_medians(fns: dict, rounds: int) -> dict:
+def interleaved_medians(fns: dict, rounds: int, before_each=None) -> dict:
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if before_each is not None:
+                before_each()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -59,12 +65,12 @@ def with_gemv(mode, fn):
     return run
 
 
-def prefill_rows(threads: int, ms: list, bits_list: list, records: list) -> list:
+def prefill_rows(threads: int, shapes: list, ms: list, bits_list: list, records: list) -> list:
     lines = [f"{threads} thread(s), prefill:", "",
              "| N x K | bits | M | saliq bf16 ms | F.linear bf16 ms | saliq / F.linear bf16 | saliq fp32 ms | "
              "F.linear fp32 ms | saliq / F.linear fp32 |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for n, k in SHAPES:
+    for n, k in shapes:
         g = torch.Generator().manual_seed(n + k)
         for bits in bits_list:
             q = torch.randint(0, 1 << bits, (n, k), generator=g)
@@ -97,17 +103,19 @@ def prefill_rows(threads: int, ms: list, bits_list: list, records: list) -> list
     return lines + [""]
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,4,8,16")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K, comma-separated")
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--threads", default=f"1,{torch.get_num_threads()}")
     ap.add_argument("--prefill-ms", default="64,128,256,512")
     ap.add_argument("--sections", default="decode,prefill")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None, help="records as JSON ({meta, records})")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     ms = [int(v) for v in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     sections = set(args.sections.split(","))
     load_before = os.getloadavg()
     lines = [f"CPU decode GEMV and prefill GEMM, {platform.processor() or platform.machine()}, cpu path "
@@ -117,17 +125,25 @@ def main():
     for threads in sorted({int(v) for v in args.threads.split(",")}):
         torch.set_num_threads(threads)
         if "prefill" in sections:
-            lines += prefill_rows(threads, [int(v) for v in args.prefill_ms.split(",")],
+            lines += prefill_rows(threads, shapes, [int(v) for v in args.prefill_ms.split(",")],
                                   [int(b) for b in args.bits.split(",")], records)
         if "decode" not in sections:
             continue
         bw = copy_bandwidth_gbs()
+        # streamed before every timed decode call, untimed: each call then reads its weights from DRAM, as a decode
+        # step does. Without it the int8 call right after the exact one on the same weights read part of them from
+        # L3 (32 MB on the reference VM, 15-21 MB of weights), which flattered the fp32 figures
+        flush = torch.ones(cpu_cache_flush_bytes() // 4)
+        # a copy timed in the same rounds as the kernels: on a shared VM the bandwidth moves by 1.5x from minute to
+        # minute, so each row's share divides by the copy of its own rounds (medians both)
+        copy_src = torch.ones(COPY_BYTES // 4)
+        copy_dst = torch.empty_like(copy_src)
         serial_before, calls = _C.decode_serial_calls(), 0
-        lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s", "",
-                  "| N x K | bits | M | exact fp32 ms | auto fp32 ms (% copy) | auto bf16 ms (% copy) | "
-                  "F.linear fp32 ms | F.linear bf16 ms | x fp32 (exact / auto) | x bf16 |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for n, k in SHAPES:
+        lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s (best of 7 before the cases)", "",
+                  "| N x K | bits | M | copy GB/s (same rounds) | exact fp32 ms | auto fp32 ms (% copy) | "
+                  "auto bf16 ms (% copy) | F.linear fp32 ms | F.linear bf16 ms | x fp32 (exact / auto) | x bf16 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n, k in shapes:
             g = torch.Generator().manual_seed(n + k)
             W = torch.randn(n, k, generator=g) * 0.02
             Wb = W.bfloat16()
@@ -149,14 +165,16 @@ def main():
                     t = interleaved_medians({
                         "exact": with_gemv("exact", pm(x, P32)), "int8x3": with_gemv("auto", pm(x, P32)),
                         "int8x2": with_gemv("auto", pm(xb, P16)), "lin32": lambda: F.linear(x, W),
-                        "lin16": lambda: F.linear(xb, Wb)}, rounds=rounds)
+                        "lin16": lambda: F.linear(xb, Wb), "copy": lambda: copy_dst.copy_(copy_src)},
+                        rounds=rounds, before_each=lambda: flush.add_(1.0))
+                    bw_rounds = 2 * copy_src.nbytes / t["copy"] / 1e9
                     calls += 3 * (rounds + 1)  # three saliq settings, each warmed once then timed every round
                     cpp.set_cpu_gemv("auto")
                     b32 = n * k * bits / 8 + n * (k // GROUP) * 6
                     b16 = n * k * bits / 8 + n * (k // GROUP) * 4
-                    pct = lambda b, sec: 100 * b / sec / 1e9 / bw  # noqa: E731
+                    pct = lambda b, sec: 100 * b / sec / 1e9 / bw_rounds  # noqa: E731
                     lines.append(
-                        f"| {n} x {k} | {bits} | {m} | {t['exact'] * 1e3:.3f} | {t['int8x3'] * 1e3:.3f} "
+                        f"| {n} x {k} | {bits} | {m} | {bw_rounds:.1f} | {t['exact'] * 1e3:.3f} | {t['int8x3'] * 1e3:.3f} "
                         f"({pct(b32, t['int8x3']):.0f}%) | {t['int8x2'] * 1e3:.3f} ({pct(b16, t['int8x2']):.0f}%) | "
                         f"{t['lin32'] * 1e3:.3f} | {t['lin16'] * 1e3:.3f} | {t['lin32'] / t['exact']:.1f}x / "
                         f"{t['lin32'] / t['int8x3']:.1f}x | {t['lin16'] / t['int8x2']:.1f}x |")
@@ -164,7 +182,8 @@ def main():
                     records.append({"section": "decode", "threads": threads, "N": n, "K": k, "bits": bits, "M": m,
                                     "group_size": GROUP, "exact_fp32_s": t["exact"], "int8x3_fp32_s": t["int8x3"],
                                     "int8x2_bf16_s": t["int8x2"], "linear_fp32_s": t["lin32"],
-                                    "linear_bf16_s": t["lin16"], "copy_gbs": bw, "load_average": os.getloadavg()[0]})
+                                    "linear_bf16_s": t["lin16"], "copy_gbs": bw, "copy_gbs_same_rounds": bw_rounds,
+                                    "load_average": os.getloadavg()[0]})
         if threads > 1:  # a stalled join (a worker descheduled by the host) runs the next calls on one thread
             serial = _C.decode_serial_calls() - serial_before
             lines += ["", f"saliq calls run on one thread after a stalled join (csrc/cpu/work_pool.cpp): {serial} of about "
@@ -184,6 +203,7 @@ def main():
                 "load_average_after": load_after, "threads": args.threads}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "records": records}, f, indent=1)
+    return records
 
 
 if __name__ == "__main__":

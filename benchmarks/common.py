@@ -6,6 +6,7 @@ Importing this module selects the Triton interpreter when there is no GPU (befor
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import platform
@@ -51,6 +52,19 @@ def l2_bytes() -> int:
     if not HAS_GPU:
         return 64 << 20
     return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20))
+
+
+def cpu_cache_flush_bytes(floor: int = 64 << 20) -> int:
+    """Bytes to stream on the CPU before a timed call so that it reads its operands from DRAM: twice the largest
+    cache this CPU reports (Linux sysfs), at least `floor`."""
+    largest = 0
+    for size in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(size).read().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            largest = max(largest, int(digits) * scale)
+    return max(floor, 2 * largest)
 
 
 def copies_beyond_l2(nbytes_one: int, factor: float = 3.0) -> int:

@@ -3,8 +3,9 @@ change on a machine whose timings drift (on a shared 2-core VM they move by 20-3
 only builds measured alternately, round after round, compare).
 
 Each round runs one short process per build (`--child`), alternately; a process times `--calls` calls per
-case, each after streaming a 64 MiB buffer (the weights come from DRAM, as in a decode step), and prints the
-median per case. Reported per case: the median over rounds of each build's median, its range, and the ratio.
+case, each after streaming twice the CPU's largest cache, at least 64 MiB (the weights come from DRAM, as in a
+decode step), and prints the median per case. Reported per case: the median over rounds of each build's
+median, its range, and the ratio.
 
     git worktree add /tmp/before <rev> && (cd /tmp/before && python setup.py -q build_ext --inplace)
     python benchmarks/decode_ab.py /tmp/before . [--rounds 4] [--threads 2] [--dtype float32] [--isa avx2]
@@ -26,6 +27,7 @@ def child(args) -> None:
     """Times this process's saliq (the build found first on sys.path); prints {case: median seconds} as JSON."""
     import torch
 
+    from common import cpu_cache_flush_bytes
     from saliq import cpp_backend as cpp
     from saliq import packing
     from saliq.spec import QuantSpec
@@ -34,7 +36,7 @@ def child(args) -> None:
     if args.isa:
         cpp.set_cpu_isa(args.isa)
     dtype = getattr(torch, args.dtype)
-    flush = torch.ones((64 << 20) // 4)
+    flush = torch.ones(cpu_cache_flush_bytes() // 4)
     out = {}
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))

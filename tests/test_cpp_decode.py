@@ -201,6 +201,26 @@ def test_decode_digits_benchmark_smoke_run():
     assert res["int8x1"]["max_log_prob_diff"] > 10 * res["int8x3"]["max_log_prob_diff"]
 
 
+def test_decode_benchmark_smoke_run(tmp_path):
+    """benchmarks/bench_cpu_decode.py on a small shape: a row per case, each with the copy bandwidth of its own
+    rounds, every time positive, and the table written."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_cpu_decode
+
+    out = tmp_path / "decode.md"
+    records = bench_cpu_decode.main(["--shapes", "48x256", "--bits", "2,3", "--ms", "1", "--threads", "1",
+                                     "--sections", "decode", "--out", str(out)])
+    rows = [r for r in records if "M" in r]
+    assert [(r["N"], r["K"], r["bits"], r["M"]) for r in rows] == [(48, 256, 2, 1), (48, 256, 3, 1)]
+    for r in rows:
+        assert r["copy_gbs_same_rounds"] > 0
+        assert min(r["exact_fp32_s"], r["int8x3_fp32_s"], r["int8x2_bf16_s"], r["linear_fp32_s"]) > 0
+    assert out.read_text().count("| 48 x 256 |") == 2
+
+
 def test_decode_ab_benchmark_smoke_run(tmp_path):
     """benchmarks/decode_ab.py with this tree as both builds: one round of both, a row per case with a ratio."""
     import subprocess
