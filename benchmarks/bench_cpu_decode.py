@@ -174,8 +174,8 @@ def main(argv=None):
                     b16 = n * k * bits / 8 + n * (k // GROUP) * 4
                     pct = lambda b, sec: 100 * b / sec / 1e9 / bw_rounds  # noqa: E731
                     lines.append(
-                        f"| {n} x {k} | {bits} | {m} | {bw_rounds:.1f} | {t['exact'] * 1e3:.3f} | {t['int8x3'] * 1e3:.3f} "
-                        f"({pct(b32, t['int8x3']):.0f}%) | {t['int8x2'] * 1e3:.3f} ({pct(b16, t['int8x2']):.0f}%) | "
+                        f"| {n} x {k} | {bits} | {m} | {bw_rounds:.1f} | {t['exact'] * 1e3:.3f} | "
+                        f"{t['int8x3'] * 1e3:.3f} ({pct(b32, t['int8x3']):.0f}%) | {t['int8x2'] * 1e3:.3f} ({pct(b16, t['int8x2']):.0f}%) | "
                         f"{t['lin32'] * 1e3:.3f} | {t['lin16'] * 1e3:.3f} | {t['lin32'] / t['exact']:.1f}x / "
                         f"{t['lin32'] / t['int8x3']:.1f}x | {t['lin16'] / t['int8x2']:.1f}x |")
                     print(lines[-1], flush=True)
