@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import copy_bandwidth_gbs, cpu_cache_flush_bytes
+from common import CPU_COPY_BYTES, copy_bandwidth_gbs, cpu_cache_flush_bytes
 
 from saliq import _C
 from saliq import cpp_backend as cpp
@@ -41,7 +41,6 @@ from saliq.spec import QuantSpec
 
 SHAPES = [(11008, 4096), (4096, 11008)]  # (N out_features, K in_features)
 GROUP = 64
-COPY_BYTES = 256 << 20  # as common.copy_bandwidth_gbs
 
 
 def interleaved_medians(fns: dict, rounds: int, before_each=None) -> dict:
@@ -136,7 +135,7 @@ def main(argv=None):
         flush = torch.ones(cpu_cache_flush_bytes() // 4)
         # a copy timed in the same rounds as the kernels: on a shared VM the bandwidth moves by 1.5x from minute to
         # minute, so each row's share divides by the copy of its own rounds (medians both)
-        copy_src = torch.ones(COPY_BYTES // 4)
+        copy_src = torch.ones(CPU_COPY_BYTES // 4)
         copy_dst = torch.empty_like(copy_src)
         serial_before, calls = _C.decode_serial_calls(), 0
         lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s (best of 7 before the cases)", "",

@@ -59,7 +59,7 @@ def cpu_cache_flush_bytes(floor: int = 64 << 20) -> int:
     cache this CPU reports (Linux sysfs), at least `floor`."""
     largest = 0
     for size in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        text = open(size).read().strip().upper()
+        text = Path(size).read_text().strip().upper()
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         digits = text.rstrip("KMG")
         if digits.isdigit():
@@ -112,6 +112,9 @@ def graph_time_ms(calls: list[Callable[[], object]], replays: int = 10, rounds: 
     return times[len(times) // 2]
 
 
+CPU_COPY_BYTES = 256 << 20  # the CPU copy that measures bandwidth
+
+
 def copy_bandwidth_gbs(nbytes: Optional[int] = None, rounds: int = 7) -> float:
     """Measured copy bandwidth on DEVICE (bytes read + bytes written per second), GB/s: the ceiling of a
     weight-streaming op. On a GPU a 1 GiB device-to-device copy timed with CUDA events; on the CPU a 256 MiB copy,
@@ -122,7 +125,7 @@ def copy_bandwidth_gbs(nbytes: Optional[int] = None, rounds: int = 7) -> float:
         dst = torch.empty_like(src)
         ms = time_ms(lambda: dst.copy_(src), flush_l2=False)
         return 2 * nbytes / (ms * 1e-3) / 1e9
-    src = torch.empty((nbytes or 256 << 20) // 4, dtype=torch.float32).fill_(1.0)
+    src = torch.empty((nbytes or CPU_COPY_BYTES) // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(rounds):
