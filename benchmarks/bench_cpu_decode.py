@@ -3,7 +3,7 @@
 For 1 thread and for all threads: the copy bandwidth (read + write GB/s of a 256 MiB tensor copy, best of
 7), then per case the median time of saliq's packed_matmul (exact fp32 path; "auto", the default: for fp32 x
 three int8 digits, the exact kernel on CPUs without AVX512_VNNI from M = 3; for bf16 x two digits) and of
-fp32 / bf16 F.linear, interleaved round by round. SALIQ_CPU_ISA=avx2 (or avx512bw, avx512vnni) measures those
+fp32 / bf16 F.linear, interleaved round by round. SALIQ_CPU_ISA=avx2 (or avx2vnni, avx512bw, avx512vnni) measures those
 kernels on a CPU that has more (an AVX2 run's bf16 prefill takes fp32 tiles, while torch's bf16 F.linear keeps
 AVX512_BF16). Every timed decode call (and copy) follows a stream of twice the CPU's largest cache, so the weights
 come from DRAM as in a decode step. "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth,

@@ -5,7 +5,7 @@
 // buffer is streamed before each call and the median reported (weights from DRAM, as in a decode step).
 //
 //   make gemv-cycles                                            # the standard cases
-//   build/cpu_gemv_cycles FORM N K BITS DIGITS [M] [CALLS] [cold]   # FORM: avx2 | vnni
+//   build/cpu_gemv_cycles FORM N K BITS DIGITS [M] [CALLS] [cold]   # FORM: avx2 | avx2vnni | vnni
 //
 // The clock is measured (a chain of dependent adds, one cycle each), so cycles mean the same on every machine.
 #include <algorithm>
@@ -40,15 +40,18 @@ double clock_hz() {  // 8 dependent adds per iteration: one cycle each
 
 int main(int argc, char** argv) {
   if (argc < 6) {
-    std::fprintf(stderr, "usage: %s avx2|vnni N K BITS DIGITS [M=1] [CALLS=2000] [cold]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s avx2|avx2vnni|vnni N K BITS DIGITS [M=1] [CALLS=2000] [cold]\n", argv[0]);
     return 2;
   }
-  const bool vnni = std::strcmp(argv[1], "vnni") == 0;
+  // vnni: the AVX-512 VNNI + VBMI form; avx2vnni: the 256-bit VNNI form (VEX, or EVEX on an AVX-512 CPU)
+  const bool vnni = std::strcmp(argv[1], "vnni") == 0, vnni256_form = std::strcmp(argv[1], "avx2vnni") == 0;
+  if (vnni256_form) set_isa_cap(IsaCap::Avx2Vnni);
+  else if (!vnni) set_isa_cap(IsaCap::Avx2);
   const int64_t N = atol(argv[2]), K = atol(argv[3]), M = argc > 6 ? atol(argv[6]) : 1;
   const int bits = atoi(argv[4]), parts = atoi(argv[5]), calls = argc > 7 ? atoi(argv[7]) : 2000;
   const bool cold = argc > 8 && std::strcmp(argv[8], "cold") == 0;
   if (vnni ? !(active_isa() == CpuIsa::Avx512 && has_avx512_vnni() && has_avx512_vbmi())
-           : active_isa() == CpuIsa::Portable) {
+           : vnni256_form ? vnni256() == Vnni256::None : active_isa() == CpuIsa::Portable) {
     std::printf("%s: this CPU lacks the form's extensions\n", argv[1]);
     return 0;
   }
@@ -84,6 +87,8 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < flush.size(); i += 16) flush[i] += 1.0f;
     const double t = seconds();
     if (vnni) int8x512_columns(p, act, 0, N / width);
+    else if (vnni256_form && vnni256() == Vnni256::Vex) int8x256_vnni_columns(p, act, 0, N / width);
+    else if (vnni256_form) int8x256_vnni_evex_columns(p, act, 0, N / width);
     else int8x256_columns(p, act, 0, N / width);
     times.push_back(seconds() - t);
   }

@@ -10,6 +10,9 @@ median, its range, and the ratio.
     git worktree add /tmp/before <rev> && (cd /tmp/before && python setup.py -q build_ext --inplace)
     python benchmarks/decode_ab.py /tmp/before . [--rounds 4] [--threads 2] [--dtype float32] [--isa avx2]
         [--shapes 11008x4096,4096x11008] [--bits 2,3] [--out FILE]
+
+Two code paths of one build: the same tree twice, `--isa` for the first and `--isa-after` for the second
+(`python benchmarks/decode_ab.py . . --isa avx2 --isa-after avx2vnni`).
 """
 from __future__ import annotations
 
@@ -62,9 +65,9 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
-def run_build(tree: Path, args) -> dict:
+def run_build(tree: Path, args, isa: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--dtype", args.dtype,
-           "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls)] + (["--isa", args.isa] if args.isa else [])
+           "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls)] + (["--isa", isa] if isa else [])
     env = dict(os.environ, PYTHONPATH=str(tree))
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -78,6 +81,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--isa", default="", help="cap the CPU path (saliq.cpp_backend.set_cpu_isa)")
+    ap.add_argument("--isa-after", default=None, help="the second tree's cap, when not --isa")
     ap.add_argument("--shapes", default="11008x4096,4096x11008")
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--calls", type=int, default=40)
@@ -89,11 +93,15 @@ def main() -> None:
         return
     if args.before is None or args.after is None:
         ap.error("give the two source trees (each with saliq._C built in place)")
+    isa_after = args.isa if args.isa_after is None else args.isa_after
     runs = {"before": [], "after": []}
     for _ in range(args.rounds):
-        for name, tree in (("before", args.before), ("after", args.after)):
-            runs[name].append(run_build(tree.resolve(), args))
-    head = (f"M = 1 GEMV, {args.dtype} x, {args.threads} thread(s), cpu path {args.isa or 'auto'}, caches flushed, "
+        for name, tree, isa in (("before", args.before, args.isa), ("after", args.after, isa_after)):
+            runs[name].append(run_build(tree.resolve(), args, isa))
+    paths = args.isa or "auto"
+    if isa_after != args.isa:
+        paths = f"{paths} (before) / {isa_after or 'auto'} (after)"
+    head = (f"M = 1 GEMV, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, caches flushed, "
             f"{args.rounds} rounds alternated, median of {args.calls} calls per process")
     lines = [head, "", "| case | before ms (range) | after ms (range) | before / after |", "|---|---|---|---|"]
     for case in runs["before"][0]:

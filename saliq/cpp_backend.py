@@ -34,14 +34,16 @@ def cuda_max_m(dtype: torch.dtype) -> int:
 
 
 def cpu_isa() -> str:
-    """SIMD path the CPU kernels use: 'avx512', 'avx2' or 'portable' ('avx512vnni' / 'avx512bw' while capped
-    there)."""
+    """SIMD path the CPU kernels use: 'avx512', 'avx2vnni' (AVX2 with 256-bit VNNI), 'avx2' or 'portable'
+    ('avx512vnni' / 'avx512bw' while capped there)."""
     return _C.cpu_isa()
 
 
 def set_cpu_isa(name: str) -> None:
-    """Cap the CPU SIMD path; the CPU's own support still applies. 'portable', 'avx2', 'avx512bw' (AVX-512
-    F/BW/VL only, as a Skylake-SP), 'avx512vnni' (and VNNI, as a Cascade Lake) or 'avx512' (all the CPU has)."""
+    """Cap the CPU SIMD path; the CPU's own support still applies. 'portable', 'avx2' (no VNNI, as a Zen 3),
+    'avx2vnni' (and 256-bit VNNI, as an Alder Lake; AVX-512 CPUs run it with the EVEX encoding), 'avx512bw'
+    (AVX-512 F/BW/VL only, as a Skylake-SP), 'avx512vnni' (and VNNI, as a Cascade Lake) or 'avx512' (all the CPU
+    has)."""
     _C.set_cpu_isa_cap(name)
 
 

@@ -16,10 +16,13 @@ from saliq.spec import QuantSpec
 
 from test_cpp_backend import TOL, assert_close_rel, gen, poison_heap, random_packed, rel_err
 
-# caps: AVX2, and AVX-512 as three CPU generations have it (F/BW/VL: the AVX2 form of the kernel; + VNNI, no VBMI:
-# the VNNI kernel with shuffled 3-bit hi bits; everything: with vpmultishiftqb)
-_LEVEL = {"portable": 0, "avx2": 1, "avx512bw": 2, "avx512vnni": 2, "avx512": 2}
-ISAS = [i for i in ("avx2", "avx512bw", "avx512vnni", "avx512") if _LEVEL[i] <= _LEVEL[cpp._C.cpu_isa_detected()]]
+# caps: AVX2 without and with 256-bit VNNI (the AVX-VNNI form; on an AVX-512 CPU its EVEX encoding), and AVX-512
+# as three CPU generations have it (F/BW/VL: the AVX2 form of the kernel; + VNNI, no VBMI: the VNNI kernel with
+# shuffled 3-bit hi bits; everything: with vpmultishiftqb)
+_LEVEL = {"portable": 0, "avx2": 1, "avx2vnni": 1, "avx512bw": 2, "avx512vnni": 2, "avx512": 2}
+ISAS = [i for i in ("avx2", "avx2vnni", "avx512bw", "avx512vnni", "avx512")
+        if _LEVEL[i] <= _LEVEL[cpp._C.cpu_isa_detected()]]
+CPU_FLAGS = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
 pytestmark = pytest.mark.skipif(not ISAS, reason="the int8 kernels need AVX2")
 
 
@@ -92,11 +95,10 @@ def test_largest_codes_and_digits_stay_exact(isa, gemv, bits, group_size, dtype,
 
 def test_avx2_fp32_from_three_rows_takes_the_exact_kernel(isa, gemv):
     """The default on the AVX2 form (docs/OPS.md): fp32 x on three digits for M <= 2, the exact kernel from M = 3
-    (there the faster one); on AVX-512 VNNI three digits for every M <= 32."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    vnni = isa in ("avx512vnni", "avx512") and "avx512_vnni" in flags
-    if isa in ("avx512vnni", "avx512") and not flags:
+    (there the faster one; the 256-bit VNNI form too); on AVX-512 VNNI three digits for every M <= 32."""
+    if isa in ("avx512vnni", "avx512") and not CPU_FLAGS:
         pytest.skip("no /proc/cpuinfo: cannot tell whether the VNNI kernel serves AVX-512 here")
+    vnni = isa in ("avx512vnni", "avx512") and "avx512_vnni" in CPU_FLAGS
     gemv("auto")
     for m in (2, 4):
         args = case(96, 256, 2, 64, torch.float32, m, seed=m)
@@ -105,6 +107,22 @@ def test_avx2_fp32_from_three_rows_takes_the_exact_kernel(isa, gemv):
         exact = cpp.packed_matmul(*args)
         gemv("auto")
         assert torch.equal(auto, exact) == (m > 2 and not vnni), (isa, m)
+
+
+def test_avx2vnni_cap_names_the_form_this_cpu_runs():
+    """The avx2vnni cap selects the 256-bit VNNI form where the CPU has AVX-VNNI or AVX512_VNNI + VL (cpu_isa()
+    names it from the same test the kernel choice makes), and the AVX2 form elsewhere; the avx2 cap never does."""
+    if not CPU_FLAGS:
+        pytest.skip("no /proc/cpuinfo: cannot tell which form this CPU has")
+    has = "avx_vnni" in CPU_FLAGS or ("avx512_vnni" in CPU_FLAGS and "avx512vl" in CPU_FLAGS)
+    previous = cpp.cpu_isa()
+    try:
+        cpp.set_cpu_isa("avx2vnni")
+        assert cpp.cpu_isa() == ("avx2vnni" if has else "avx2")
+        cpp.set_cpu_isa("avx2")
+        assert cpp.cpu_isa() == "avx2"
+    finally:
+        cpp.set_cpu_isa(previous)
 
 
 @pytest.mark.parametrize("digits,bound", [(1, 3e-2), (2, 2e-4), (3, 2e-6)])
@@ -222,7 +240,8 @@ def test_decode_benchmark_smoke_run(tmp_path):
 
 
 def test_decode_ab_benchmark_smoke_run(tmp_path):
-    """benchmarks/decode_ab.py with this tree as both builds: one round of both, a row per case with a ratio."""
+    """benchmarks/decode_ab.py with this tree as both builds, each on its own code path (--isa, --isa-after): one
+    round of both, a row per case with a ratio, the two paths named."""
     import subprocess
     import sys
     from pathlib import Path
@@ -230,8 +249,9 @@ def test_decode_ab_benchmark_smoke_run(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "ab.md"
     subprocess.run([sys.executable, str(root / "benchmarks" / "decode_ab.py"), str(root), str(root), "--rounds", "1",
-                    "--calls", "2", "--shapes", "64x128,48x256", "--bits", "2,3", "--out", str(out)], check=True,
-                   capture_output=True, text=True, timeout=300)
+                    "--calls", "2", "--shapes", "64x128,48x256", "--bits", "2,3", "--isa", "avx2", "--isa-after",
+                    "avx2vnni", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    assert "cpu path avx2 (before) / avx2vnni (after)" in out.read_text()
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "bit" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| 64x128 2-bit", "| 64x128 3-bit", "| 48x256 2-bit",
                                                      "| 48x256 3-bit"]
@@ -255,7 +275,7 @@ def test_gemv_cycles_tool_builds_and_runs(tmp_path):
     exe = tmp_path / "cpu_gemv_cycles"
     subprocess.run(compile_line.replace("-o build/cpu_gemv_cycles", f"-o {exe}").split(), cwd=root, check=True,
                    timeout=600)
-    for form in ("avx2", "vnni"):
+    for form in ("avx2", "avx2vnni", "vnni"):
         out = subprocess.run([str(exe), form, "128", "256", "3", "3", "1", "3"], capture_output=True, text=True,
                              check=True, timeout=120).stdout
         assert re.search(r"[0-9.]+ cycles per word row", out) or "lacks the form's extensions" in out, out

@@ -36,3 +36,24 @@ def test_int8_gemv_kernels_prefetch_into_l1_and_l2():
     for name, code in kernels.items():
         ops = {op.split()[0] for op in code}
         assert {"prefetcht0", "prefetcht1"} <= ops, f"{name} lacks a prefetch level: {sorted(ops & {'prefetcht0', 'prefetcht1'})}"
+
+
+@pytest.mark.skipif(OBJDUMP is None, reason="no objdump (binutils) on this machine")
+def test_avx_vnni_form_is_vex_on_ymm0_to_15():
+    """The int8 GEMV for CPUs with AVX-VNNI and no AVX-512 (packed_gemv_avx2_vnni.cpp) cannot run on a CPU without
+    AVX-VNNI, so its arithmetic is tested through its EVEX twin (the same source and instruction, selected by the
+    avx2vnni cap on AVX-512 CPUs). What only the machine code shows: the VEX encoding of vpdpbusd, on ymm registers
+    0-15 only, and no AVX-512 instruction (no zmm, masks or embedded broadcasts) that would fault on such a CPU."""
+    import re
+
+    functions = functions_of(_C.__file__)
+    vex = {name: code for name, code in functions.items() if "int8_panel" in name and "DotVex" in name}
+    evex = {name: code for name, code in functions.items() if "int8_panel" in name and "DotEvex" in name}
+    assert vex and evex, "the 256-bit VNNI forms are missing from saliq._C"
+    for name, code in vex.items():
+        assert any(op.startswith("{vex} vpdpbusd") for op in code), f"{name}: no VEX vpdpbusd"
+        text = "\n".join(code)
+        avx512 = re.search(r"zmm|%k[0-7]|\{1to|[xy]mm(1[6-9]|2[0-9]|3[01])\b", text)
+        assert avx512 is None, f"{name}: an AVX-512 instruction ({avx512.group(0)})"
+    for name, code in evex.items():
+        assert any(op.startswith("vpdpbusd") and "ymm" in op for op in code), f"{name}: no 256-bit EVEX vpdpbusd"

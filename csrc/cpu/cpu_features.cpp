@@ -37,7 +37,8 @@ T setting(std::atomic<int>& slot, int unread, const char* name, bool (*parse)(co
   return (T)v;
 }
 
-const char* const kCapNames[] = {"portable", "avx2", "avx512bw", "avx512vnni", "avx512"};
+const char* const kCapNames[] = {"portable", "avx2", "avx2vnni", "avx512bw", "avx512vnni", "avx512"};
+constexpr int kCaps = sizeof(kCapNames) / sizeof(kCapNames[0]);
 
 std::atomic<int> g_cap{-1};  // an IsaCap; -1: not read from the environment yet
 
@@ -51,7 +52,7 @@ bool extension(bool present, IsaCap needs) {
 }  // namespace
 
 bool parse_isa_cap(const char* name, IsaCap* out) {
-  for (int i = 0; i < 5; ++i)
+  for (int i = 0; i < kCaps; ++i)
     if (std::strcmp(name, kCapNames[i]) == 0) {
       *out = (IsaCap)i;
       return true;
@@ -68,12 +69,15 @@ void set_isa_cap(IsaCap c) { g_cap.store((int)c); }
 
 CpuIsa active_isa() {
   const int c = (int)cap();
-  const CpuIsa capped = c >= (int)IsaCap::Avx512Bw ? CpuIsa::Avx512 : (CpuIsa)c;
+  const CpuIsa capped = c >= (int)IsaCap::Avx512Bw ? CpuIsa::Avx512
+                        : c >= (int)IsaCap::Avx2   ? CpuIsa::Avx2
+                                                   : CpuIsa::Portable;
   return (int)capped < (int)detected_isa() ? capped : detected_isa();
 }
 
 const char* active_isa_name() {
   const CpuIsa isa = active_isa();
+  if (isa == CpuIsa::Avx2 && vnni256() != Vnni256::None) return kCapNames[(int)IsaCap::Avx2Vnni];
   return isa == CpuIsa::Avx512 ? kCapNames[(int)cap()] : isa_name(isa);
 }
 
@@ -97,6 +101,13 @@ bool has_avx512_vnni() {
 bool has_avx512_vbmi() {
   static const bool present = SALIQ_CPU_HAS("avx512vbmi");
   return extension(present, IsaCap::Avx512);
+}
+
+Vnni256 vnni256() {
+  static const bool vex = SALIQ_CPU_HAS("avxvnni");
+  static const bool evex = SALIQ_CPU_HAS("avx512vnni") && SALIQ_CPU_HAS("avx512vl");
+  if (active_isa() != CpuIsa::Avx2 || (int)cap() < (int)IsaCap::Avx2Vnni) return Vnni256::None;
+  return vex ? Vnni256::Vex : (evex ? Vnni256::Evex : Vnni256::None);
 }
 
 namespace {

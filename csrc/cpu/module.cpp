@@ -38,15 +38,15 @@ PYBIND11_MODULE(_C, m) {
         "quant_linear, then + x Sp^T for reserved weights in slices of 16 rows, in one call (CPU)");
 
   m.def("cpu_isa", [] { return std::string(saliq::active_isa_name()); },
-        "SIMD path in use: avx512 (avx512vnni, avx512bw when capped there), avx2 or portable");
+        "SIMD path in use: avx512 (avx512vnni, avx512bw when capped there), avx2vnni, avx2 or portable");
   m.def("cpu_isa_detected", [] { return std::string(saliq::isa_name(saliq::detected_isa())); });
   m.def("set_cpu_isa_cap", [](const std::string& name) {
     saliq::IsaCap cap;
     TORCH_CHECK_VALUE(saliq::parse_isa_cap(name.c_str(), &cap),
-                      "cpu isa cap must be portable, avx2, avx512bw, avx512vnni or avx512, got ", name);
+                      "cpu isa cap must be portable, avx2, avx2vnni, avx512bw, avx512vnni or avx512, got ", name);
     saliq::set_isa_cap(cap);
-  }, "cap the SIMD path (for tests): portable, avx2, avx512bw (AVX-512 F/BW/VL only), avx512vnni (+ VNNI) or "
-     "avx512 (all the CPU has)");
+  }, "cap the SIMD path (for tests): portable, avx2, avx2vnni (+ 256-bit VNNI), avx512bw (AVX-512 F/BW/VL only), "
+     "avx512vnni (+ VNNI) or avx512 (all the CPU has)");
 
   m.def("cpu_gemv", [] { return std::string(saliq::gemv_precision_name(saliq::gemv_precision())); },
         "how the small-M GEMV treats activations: auto, exact, int8x1, int8x2 or int8x3");

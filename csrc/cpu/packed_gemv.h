@@ -34,8 +34,11 @@ struct PackedGemvProblem {
 // and the shape and holds what every block shares (the LUT kernel's tables, the bf16 kernel's rearranged x);
 // then any thread may compute any block, and each output element is written by exactly one block, so results do
 // not depend on the schedule. Callers with their own parallel loop (quant_linear_ops.cpp) run blocks directly.
-// Int8x512: VNNI + VBMI; Int8x512NoVbmi: VNNI; Int8x512Mad: AVX-512 BW only; Int8x256: AVX2
-enum class GemvKernel : int { Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int8x512NoVbmi, Int8x512Mad, Int8x256 };
+// Int8x512: VNNI + VBMI; Int8x512NoVbmi: VNNI; Int8x512Mad: AVX-512 BW only; Int8x256: AVX2; Int8x256Vnni /
+// Int8x256VnniEvex: AVX2 with 256-bit VNNI (cpu_features.h: vnni256)
+enum class GemvKernel : int {
+  Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int8x512NoVbmi, Int8x512Mad, Int8x256, Int8x256Vnni, Int8x256VnniEvex
+};
 
 // Activations quantized per (row, group) for the integer-dot-product kernels (packed_gemv_int8.h):
 // x ~= unit * Q with Q = sum_p 256^(parts-1-p) part_p, each part an int8, so that integer codes times parts are
@@ -102,12 +105,14 @@ bool quantize_activations(const PackedGemvProblem& p, int parts, int replicas, I
 constexpr int64_t kInt8BlocksPerThread = 2;
 constexpr int64_t kInt8MinBlockColumns = 2048;
 int64_t int8x512_width(const PackedGemvProblem& p);  // columns of the register tile
-int64_t int8x256_width(const PackedGemvProblem& p);
+int64_t int8x256_width(const PackedGemvProblem& p);  // every 256-bit form
 void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 void int8x512_novbmi_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 void int8x512_mad_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 void int8x256_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
-constexpr int kInt8x256DigitReplicasM1 = 8;  // Int8Activations::replicas the AVX2 form reads at M = 1
+void int8x256_vnni_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
+void int8x256_vnni_evex_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
+constexpr int kInt8x256DigitReplicasM1 = 8;  // Int8Activations::replicas the AVX2 forms read at M = 1
 
 // Scale of group g, column n, as fp32.
 float load_scale(const void* scales, ScaleType type, int64_t index);

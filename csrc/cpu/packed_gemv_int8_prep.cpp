@@ -53,9 +53,10 @@ int int8_parts_for(const PackedGemvProblem& p) {
   // Auto: the digits that keep each dtype inside its tolerance with room to spare (docs/OPS.md): fp32 three
   // (2^-24 of the group maximum, like fp32 rounding), fp16 / bf16 two (2^-16, below their own rounding).
   const int parts = p.x_dtype == 0 ? 3 : 2;
-  // Without VNNI (the AVX2 and AVX-512 BW forms) a digit costs vpmaddubsw + vpaddw and three digits leave one or
-  // two rows per tile: from three rows of fp32 x the exact kernel, which shares each unpacked code among the
-  // rows, is as fast or faster (docs/NOTES.md); two digits stay ahead up to M = 16.
+  // Without AVX-512 VNNI (the AVX2, 256-bit VNNI and AVX-512 BW forms) three digits leave one row per tile: from
+  // three rows of fp32 x the exact kernel, which shares each unpacked code among the rows, is as fast or faster
+  // (docs/NOTES.md; 256-bit vpdpbusd is ~10% faster than vpmaddubsw + vpaddw there, not enough); two digits stay
+  // ahead up to M = 16.
   if (parts == 3 && p.M > 2 && !has_avx512_vnni()) return 0;
   return parts;
 }

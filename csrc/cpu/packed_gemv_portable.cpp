@@ -102,8 +102,11 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
   const bool avx512 = isa == CpuIsa::Avx512;
   const int replicas = !avx512 && p.M == 1 ? kInt8x256DigitReplicasM1 : 1;
   if (parts > 0 && quantize_activations(p, parts, replicas, plan.act)) {
-    // the form for this CPU's extensions (packed_gemv_int8_avx512.h, packed_gemv_avx2_int8.cpp)
-    plan.kernel = !avx512              ? GemvKernel::Int8x256
+    // the form for this CPU's extensions (packed_gemv_int8_avx512.h, packed_gemv_int8_avx2.h)
+    const Vnni256 vnni = vnni256();
+    plan.kernel = !avx512 ? (vnni == Vnni256::Vex    ? GemvKernel::Int8x256Vnni
+                             : vnni == Vnni256::Evex ? GemvKernel::Int8x256VnniEvex
+                                                     : GemvKernel::Int8x256)
                   : !has_avx512_vnni() ? GemvKernel::Int8x512Mad
                   : has_avx512_vbmi()  ? GemvKernel::Int8x512
                                        : GemvKernel::Int8x512NoVbmi;
@@ -137,9 +140,7 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
     plan.block = kPortableBlock;
   }
   plan.main_columns = p.N / plan.block * plan.block;
-  if (plan.kernel != GemvKernel::Int8x512 && plan.kernel != GemvKernel::Int8x512NoVbmi &&
-      plan.kernel != GemvKernel::Int8x512Mad && plan.kernel != GemvKernel::Int8x256)
-    plan.int8_blocks = 0;
+  if (plan.kernel < GemvKernel::Int8x512) plan.int8_blocks = 0;  // the int8 kernels come last in GemvKernel
 }
 
 int64_t packed_gemv_blocks(const PackedGemvProblem& p, const PackedGemvPlan& plan) {
@@ -165,6 +166,8 @@ void packed_gemv_block(const PackedGemvProblem& p, const PackedGemvPlan& plan, i
       case GemvKernel::Int8x512: int8x512_columns(p, plan.act, *n0, t1 - t0); break;
       case GemvKernel::Int8x512NoVbmi: int8x512_novbmi_columns(p, plan.act, *n0, t1 - t0); break;
       case GemvKernel::Int8x512Mad: int8x512_mad_columns(p, plan.act, *n0, t1 - t0); break;
+      case GemvKernel::Int8x256Vnni: int8x256_vnni_columns(p, plan.act, *n0, t1 - t0); break;
+      case GemvKernel::Int8x256VnniEvex: int8x256_vnni_evex_columns(p, plan.act, *n0, t1 - t0); break;
       default: int8x256_columns(p, plan.act, *n0, t1 - t0); break;
     }
     return;
