@@ -104,7 +104,11 @@ bool has_avx512_vbmi() {
 }
 
 Vnni256 vnni256() {
+#if SALIQ_HAS_AVXVNNI
   static const bool vex = SALIQ_CPU_HAS("avxvnni");
+#else
+  constexpr bool vex = false;
+#endif
   static const bool evex = SALIQ_CPU_HAS("avx512vnni") && SALIQ_CPU_HAS("avx512vl");
   if (active_isa() != CpuIsa::Avx2 || (int)cap() < (int)IsaCap::Avx2Vnni) return Vnni256::None;
   return vex ? Vnni256::Vex : (evex ? Vnni256::Evex : Vnni256::None);

@@ -30,6 +30,20 @@ bool has_avx512_vbmi();          // AVX512_VBMI likewise
 enum class Vnni256 : int { None = 0, Vex = 1, Evex = 2 };
 Vnni256 vnni256();
 
+// Whether this compiler knows AVX-VNNI (its intrinsics and __builtin_cpu_supports("avxvnni"): GCC 11, clang 12);
+// without it the VEX form is not built and vnni256() never reports it. -DSALIQ_HAS_AVXVNNI=0 builds as such a
+// compiler would.
+#ifndef SALIQ_HAS_AVXVNNI
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__has_include)
+#if __has_include(<avxvnniintrin.h>)
+#define SALIQ_HAS_AVXVNNI 1
+#endif
+#endif
+#endif
+#ifndef SALIQ_HAS_AVXVNNI
+#define SALIQ_HAS_AVXVNNI 0
+#endif
+
 // How the small-M GEMV treats the activations (docs/OPS.md): Auto = int8 parts chosen per activation dtype,
 // Exact = fp32 products of the codes with x, IntN = x quantized to N int8 parts for every dtype.
 // Initial value: SALIQ_CPU_GEMV=auto|exact|int8x1|int8x2|int8x3, else auto.

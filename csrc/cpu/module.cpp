@@ -40,6 +40,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(saliq::active_isa_name()); },
         "SIMD path in use: avx512 (avx512vnni, avx512bw when capped there), avx2vnni, avx2 or portable");
   m.def("cpu_isa_detected", [] { return std::string(saliq::isa_name(saliq::detected_isa())); });
+  m.attr("built_with_avx_vnni") = (bool)SALIQ_HAS_AVXVNNI;  // the compiler knew AVX-VNNI: the VEX form is in
   m.def("set_cpu_isa_cap", [](const std::string& name) {
     saliq::IsaCap cap;
     TORCH_CHECK_VALUE(saliq::parse_isa_cap(name.c_str(), &cap),

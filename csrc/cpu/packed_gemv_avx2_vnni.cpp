@@ -6,6 +6,8 @@
 
 #include "cpu/packed_gemv.h"
 
+#if SALIQ_HAS_AVXVNNI
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 
@@ -30,3 +32,9 @@ void int8x256_vnni_columns(const PackedGemvProblem& p, const Int8Activations& a,
 }  // namespace saliq
 
 #pragma GCC pop_options
+
+#else  // a compiler without AVX-VNNI: vnni256() never selects this form
+
+void saliq::int8x256_vnni_columns(const PackedGemvProblem&, const Int8Activations&, int64_t, int64_t) {}
+
+#endif
