@@ -134,7 +134,7 @@ def machine() -> dict:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                            if line.startswith("model name"))
         flags = next(line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags"))
-        info["simd"] = [f for f in ("avx", "fma", "f16c", "avx2", "avx512f", "avx512_bf16", "avx512_vnni")
+        info["simd"] = [f for f in ("avx", "fma", "f16c", "avx2", "avx_vnni", "avx512f", "avx512_bf16", "avx512_vnni")
                         if f in flags]
     except (OSError, StopIteration):
         pass
