@@ -154,17 +154,19 @@ def nbytes(*tensors) -> int:
 
 
 # ---------------------------------------------------------------- inputs
-def random_packed(n: int, k: int, bits: int, group_size: int, dtype=torch.float16, with_weight: bool = False):
-    """A random PackedWeight (zero points partly outside [0, Q], as LWC produces them). with_weight: also the
-    fp32 W = (q - z) * s it encodes, computed here from the levels (not by any saliq op), to check results
-    against."""
+def random_packed(n: int, k: int, bits: int, group_size: int, dtype=torch.float16, with_weight: bool = False,
+                  device=None, generator=None):
+    """A random PackedWeight (zero points partly outside [0, Q], as LWC produces them) on `device` (DEVICE when
+    None), drawn from `generator` when given. with_weight: also the fp32 W = (q - z) * s it encodes, computed
+    here from the levels (not by any saliq op), to check results against."""
     from saliq import packing
     from saliq.spec import QuantSpec
 
+    device = DEVICE if device is None else device
     g = k if group_size == -1 else group_size
-    q = torch.randint(0, 2**bits, (n, k), device=DEVICE)
-    s = torch.rand(n, k // g, device=DEVICE) * 0.02 + 0.001
-    z = torch.randint(-1, 2**bits + 1, (n, k // g), device=DEVICE).float()
+    q = torch.randint(0, 2**bits, (n, k), device=device, generator=generator)
+    s = torch.rand(n, k // g, device=device, generator=generator) * 0.02 + 0.001
+    z = torch.randint(-1, 2**bits + 1, (n, k // g), device=device, generator=generator).float()
     packed = packing.pack_weight(q, s, z, QuantSpec(bits=bits, group_size=group_size), dtype=dtype)
     if not with_weight:
         return packed

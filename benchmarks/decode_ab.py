@@ -30,10 +30,8 @@ def child(args) -> None:
     """Times this process's saliq (the build found first on sys.path); prints {case: median seconds} as JSON."""
     import torch
 
-    from common import cpu_cache_flush_bytes
+    from common import cpu_cache_flush_bytes, random_packed
     from saliq import cpp_backend as cpp
-    from saliq import packing
-    from saliq.spec import QuantSpec
 
     torch.set_num_threads(args.threads)
     if args.isa:
@@ -44,11 +42,8 @@ def child(args) -> None:
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         for bits in (int(b) for b in args.bits.split(",")):
-            gen = torch.Generator().manual_seed(n + k + bits)
-            q = torch.randint(0, 1 << bits, (n, k), generator=gen)
-            scales = torch.rand(n, k // 64, generator=gen) * 0.01 + 0.005
-            zeros = torch.randint(0, 1 << bits, (n, k // 64), generator=gen).float()
-            p = packing.pack_weight(q, scales, zeros, QuantSpec(bits=bits, group_size=64), dtype=dtype)
+            gen = torch.Generator().manual_seed(n + k + bits)  # both builds time the same weights
+            p = random_packed(n, k, bits, 64, dtype, device="cpu", generator=gen)
             x = torch.randn(1, k, generator=gen).to(dtype)
 
             def call():
