@@ -25,7 +25,7 @@ struct VecInt8Avx2 : VecInt8Avx2Codes {
     __asm__("" : "+x"(sum));
     return sum;
   }
-  static I widen16(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+  static I widen16(I a, short f) { return _mm256_madd_epi16(a, _mm256_set1_epi16(f)); }
 };
 
 }  // namespace

@@ -62,7 +62,7 @@ struct VecMad512 : VecInt8Avx512 {
     __asm__("" : "+v"(sum));  // each sum in order: re-associated trees of products spill (see the AVX2 form)
     return sum;
   }
-  static I widen16(I a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
+  static I widen16(I a, short f) { return _mm512_madd_epi16(a, _mm512_set1_epi16(f)); }
   static I spread_hi(I h, int half) { return spread_hi_shuffle(h, half); }
 };
 

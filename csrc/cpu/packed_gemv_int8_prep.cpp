@@ -16,9 +16,6 @@ namespace saliq {
 
 namespace {
 
-// Largest |Q| whose digits all stay in [-128, 127] with the top one in [-127, 127].
-constexpr int32_t kQmax[4] = {0, 127, 32768 - 128 - 1, 8388608 - 32896 - 1};
-
 // Operands of one plane: out[r * J + j] holds the digits of k = r * per_word + b * J + j in byte b (J = per_word / 4).
 // Each operand is written `replicas` times in a row.
 template <int PW>
@@ -68,7 +65,7 @@ namespace {
 template <int P>
 __attribute__((target_clones("avx512f", "avx2", "default"))) bool quantize_row(
     const float* x, int64_t G, int64_t group_len, int64_t kp, float* unit, int32_t* q, int8_t* digits) {
-  constexpr int32_t qmax = kQmax[P];
+  constexpr int32_t qmax = kInt8Qmax[P];
   for (int64_t g = 0; g < G; ++g) {
     const float* xg = x + g * group_len;
     float amax = 0.0f, nonfinite = 0.0f;  // x - x is NaN exactly for inf and NaN (max would drop a NaN)
