@@ -280,3 +280,24 @@ def test_gemv_cycles_tool_builds_and_runs(tmp_path):
         out = subprocess.run([str(exe), form, "128", "256", "3", "3", "1", "3"], capture_output=True, text=True,
                              check=True, timeout=120).stdout
         assert re.search(r"[0-9.]+ cycles per word row", out) or "lacks the form's extensions" in out, out
+        if "cycles per word row" in out:
+            assert re.search(r"activation digits [0-9.]+ us", out), out
+
+
+def test_instruction_mix_tool_runs_a_mix():
+    """benchmarks/cpu_instruction_mix.py compiles and times a mix given on the command line (or says the CPU lacks
+    the extensions), and names a bad mix item."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine")
+    tool = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_instruction_mix.py"
+    out = subprocess.run([sys.executable, str(tool), "dpbusd=4", "and=2"], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert re.fullmatch(r"4 dpbusd, 2 and: [0-9.]+ cycles per iteration\n", out) or "lacks" in out, out
+    bad = subprocess.run([sys.executable, str(tool), "dpbusd=x"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "dpbusd=x" in bad.stderr

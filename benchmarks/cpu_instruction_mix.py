@@ -1,0 +1,126 @@
+"""Throughput of a mix of AVX-512 instructions on this core: cycles per iteration of a loop of independent zmm
+instructions (inline asm, compiled with g++ and run here). It answers what the int8 GEMV's inner loop can cost
+beside its dot products: a mix of 12 `vpdpbusd` (the three-digit dot products of a word row of 16 columns) with
+the shifts, selects and masks that make the codes (docs/NOTES.md, "Where Zen 4's cycles go").
+
+    python benchmarks/cpu_instruction_mix.py                      # the standard mixes
+    python benchmarks/cpu_instruction_mix.py dpbusd=12 shift=6 ternlog=4 and=4
+
+Kinds: dpbusd (12 accumulators), shift (vpsrld), ternlog (vpternlogd), and (vpandd), affine (vgf2p8affineqb),
+move (vmovdqa32 register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32). Each kind writes its
+own registers, so no instruction waits for another; the clock is measured as `cpu_gemv_cycles.cpp` does.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# kind -> (asm template of instruction i, registers it may write); sources are zmm0-3
+KINDS = {
+    "dpbusd": lambda i: f"vpdpbusd %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{10 + i % 12}",
+    "shift": lambda i: f"vpsrld ${1 + i % 3}, %%zmm{i % 4}, %%zmm{22 + i % 4}",
+    "ternlog": lambda i: f"vpternlogd $0xe4, %%zmm{i % 4}, %%zmm{(i + 2) % 4}, %%zmm{26 + i % 3}",
+    "and": lambda i: f"vpandd %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{29 + i % 3}",
+    "affine": lambda i: f"vgf2p8affineqb $0, %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "move": lambda i: f"vmovdqa32 %%zmm{i % 4}, %%zmm{4 + i % 6}",
+    "broadcast": lambda i: f"vpbroadcastd {4 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
+    "load": lambda i: f"vmovdqu32 {64 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
+}
+
+STANDARD = [
+    {"dpbusd": 12},
+    {"shift": 8},
+    {"ternlog": 8},
+    {"and": 8},
+    {"affine": 8},
+    {"dpbusd": 12, "shift": 3, "and": 4},  # the 2-bit code path of a word row (16 columns, three digits)
+    {"dpbusd": 12, "shift": 6},
+    {"dpbusd": 12, "ternlog": 4},
+    {"dpbusd": 12, "and": 8},
+    {"dpbusd": 12, "and": 16},
+    {"dpbusd": 12, "shift": 6, "and": 8},
+    {"dpbusd": 12, "affine": 4},
+    {"dpbusd": 12, "shift": 6, "ternlog": 4, "and": 4},  # the 3-bit code path
+    {"dpbusd": 12, "shift": 6, "ternlog": 4, "and": 4, "broadcast": 3},
+    {"dpbusd": 12, "shift": 6, "ternlog": 4, "and": 4, "move": 6},
+]
+
+PROGRAM = r"""#include <algorithm>
+#include <chrono>
+#include <cstdio>
+static double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+static double clock_hz() {  // 8 dependent adds per iteration: one cycle each
+  const long n = 200000000;
+  long x = 0;
+  const double t = now();
+  for (long i = 0; i < n; i += 8)
+    __asm__ volatile("add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0"
+                     : "+r"(x));
+  return n / (now() - t);
+}
+int main() {
+  alignas(64) static char scratch[1024];
+  (void)scratch;
+  const long iters = 10000000;
+  double best = 1e9;
+  for (int r = 0; r < 3; ++r) {
+    const double t = now();
+    for (long i = 0; i < iters; ++i) __asm__ volatile("BODY" ::: "memory");
+    best = std::min(best, now() - t);
+  }
+  std::printf("%.2f\n", best * clock_hz() / iters);
+}
+"""
+
+
+def body(mix: dict[str, int]) -> str:
+    """The loop body: the kinds' instructions interleaved round-robin, as a compiler would schedule them."""
+    queues = [[KINDS[kind](i) for i in range(count)] for kind, count in mix.items()]
+    out = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return r"\n".join(out)
+
+
+def cycles(mix: dict[str, int], workdir: Path) -> float:
+    src, exe = workdir / "mix.cpp", workdir / "mix"
+    src.write_text(PROGRAM.replace("BODY", body(mix)))
+    subprocess.run(["g++", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mgfni", "-o", str(exe), str(src)],
+                   check=True)
+    return float(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
+
+
+def parse(items: list[str]) -> dict[str, int]:
+    mix = {}
+    for item in items:
+        kind, _, count = item.partition("=")
+        if kind not in KINDS or not count.isdigit():
+            raise SystemExit(f"mix item {item!r}: expected KIND=COUNT with KIND one of {', '.join(KINDS)}")
+        mix[kind] = int(count)
+    return mix
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mix", nargs="*", help="KIND=COUNT ... (default: the standard mixes)")
+    args = ap.parse_args()
+    mixes = [parse(args.mix)] if args.mix else STANDARD
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if not all(f in flags.split() for f in ("avx512f", "avx512_vnni", "gfni")):
+        print("this CPU lacks AVX512F, AVX512_VNNI or GFNI: nothing to measure")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for mix in mixes:
+            name = ", ".join(f"{count} {kind}" for kind, count in mix.items())
+            print(f"{name}: {cycles(mix, Path(tmp)):.2f} cycles per iteration", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
