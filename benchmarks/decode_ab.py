@@ -1,6 +1,6 @@
-"""Two builds of saliq's M = 1 CPU GEMV side by side, caches flushed before every call: the A/B test for a kernel
-change on a machine whose timings drift (on a shared 2-core VM they move by 20-30% from minute to minute, so
-only builds measured alternately, round after round, compare).
+"""Two builds of saliq's CPU GEMV (M = 1 unless --m) side by side, caches flushed before every call: the A/B test
+for a kernel change on a machine whose timings drift (on a shared 2-core VM they move by 20-30% from minute to
+minute, so only builds measured alternately, round after round, compare).
 
 Each round runs one short process per build (`--child`), alternately; a process times `--calls` calls per
 case, each after streaming twice the CPU's largest cache, at least 64 MiB (the weights come from DRAM, as in a
@@ -9,7 +9,7 @@ median, its range, and the ratio.
 
     git worktree add /tmp/before <rev> && (cd /tmp/before && python setup.py -q build_ext --inplace)
     python benchmarks/decode_ab.py /tmp/before . [--rounds 4] [--threads 2] [--dtype float32] [--isa avx2]
-        [--shapes 11008x4096,4096x11008] [--bits 2,3] [--out FILE]
+        [--shapes 11008x4096,4096x11008] [--bits 2,3] [--m 1] [--out FILE]
 
 Two code paths of one build: the same tree twice, `--isa` for the first and `--isa-after` for the second
 (`python benchmarks/decode_ab.py . . --isa avx2 --isa-after avx2vnni`).
@@ -44,7 +44,7 @@ def child(args) -> None:
         for bits in (int(b) for b in args.bits.split(",")):
             gen = torch.Generator().manual_seed(n + k + bits)  # both builds time the same weights
             p = random_packed(n, k, bits, 64, dtype, device="cpu", generator=gen)
-            x = torch.randn(1, k, generator=gen).to(dtype)
+            x = torch.randn(args.m, k, generator=gen).to(dtype)
 
             def call():
                 return cpp.packed_matmul(x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k, None)
@@ -62,7 +62,8 @@ def child(args) -> None:
 
 def run_build(tree: Path, args, isa: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--dtype", args.dtype,
-           "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls)] + (["--isa", isa] if isa else [])
+           "--m", str(args.m), "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls)]
+    cmd += ["--isa", isa] if isa else []
     env = dict(os.environ, PYTHONPATH=str(tree))
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="11008x4096,4096x11008")
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--m", type=int, default=1, help="rows of x (batched decode)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -96,7 +98,7 @@ def main() -> None:
     paths = args.isa or "auto"
     if isa_after != args.isa:
         paths = f"{paths} (before) / {isa_after or 'auto'} (after)"
-    head = (f"M = 1 GEMV, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, caches flushed, "
+    head = (f"M = {args.m} GEMV, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, caches flushed, "
             f"{args.rounds} rounds alternated, median of {args.calls} calls per process")
     lines = [head, "", "| case | before ms (range) | after ms (range) | before / after |", "|---|---|---|---|"]
     for case in runs["before"][0]:

@@ -242,7 +242,7 @@ def test_decode_benchmark_smoke_run(tmp_path):
 
 def test_decode_ab_benchmark_smoke_run(tmp_path):
     """benchmarks/decode_ab.py with this tree as both builds, each on its own code path (--isa, --isa-after): one
-    round of both, a row per case with a ratio, the two paths named."""
+    round of both, a row per case with a ratio, the two paths and the rows of x named."""
     import subprocess
     import sys
     from pathlib import Path
@@ -251,7 +251,8 @@ def test_decode_ab_benchmark_smoke_run(tmp_path):
     out = tmp_path / "ab.md"
     subprocess.run([sys.executable, str(root / "benchmarks" / "decode_ab.py"), str(root), str(root), "--rounds", "1",
                     "--calls", "2", "--shapes", "64x128,48x256", "--bits", "2,3", "--isa", "avx2", "--isa-after",
-                    "avx2vnni", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+                    "avx2vnni", "--m", "3", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    assert out.read_text().startswith("M = 3 GEMV")
     assert "cpu path avx2 (before) / avx2vnni (after)" in out.read_text()
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "bit" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| 64x128 2-bit", "| 64x128 3-bit", "| 48x256 2-bit",

@@ -15,10 +15,13 @@ namespace saliq {
 
 // The columns of one register tile, the same for the three 16-lane forms; here, in the file compiled for the
 // fewest extensions.
-int64_t int8x512_width(const PackedGemvProblem& p) { return 16 * (p.M == 1 ? kVectorsM1 : kVectorsM); }
+// the form plan_packed_gemv picks: VNNI (the VBMI form or not) where the CPU, under its cap, has it
+int64_t int8x512_width(const PackedGemvProblem& p) {
+  return 16 * (p.M == 1 ? kVectorsM1 : !has_avx512_vnni() ? kVectorsMMad : p.bits == 3 ? kVectorsM3 : kVectorsMVnni);
+}
 
 void int8x512_mad_columns(const PackedGemvProblem& p, const Int8Activations& a, int64_t n0, int64_t subs) {
-  int8_columns<VecMad512, kVectorsM1, kVectorsM, kTileRows>(p, a, n0, subs);
+  int8_columns<VecMad512, kVectorsM1, kVectorsMMad, kTileRows>(p, a, n0, subs);
 }
 
 }  // namespace saliq

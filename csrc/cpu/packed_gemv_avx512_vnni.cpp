@@ -1,6 +1,6 @@
 // AVX-512 VNNI integer-dot-product GEMV (packed_gemv_int8.h, packed_gemv_int8_avx512.h), the form for CPUs with
-// AVX512_VBMI. Blocks: 64 columns for M = 1 (4 words of each row in flight), 32 columns in tiles of up to 4 rows
-// for M > 1. Called only when the CPU has AVX512_VNNI and AVX512_VBMI and the AVX-512 path is active
+// AVX512_VBMI. Blocks: 64 columns (4 words of each row in flight), for M > 1 in tiles of as many rows as the
+// accumulators allow (2 at two digits; 3-bit 32 columns, 4 rows). Called only when the CPU has AVX512_VNNI and AVX512_VBMI and the AVX-512 path is active
 // (packed_gemv_portable.cpp); packed_gemv_avx512_vnni_novbmi.cpp serves VNNI without VBMI.
 #include <algorithm>
 
@@ -15,7 +15,7 @@
 namespace saliq {
 
 void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& a, int64_t n0, int64_t subs) {
-  int8_columns<VecVnni512<true>, kVectorsM1, kVectorsM, kTileRows>(p, a, n0, subs);
+  int8_columns<VecVnni512<true>, kVectorsM1, kVectorsMVnni, kTileRows, kVectorsM3>(p, a, n0, subs);
 }
 
 }  // namespace saliq

@@ -14,7 +14,7 @@
 namespace saliq {
 
 void int8x512_novbmi_columns(const PackedGemvProblem& p, const Int8Activations& a, int64_t n0, int64_t subs) {
-  int8_columns<VecVnni512<false>, kVectorsM1, kVectorsM, kTileRows>(p, a, n0, subs);
+  int8_columns<VecVnni512<false>, kVectorsM1, kVectorsMVnni, kTileRows, kVectorsM3>(p, a, n0, subs);
 }
 
 }  // namespace saliq

@@ -232,12 +232,13 @@ inline void int8_columns_b(const saliq::PackedGemvProblem& p, const saliq::Int8A
   else int8_columns_bg<V, NV1, NVM, MT, BITS, 0>(p, a, n0, subs);
 }
 
-template <class V, int NV1, int NVM, int MT>
+// NVM3: the vectors of an M > 1 tile at 3 bits, whose codes hold more registers (the hi words and their spread)
+template <class V, int NV1, int NVM, int MT, int NVM3 = NVM>
 inline void int8_columns(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                          int64_t subs) {
   switch (p.bits) {
     case 2: int8_columns_b<V, NV1, NVM, MT, 2>(p, a, n0, subs); break;
-    case 3: int8_columns_b<V, NV1, NVM, MT, 3>(p, a, n0, subs); break;
+    case 3: int8_columns_b<V, NV1, NVM3, MT, 3>(p, a, n0, subs); break;
     default: int8_columns_b<V, NV1, NVM, MT, 4>(p, a, n0, subs); break;
   }
 }

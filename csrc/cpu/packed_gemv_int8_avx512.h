@@ -21,9 +21,13 @@ inline __m512i spread_hi_shuffle(__m512i h, int half) {
   return _mm512_mask_blend_epi8((__mmask64)0xAAAAAAAAAAAAAAAAULL, _mm512_slli_epi16(x, 2), _mm512_srli_epi16(x, 2));
 }
 
-// Register tiles of every 16-lane form: kVectorsM1 zmm of columns (64) for M = 1, kVectorsM (32) in tiles of up
-// to kTileRows rows of x for M > 1 (int8x512_width, packed_gemv_avx512_mad.cpp).
-constexpr int kVectorsM1 = 4, kVectorsM = 2, kTileRows = 4;
+// Register tiles of the 16-lane forms: kVectorsM1 zmm of columns (64) for M = 1; for M > 1 tiles of up to
+// kTileRows rows of x (tile_rows: no more than kAccumulators) over 64 columns with VNNI at 2 and 4 bits (2 rows at
+// two digits, 1 at three), 32 at 3 bits and without VNNI (int8x512_width, packed_gemv_avx512_mad.cpp). Cycles per
+// word row and row of x against 32-column tiles, M = 2 / 4 / 8 / 16, two digits: 2-bit 9.8 / 10.0 / 10.0 / 10.2 ->
+// 9.2 / 9.3 / 9.4 / 9.3, 4-bit (M = 2 / 4 / 16) 6.0 / 5.2 / 5.5 -> 5.0 / 5.1 / 4.9; 3-bit, whose tile also holds the
+// hi words, no faster (12.5-12.9 either way, three digits 17.0-19.4 -> 17.8-20.2).
+constexpr int kVectorsM1 = 4, kVectorsMVnni = 4, kVectorsM3 = 2, kVectorsMMad = 2, kTileRows = 4;
 
 // What the 16-lane forms share: the 3-bit codes of a word row.
 struct VecInt8Avx512 : VecAvx512 {
