@@ -40,14 +40,14 @@ enum class GemvKernel : int {
   Lut, Bf16, Fma512, Fma256, Portable, Int8x512, Int8x512NoVbmi, Int8x512Mad, Int8x256, Int8x256Vnni, Int8x256VnniEvex
 };
 
+// Largest |Q| of `parts` digits (index) whose digits all stay in [-128, 127] with the top one in [-127, 127].
+constexpr int32_t kInt8Qmax[4] = {0, 127, 32768 - 128 - 1, 8388608 - 32896 - 1};
+
 // Activations quantized per (row, group) for the integer-dot-product kernels (packed_gemv_int8.h):
 // x ~= unit * Q with Q = sum_p 256^(parts-1-p) part_p, each part an int8, so that integer codes times parts are
 // exact int32 dot products (vpdpbusd). operands: [M][parts][k_padded / 4] int32, each holding the 4 int8 parts
 // of the inputs one shifted and masked word of the weight plane pairs with (packed_gemv_int8_prep.cpp; a 3-bit
 // word row pairs with the same ones, its hi bits merged into the codes), each written `replicas` times in a row.
-// Largest |Q| of `parts` digits (index) whose digits all stay in [-128, 127] with the top one in [-127, 127].
-constexpr int32_t kInt8Qmax[4] = {0, 127, 32768 - 128 - 1, 8388608 - 32896 - 1};
-
 struct Int8Activations {
   int parts = 0;
   // copies of each operand: at M = 1 the AVX2 kernel loads 8 as one vector, a plain load, where a broadcast from

@@ -13,9 +13,8 @@
 
 namespace saliq {
 
-// The columns of one register tile, the same for the three 16-lane forms; here, in the file compiled for the
-// fewest extensions.
-// the form plan_packed_gemv picks: VNNI (the VBMI form or not) where the CPU, under its cap, has it
+// The columns of a register tile of the 16-lane form plan_packed_gemv picks (a VNNI form where the CPU, under its
+// cap, has AVX512_VNNI; this one where not); here, in the file compiled for the fewest extensions.
 int64_t int8x512_width(const PackedGemvProblem& p) {
   return 16 * (p.M == 1 ? kVectorsM1 : !has_avx512_vnni() ? kVectorsMMad : p.bits == 3 ? kVectorsM3 : kVectorsMVnni);
 }

@@ -23,9 +23,10 @@ namespace {
 template <int PW>
 __attribute__((target_clones("avx2", "default"))) void arrange_pw(const int8_t* digits, int64_t k_padded,
                                                                    int replicas, int32_t* out) {
+  static_assert(PW == 8 || PW == 16, "16 digits hold whole word rows");
   typedef uint8_t v16u8 __attribute__((vector_size(16)));
-  constexpr int J = PW / 4;
-  // byte i of the result: byte 4 j + b of operand (j, b) of the 16 digits (one word row, or two of 8)
+  // result byte 4 o + b: byte b of operand o of these 16 digits, i.e. digit b * J + j of its word row (o = j;
+  // with 8 digits a row, o = 2 r + j for rows r = 0, 1)
   const v16u8 order = PW == 16 ? v16u8{0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15}
                                : v16u8{0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
   const int64_t n16 = k_padded / 16;  // k_padded is a multiple of 32
@@ -42,7 +43,6 @@ __attribute__((target_clones("avx2", "default"))) void arrange_pw(const int8_t* 
         for (int c = 0; c < replicas; ++c) out[(i * 4 + o) * replicas + c] = v[o];
     }
   }
-  static_assert(16 % PW == 0 && J >= 1, "16 digits hold whole word rows");
 }
 
 void arrange(const int8_t* digits, int64_t k_padded, int per_word, int replicas, int32_t* out) {
