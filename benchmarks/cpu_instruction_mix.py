@@ -7,8 +7,10 @@ the shifts, selects and masks that make the codes (docs/NOTES.md, "Where Zen 4's
     python benchmarks/cpu_instruction_mix.py dpbusd=12 shift=6 ternlog=4 and=4
 
 Kinds: dpbusd (12 accumulators), shift (vpsrld), ternlog (vpternlogd), and (vpandd), affine (vgf2p8affineqb),
-move (vmovdqa32 register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32). Each kind writes its
-own registers, so no instruction waits for another; the clock is measured as `cpu_gemv_cycles.cpp` does.
+multishift (vpmultishiftqb), shufbit (vpshufbitqmb into a mask), maskadd (vpaddb under a mask), move (vmovdqa32
+register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32). Each kind writes its own registers, so
+no instruction waits for another; the clock is measured as `cpu_gemv_cycles.cpp` does. A mix whose instructions
+the CPU lacks is named and skipped.
 """
 from __future__ import annotations
 
@@ -25,10 +27,16 @@ KINDS = {
     "ternlog": lambda i: f"vpternlogd $0xe4, %%zmm{i % 4}, %%zmm{(i + 2) % 4}, %%zmm{26 + i % 3}",
     "and": lambda i: f"vpandd %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{29 + i % 3}",
     "affine": lambda i: f"vgf2p8affineqb $0, %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "multishift": lambda i: f"vpmultishiftqb %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "shufbit": lambda i: f"vpshufbitqmb %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%k{1 + i % 3}",
+    "maskadd": lambda i: f"vpaddb %%zmm{i % 4}, %%zmm{(i + 2) % 4}, %%zmm{4 + i % 6}%{{%%k{1 + i % 3}%}}",
     "move": lambda i: f"vmovdqa32 %%zmm{i % 4}, %%zmm{4 + i % 6}",
     "broadcast": lambda i: f"vpbroadcastd {4 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
     "load": lambda i: f"vmovdqu32 {64 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
 }
+
+# the /proc/cpuinfo flag a kind needs beyond AVX512F / BW
+NEEDS = {"dpbusd": "avx512_vnni", "affine": "gfni", "multishift": "avx512vbmi", "shufbit": "avx512_bitalg"}
 
 STANDARD = [
     {"dpbusd": 12},
@@ -46,6 +54,10 @@ STANDARD = [
     {"dpbusd": 12, "shift": 6, "ternlog": 4, "and": 4},  # the 3-bit code path
     {"dpbusd": 12, "shift": 6, "ternlog": 4, "and": 4, "broadcast": 3},
     {"dpbusd": 12, "shift": 6, "ternlog": 4, "and": 4, "move": 6},
+    {"dpbusd": 12, "shift": 6, "ternlog": 4, "and": 4, "multishift": 1},  # with the hi bits' spread
+    {"dpbusd": 12, "shufbit": 4},
+    {"dpbusd": 12, "maskadd": 4},
+    {"dpbusd": 12, "shift": 3, "and": 4, "shufbit": 4, "maskadd": 4},  # 3-bit codes as lo + 4 where a hi bit is set
 ]
 
 PROGRAM = r"""#include <algorithm>
@@ -92,8 +104,8 @@ def body(mix: dict[str, int]) -> str:
 def cycles(mix: dict[str, int], workdir: Path) -> float:
     src, exe = workdir / "mix.cpp", workdir / "mix"
     src.write_text(PROGRAM.replace("BODY", body(mix)))
-    subprocess.run(["g++", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mgfni", "-o", str(exe), str(src)],
-                   check=True)
+    subprocess.run(["g++", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mgfni", "-mavx512vbmi",
+                    "-mavx512bitalg", "-o", str(exe), str(src)], check=True)
     return float(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
 
 
@@ -112,13 +124,15 @@ def main() -> None:
     ap.add_argument("mix", nargs="*", help="KIND=COUNT ... (default: the standard mixes)")
     args = ap.parse_args()
     mixes = [parse(args.mix)] if args.mix else STANDARD
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if not all(f in flags.split() for f in ("avx512f", "avx512_vnni", "gfni")):
-        print("this CPU lacks AVX512F, AVX512_VNNI or GFNI: nothing to measure")
-        return
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     with tempfile.TemporaryDirectory() as tmp:
         for mix in mixes:
             name = ", ".join(f"{count} {kind}" for kind, count in mix.items())
+            missing = sorted(({"avx512f", "avx512bw"} | {NEEDS[k] for k in mix if k in NEEDS}) - flags)
+            if missing:
+                print(f"{name}: this CPU lacks {', '.join(missing)}", flush=True)
+                continue
             print(f"{name}: {cycles(mix, Path(tmp)):.2f} cycles per iteration", flush=True)
 
 
