@@ -16,24 +16,33 @@ namespace saliq {
 
 namespace {
 
-// Operands of one plane: out[r * J + j] holds the digits of k = r * per_word + b * J + j in byte b (J = per_word / 4).
-// Per word row of 16 digits that is a 4 x 4 byte transpose (8 digits: two rows of 2 x 4), one byte shuffle
-// (pshufb) per 16 digits; the scalar gather it replaced took two thirds of the ~27 us of a K = 11008 call. Each
-// operand is written `replicas` times in a row.
+typedef uint8_t Bytes16 __attribute__((vector_size(16)));
+
+// 16 digits -> their 4 operands: result byte 4 o + b is byte b of operand o, i.e. digit b * J + j of its word row
+// (o = j; with 8 digits a row, o = 2 r + j for rows r = 0, 1). One pshufb where the clone has SSSE3.
+template <int PW>
+inline __attribute__((always_inline)) Bytes16 operands_of(Bytes16 d) {
+  static_assert(PW == 8 || PW == 16, "16 digits hold whole word rows");
+#if defined(__clang__)
+  if constexpr (PW == 16) return __builtin_shufflevector(d, d, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  else return __builtin_shufflevector(d, d, 0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+#else
+  if constexpr (PW == 16) return __builtin_shuffle(d, Bytes16{0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15});
+  else return __builtin_shuffle(d, Bytes16{0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15});
+#endif
+}
+
+// Operands of one plane: out[r * J + j] holds the digits of k = r * per_word + b * J + j in byte b (J = per_word / 4),
+// a byte transpose of each 16 digits (operands_of); the scalar gather it replaced took two thirds of the ~27 us of
+// a K = 11008 call. Each operand is written `replicas` times in a row.
 template <int PW>
 __attribute__((target_clones("avx2", "default"))) void arrange_pw(const int8_t* digits, int64_t k_padded,
                                                                    int replicas, int32_t* out) {
-  static_assert(PW == 8 || PW == 16, "16 digits hold whole word rows");
-  typedef uint8_t v16u8 __attribute__((vector_size(16)));
-  // result byte 4 o + b: byte b of operand o of these 16 digits, i.e. digit b * J + j of its word row (o = j;
-  // with 8 digits a row, o = 2 r + j for rows r = 0, 1)
-  const v16u8 order = PW == 16 ? v16u8{0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15}
-                               : v16u8{0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
   const int64_t n16 = k_padded / 16;  // k_padded is a multiple of 32
   for (int64_t i = 0; i < n16; ++i) {
-    v16u8 d;
+    Bytes16 d;
     std::memcpy(&d, digits + i * 16, 16);
-    const v16u8 t = __builtin_shuffle(d, order);
+    const Bytes16 t = operands_of<PW>(d);
     if (replicas == 1) {
       std::memcpy(out + i * 4, &t, 16);
     } else {
