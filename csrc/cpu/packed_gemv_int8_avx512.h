@@ -23,10 +23,11 @@ inline __m512i spread_hi_shuffle(__m512i h, int half) {
 
 // Register tiles of the 16-lane forms: kVectorsM1 zmm of columns (64) for M = 1; for M > 1 tiles of up to
 // kTileRows rows of x (tile_rows: no more than kAccumulators) over 64 columns with VNNI at 2 and 4 bits (2 rows at
-// two digits, 1 at three), 32 at 3 bits and without VNNI (int8x512_width, packed_gemv_avx512_mad.cpp). Cycles per
-// word row and row of x against 32-column tiles, M = 2 / 4 / 8 / 16, two digits: 2-bit 9.8 / 10.0 / 10.0 / 10.2 ->
-// 9.2 / 9.3 / 9.4 / 9.3, 4-bit (M = 2 / 4 / 16) 6.0 / 5.2 / 5.5 -> 5.0 / 5.1 / 4.9; 3-bit, whose tile also holds the
-// hi words, no faster (12.5-12.9 either way, three digits 17.0-19.4 -> 17.8-20.2).
+// two digits, 1 at three), 32 at 3 bits (4 rows at two digits, 2 at three: int8_columns_bg) and without VNNI
+// (int8x512_width, packed_gemv_avx512_mad.cpp). Cycles per word row and row of x against 32-column tiles, M = 2 /
+// 4 / 8 / 16, two digits: 2-bit 9.8 / 10.0 / 10.0 / 10.2 -> 9.2 / 9.3 / 9.4 / 9.3, 4-bit (M = 2 / 4 / 16) 6.0 /
+// 5.2 / 5.5 -> 5.0 / 5.1 / 4.9; 3-bit, whose tile also holds the hi words, no faster (12.5-12.9 either way, three
+// digits 17.0-19.4 -> 17.8-20.2).
 constexpr int kVectorsM1 = 4, kVectorsMVnni = 4, kVectorsM3 = 2, kVectorsMMad = 2, kTileRows = 4;
 
 // What the 16-lane forms share: the 3-bit codes of a word row.
