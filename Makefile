@@ -57,13 +57,14 @@ bench: build
 # steady on a machine whose DRAM timings drift (benchmarks/cpu_gemv_cycles.cpp; needs only g++)
 GEMV_CYCLES_SRC := benchmarks/cpu_gemv_cycles.cpp csrc/cpu/packed_gemv_avx2_int8.cpp \
 	csrc/cpu/packed_gemv_avx2_vnni.cpp csrc/cpu/packed_gemv_avx2_vnni_evex.cpp csrc/cpu/packed_gemv_avx512_vnni.cpp \
-	csrc/cpu/packed_gemv_avx512_mad.cpp csrc/cpu/packed_gemv_int8_prep.cpp csrc/cpu/cpu_features.cpp
+	csrc/cpu/packed_gemv_avx512_vnni_novbmi.cpp csrc/cpu/packed_gemv_avx512_mad.cpp csrc/cpu/packed_gemv_int8_prep.cpp \
+	csrc/cpu/cpu_features.cpp
 build/cpu_gemv_cycles: $(GEMV_CYCLES_SRC) $(CSRC)
 	mkdir -p build
 	g++ -O3 -std=c++17 -fopenmp-simd -Icsrc $(GEMV_CYCLES_SRC) -o $@
 
 gemv-cycles: build/cpu_gemv_cycles
-	@for form in avx2 avx2vnni vnni; do for bits in 2 3; do for digits in 3 2; do \
+	@for form in avx2 avx2vnni vnni novbmi mad; do for bits in 2 3; do for digits in 3 2; do \
 		build/cpu_gemv_cycles $$form 1040 1024 $$bits $$digits; done; done; \
 		build/cpu_gemv_cycles $$form 1040 1024 2 2 16 200; done
 

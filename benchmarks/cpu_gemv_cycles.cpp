@@ -5,7 +5,7 @@
 // buffer is streamed before each call and the median reported (weights from DRAM, as in a decode step).
 //
 //   make gemv-cycles                                            # the standard cases
-//   build/cpu_gemv_cycles FORM N K BITS DIGITS [M] [CALLS] [cold]   # FORM: avx2 | avx2vnni | vnni
+//   build/cpu_gemv_cycles FORM N K BITS DIGITS [M] [CALLS] [cold]   # FORM: avx2 | avx2vnni | vnni | novbmi | mad
 //
 // The clock is measured (a chain of dependent adds, one cycle each), so cycles mean the same on every machine.
 #include <algorithm>
@@ -40,18 +40,28 @@ double clock_hz() {  // 8 dependent adds per iteration: one cycle each
 
 int main(int argc, char** argv) {
   if (argc < 6) {
-    std::fprintf(stderr, "usage: %s avx2|avx2vnni|vnni N K BITS DIGITS [M=1] [CALLS=2000] [cold]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s avx2|avx2vnni|vnni|novbmi|mad N K BITS DIGITS [M=1] [CALLS=2000] [cold]\n",
+                 argv[0]);
     return 2;
   }
-  // vnni: the AVX-512 VNNI + VBMI form; avx2vnni: the 256-bit VNNI form (VEX, or EVEX on an AVX-512 CPU)
+  // vnni: the AVX-512 VNNI + VBMI form; novbmi: AVX-512 VNNI without VBMI (Cascade Lake); mad: AVX-512 BW
+  // without VNNI (Skylake-SP); avx2vnni: the 256-bit VNNI form (VEX, or EVEX on an AVX-512 CPU)
   const bool vnni = std::strcmp(argv[1], "vnni") == 0, vnni256_form = std::strcmp(argv[1], "avx2vnni") == 0;
+  const bool novbmi = std::strcmp(argv[1], "novbmi") == 0, mad = std::strcmp(argv[1], "mad") == 0;
+  const bool zmm = vnni || novbmi || mad;  // a 16-lane form
   if (vnni256_form) set_isa_cap(IsaCap::Avx2Vnni);
+  else if (novbmi) set_isa_cap(IsaCap::Avx512Vnni);
+  else if (mad) set_isa_cap(IsaCap::Avx512Bw);
   else if (!vnni) set_isa_cap(IsaCap::Avx2);
   const int64_t N = atol(argv[2]), K = atol(argv[3]), M = argc > 6 ? atol(argv[6]) : 1;
   const int bits = atoi(argv[4]), parts = atoi(argv[5]), calls = argc > 7 ? atoi(argv[7]) : 2000;
   const bool cold = argc > 8 && std::strcmp(argv[8], "cold") == 0;
-  if (vnni ? !(active_isa() == CpuIsa::Avx512 && has_avx512_vnni() && has_avx512_vbmi())
-           : vnni256_form ? vnni256() == Vnni256::None : active_isa() == CpuIsa::Portable) {
+  const bool avx512 = active_isa() == CpuIsa::Avx512;
+  if (vnni     ? !(avx512 && has_avx512_vnni() && has_avx512_vbmi())
+      : novbmi ? !(avx512 && has_avx512_vnni())
+      : mad    ? !avx512
+      : vnni256_form ? vnni256() == Vnni256::None
+                     : active_isa() == CpuIsa::Portable) {
     std::printf("%s: this CPU lacks the form's extensions\n", argv[1]);
     return 0;
   }
@@ -80,11 +90,11 @@ int main(int argc, char** argv) {
   double prep = 1e9;
   for (int c = 0; c < 200; ++c) {
     const double t = seconds();
-    quantize_activations(p, parts, !vnni && M == 1 ? kInt8x256DigitReplicasM1 : 1, act);
+    quantize_activations(p, parts, !zmm && M == 1 ? kInt8x256DigitReplicasM1 : 1, act);
     prep = std::min(prep, seconds() - t);
   }
   act.prefetch = N % 1024 == 0 ? PrefetchTo::kL2 : PrefetchTo::kL1;
-  const int64_t width = vnni ? int8x512_width(p) : int8x256_width(p);
+  const int64_t width = zmm ? int8x512_width(p) : int8x256_width(p);
   std::vector<float> flush(cold ? (64 << 20) / 4 : 1);
   std::vector<double> times;
   for (int c = 0; c < calls; ++c) {
@@ -92,6 +102,8 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < flush.size(); i += 16) flush[i] += 1.0f;
     const double t = seconds();
     if (vnni) int8x512_columns(p, act, 0, N / width);
+    else if (novbmi) int8x512_novbmi_columns(p, act, 0, N / width);
+    else if (mad) int8x512_mad_columns(p, act, 0, N / width);
     else if (vnni256_form && vnni256() == Vnni256::Vex) int8x256_vnni_columns(p, act, 0, N / width);
     else if (vnni256_form) int8x256_vnni_evex_columns(p, act, 0, N / width);
     else int8x256_columns(p, act, 0, N / width);

@@ -277,7 +277,7 @@ def test_gemv_cycles_tool_builds_and_runs(tmp_path):
     exe = tmp_path / "cpu_gemv_cycles"
     subprocess.run(compile_line.replace("-o build/cpu_gemv_cycles", f"-o {exe}").split(), cwd=root, check=True,
                    timeout=600)
-    for form in ("avx2", "avx2vnni", "vnni"):
+    for form in ("avx2", "avx2vnni", "vnni", "novbmi", "mad"):
         out = subprocess.run([str(exe), form, "128", "256", "3", "3", "1", "3"], capture_output=True, text=True,
                              check=True, timeout=120).stdout
         assert re.search(r"[0-9.]+ cycles per word row", out) or "lacks the form's extensions" in out, out
