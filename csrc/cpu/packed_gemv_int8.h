@@ -78,13 +78,13 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
     for (int64_t r = r0; r < r1; ++r) {
       // past the last row too: a prefetch never faults, and one test fewer per row
       saliq::prefetch_lines(wbase + (r + ahead) * p.N, kTileBytes, to);
+      if constexpr (BITS == 3)  // the hi row serves two word rows
+        if ((r & 1) == 0) saliq::prefetch_lines(hbase + ((r + ahead) >> 1) * p.N, kTileBytes, to);
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
         w[v] = V::load_i(wbase + r * p.N + v * kL);
-        if constexpr (BITS == 3) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
-          if ((r & 1) == 0) saliq::prefetch_lines(hbase + ((r + ahead) >> 1) * p.N, kTileBytes, to);
+        if constexpr (BITS == 3)  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
           hx[v] = V::spread_hi(V::load_i(hbase + (r >> 1) * p.N + v * kL), (int)(r & 1));
-        }
       }
 #pragma GCC unroll 4
       for (int j = 0; j < J; ++j) {
