@@ -55,11 +55,12 @@ bench: build
 
 # Cycles per word row of the CPU int8 GEMV kernels, called from C++ with the weights in L2: their compute rate,
 # steady on a machine whose DRAM timings drift (benchmarks/cpu_gemv_cycles.cpp; needs only g++)
-GEMV_CYCLES_SRC := benchmarks/cpu_gemv_cycles.cpp csrc/cpu/packed_gemv_avx2_int8.cpp \
+GEMV_CYCLES_SRC := benchmarks/cpu_gemv_cycles.cpp csrc/cpu/packed_gemv_portable.cpp csrc/cpu/packed_gemv_avx2.cpp \
+	csrc/cpu/packed_gemv_avx512.cpp csrc/cpu/packed_gemv_avx512_bf16.cpp csrc/cpu/packed_gemv_avx2_int8.cpp \
 	csrc/cpu/packed_gemv_avx2_vnni.cpp csrc/cpu/packed_gemv_avx2_vnni_evex.cpp csrc/cpu/packed_gemv_avx512_vnni.cpp \
 	csrc/cpu/packed_gemv_avx512_vnni_novbmi.cpp csrc/cpu/packed_gemv_avx512_mad.cpp csrc/cpu/packed_gemv_int8_prep.cpp \
 	csrc/cpu/cpu_features.cpp
-build/cpu_gemv_cycles: $(GEMV_CYCLES_SRC) $(CSRC)
+build/cpu_gemv_cycles: $(GEMV_CYCLES_SRC) benchmarks/cpu_clock.h $(CSRC)
 	mkdir -p build
 	g++ -O3 -std=c++17 -fopenmp-simd -Icsrc $(GEMV_CYCLES_SRC) -o $@
 

@@ -7,9 +7,9 @@
 //   make gemv-cycles                                            # the standard cases
 //   build/cpu_gemv_cycles FORM N K BITS DIGITS [M] [CALLS] [cold]   # FORM: avx2 | avx2vnni | vnni | novbmi | mad
 //
-// The clock is measured (a chain of dependent adds, one cycle each), so cycles mean the same on every machine.
+// Each form runs as the plan picks it under that form's cap (plan_packed_gemv, packed_gemv_block); the clock is
+// measured (cpu_clock.h), so cycles mean the same on every machine.
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -17,26 +17,9 @@
 #include <vector>
 
 #include "cpu/packed_gemv.h"
+#include "cpu_clock.h"
 
 using namespace saliq;
-
-namespace {
-
-double seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-double clock_hz() {  // 8 dependent adds per iteration: one cycle each
-  const long n = 200000000;
-  long x = 0;
-  const double t = seconds();
-  for (long i = 0; i < n; i += 8)
-    __asm__ volatile("add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0"
-                     : "+r"(x));
-  return n / (seconds() - t);
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 6) {
@@ -44,27 +27,31 @@ int main(int argc, char** argv) {
                  argv[0]);
     return 2;
   }
-  // vnni: the AVX-512 VNNI + VBMI form; novbmi: AVX-512 VNNI without VBMI (Cascade Lake); mad: AVX-512 BW
-  // without VNNI (Skylake-SP); avx2vnni: the 256-bit VNNI form (VEX, or EVEX on an AVX-512 CPU)
-  const bool vnni = std::strcmp(argv[1], "vnni") == 0, vnni256_form = std::strcmp(argv[1], "avx2vnni") == 0;
-  const bool novbmi = std::strcmp(argv[1], "novbmi") == 0, mad = std::strcmp(argv[1], "mad") == 0;
-  const bool zmm = vnni || novbmi || mad;  // a 16-lane form
-  if (vnni256_form) set_isa_cap(IsaCap::Avx2Vnni);
-  else if (novbmi) set_isa_cap(IsaCap::Avx512Vnni);
-  else if (mad) set_isa_cap(IsaCap::Avx512Bw);
-  else if (!vnni) set_isa_cap(IsaCap::Avx2);
+  // each form is the one plan_packed_gemv picks under a cap: vnni the AVX-512 VNNI + VBMI form (no cap), novbmi
+  // AVX-512 VNNI without VBMI (Cascade Lake), mad AVX-512 BW without VNNI (Skylake-SP), avx2vnni the 256-bit VNNI
+  // form (VEX, or EVEX on an AVX-512 CPU), avx2 the AVX2 form
+  struct Form {
+    const char* name;
+    IsaCap cap;
+    GemvKernel kernel, kernel2;
+  };
+  const Form forms[] = {{"vnni", IsaCap::Avx512, GemvKernel::Int8x512, GemvKernel::Int8x512},
+                        {"novbmi", IsaCap::Avx512Vnni, GemvKernel::Int8x512NoVbmi, GemvKernel::Int8x512NoVbmi},
+                        {"mad", IsaCap::Avx512Bw, GemvKernel::Int8x512Mad, GemvKernel::Int8x512Mad},
+                        {"avx2vnni", IsaCap::Avx2Vnni, GemvKernel::Int8x256Vnni, GemvKernel::Int8x256VnniEvex},
+                        {"avx2", IsaCap::Avx2, GemvKernel::Int8x256, GemvKernel::Int8x256}};
+  const Form* form = nullptr;
+  for (const Form& f : forms)
+    if (std::strcmp(argv[1], f.name) == 0) form = &f;
+  if (form == nullptr) {
+    std::fprintf(stderr, "unknown form %s: avx2, avx2vnni, vnni, novbmi or mad\n", argv[1]);
+    return 2;
+  }
+  set_isa_cap(form->cap);
   const int64_t N = atol(argv[2]), K = atol(argv[3]), M = argc > 6 ? atol(argv[6]) : 1;
   const int bits = atoi(argv[4]), parts = atoi(argv[5]), calls = argc > 7 ? atoi(argv[7]) : 2000;
   const bool cold = argc > 8 && std::strcmp(argv[8], "cold") == 0;
-  const bool avx512 = active_isa() == CpuIsa::Avx512;
-  if (vnni     ? !(avx512 && has_avx512_vnni() && has_avx512_vbmi())
-      : novbmi ? !(avx512 && has_avx512_vnni())
-      : mad    ? !avx512
-      : vnni256_form ? vnni256() == Vnni256::None
-                     : active_isa() == CpuIsa::Portable) {
-    std::printf("%s: this CPU lacks the form's extensions\n", argv[1]);
-    return 0;
-  }
+  set_gemv_precision((GemvPrecision)parts);
   const int64_t group = 64, G = K / group, per_word = bits == 4 ? 8 : 16;
   std::mt19937 rng(1);
   std::vector<int32_t> qweight(K / per_word * N), qweight_hi(K / 32 * N);
@@ -86,36 +73,36 @@ int main(int argc, char** argv) {
   p.scale_type = ScaleType::F32;
   p.zeros = zeros.data();
   p.y = y.data();
-  Int8Activations act;  // as plan_packed_gemv makes them (timed: every call makes them, on one thread)
+  // one thread's plan: one block of the form's tiles (then portable columns past the last whole tile); made on
+  // every call, so timed too (mostly the activation digits)
+  PackedGemvPlan plan;
   double prep = 1e9;
   for (int c = 0; c < 200; ++c) {
     const double t = seconds();
-    quantize_activations(p, parts, !zmm && M == 1 ? kInt8x256DigitReplicasM1 : 1, act);
+    plan_packed_gemv(p, 1, plan);
     prep = std::min(prep, seconds() - t);
   }
-  act.prefetch = N % 1024 == 0 ? PrefetchTo::kL2 : PrefetchTo::kL1;
-  const int64_t width = zmm ? int8x512_width(p) : int8x256_width(p);
+  if (plan.kernel != form->kernel && plan.kernel != form->kernel2) {
+    std::printf("%s: this CPU lacks the form's extensions\n", argv[1]);
+    return 0;
+  }
+  int64_t n0 = 0, n1 = 0;
   std::vector<float> flush(cold ? (64 << 20) / 4 : 1);
   std::vector<double> times;
   for (int c = 0; c < calls; ++c) {
     if (cold)
       for (size_t i = 0; i < flush.size(); i += 16) flush[i] += 1.0f;
     const double t = seconds();
-    if (vnni) int8x512_columns(p, act, 0, N / width);
-    else if (novbmi) int8x512_novbmi_columns(p, act, 0, N / width);
-    else if (mad) int8x512_mad_columns(p, act, 0, N / width);
-    else if (vnni256_form && vnni256() == Vnni256::Vex) int8x256_vnni_columns(p, act, 0, N / width);
-    else if (vnni256_form) int8x256_vnni_evex_columns(p, act, 0, N / width);
-    else int8x256_columns(p, act, 0, N / width);
+    packed_gemv_block(p, plan, 0, &n0, &n1);
     times.push_back(seconds() - t);
   }
   std::sort(times.begin(), times.end());
   const double t = cold ? times[times.size() / 2] : times[0];
   const double hz = clock_hz();
-  const double word_rows = (double)(K / per_word) * (double)(N / width * width / 16) * (double)M;
+  const double word_rows = (double)(K / per_word) * (double)((n1 - n0) / 16) * (double)M;
   std::printf("%s %ld x %ld, %d-bit, %d digit(s), M = %ld: %.1f us (%s), %.1f cycles per word row of 16 columns "
-              "(clock %.2f GHz); activation digits %.1f us\n",
-              argv[1], (long)N, (long)K, bits, parts, (long)M, t * 1e6, cold ? "median, from DRAM" : "best", t * hz / word_rows,
-              hz / 1e9, prep * 1e6);
+              "(clock %.2f GHz); plan with its activation digits %.1f us\n",
+              argv[1], (long)N, (long)K, bits, parts, (long)M, t * 1e6, cold ? "median, from DRAM" : "best",
+              t * hz / word_rows, hz / 1e9, prep * 1e6);
   return 0;
 }

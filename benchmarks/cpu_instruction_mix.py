@@ -9,8 +9,8 @@ the shifts, selects and masks that make the codes (docs/NOTES.md, "Where Zen 4's
 Kinds: dpbusd (12 accumulators), shift (vpsrld), ternlog (vpternlogd), and (vpandd), affine (vgf2p8affineqb),
 multishift (vpmultishiftqb), shufbit (vpshufbitqmb into a mask), maskadd (vpaddb under a mask), move (vmovdqa32
 register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32). Each kind writes its own registers, so
-no instruction waits for another; the clock is measured as `cpu_gemv_cycles.cpp` does. A mix whose instructions
-the CPU lacks is named and skipped.
+no instruction waits for another; the clock is measured as `cpu_gemv_cycles.cpp` does (`cpu_clock.h`). A mix whose
+instructions the CPU lacks is named and skipped.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent  # cpu_clock.h
 
 # kind -> (asm template of instruction i, registers it may write); sources are zmm0-3
 KINDS = {
@@ -61,29 +63,19 @@ STANDARD = [
 ]
 
 PROGRAM = r"""#include <algorithm>
-#include <chrono>
 #include <cstdio>
-static double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-static double clock_hz() {  // 8 dependent adds per iteration: one cycle each
-  const long n = 200000000;
-  long x = 0;
-  const double t = now();
-  for (long i = 0; i < n; i += 8)
-    __asm__ volatile("add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0\n add $1,%0"
-                     : "+r"(x));
-  return n / (now() - t);
-}
+
+#include "cpu_clock.h"
+
 int main() {
   alignas(64) static char scratch[1024];
   (void)scratch;
   const long iters = 10000000;
   double best = 1e9;
   for (int r = 0; r < 3; ++r) {
-    const double t = now();
+    const double t = seconds();
     for (long i = 0; i < iters; ++i) __asm__ volatile("BODY" ::: "memory");
-    best = std::min(best, now() - t);
+    best = std::min(best, seconds() - t);
   }
   std::printf("%.2f\n", best * clock_hz() / iters);
 }
@@ -104,7 +96,7 @@ def body(mix: dict[str, int]) -> str:
 def cycles(mix: dict[str, int], workdir: Path) -> float:
     src, exe = workdir / "mix.cpp", workdir / "mix"
     src.write_text(PROGRAM.replace("BODY", body(mix)))
-    subprocess.run(["g++", "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mgfni", "-mavx512vbmi",
+    subprocess.run(["g++", "-O2", f"-I{HERE}", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mgfni", "-mavx512vbmi",
                     "-mavx512bitalg", "-o", str(exe), str(src)], check=True)
     return float(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout)
 
