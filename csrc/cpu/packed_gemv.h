@@ -107,7 +107,7 @@ bool quantize_activations(const PackedGemvProblem& p, int parts, int replicas, I
 // threads: 4 blocks of 1024 columns took 0.89 ms for 2-bit, 2 of 2048 0.66 ms, after dense calls in between).
 constexpr int64_t kInt8BlocksPerThread = 2;
 constexpr int64_t kInt8MinBlockColumns = 2048;
-int64_t int8x512_width(const PackedGemvProblem& p);  // columns of the register tile
+int64_t int8x512_width(const PackedGemvProblem& p, GemvKernel kernel);  // columns of the form's register tile
 int64_t int8x256_width(const PackedGemvProblem& p);  // every 256-bit form
 void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);
 void int8x512_novbmi_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);

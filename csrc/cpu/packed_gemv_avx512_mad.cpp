@@ -13,10 +13,11 @@
 
 namespace saliq {
 
-// The columns of a register tile of the 16-lane form plan_packed_gemv picks (a VNNI form where the CPU, under its
-// cap, has AVX512_VNNI; this one where not); here, in the file compiled for the fewest extensions.
-int64_t int8x512_width(const PackedGemvProblem& p) {
-  return 16 * (p.M == 1 ? kVectorsM1 : !has_avx512_vnni() ? kVectorsMMad : p.bits == 3 ? kVectorsM3 : kVectorsMVnni);
+// The columns of a register tile of the 16-lane form `kernel`; here, in the file compiled for the fewest
+// extensions.
+int64_t int8x512_width(const PackedGemvProblem& p, GemvKernel kernel) {
+  if (p.M == 1) return 16 * kVectorsM1;
+  return 16 * (kernel == GemvKernel::Int8x512Mad ? kVectorsMMad : p.bits == 3 ? kVectorsM3 : kVectorsMVnni);
 }
 
 void int8x512_mad_columns(const PackedGemvProblem& p, const Int8Activations& a, int64_t n0, int64_t subs) {

@@ -110,7 +110,7 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
                   : !has_avx512_vnni() ? GemvKernel::Int8x512Mad
                   : has_avx512_vbmi()  ? GemvKernel::Int8x512
                                        : GemvKernel::Int8x512NoVbmi;
-    plan.block = avx512 ? int8x512_width(p) : int8x256_width(p);
+    plan.block = avx512 ? int8x512_width(p, plan.kernel) : int8x256_width(p);
     const int64_t tiles = p.N / plan.block;
     // one block per thread, a second where blocks stay kInt8MinBlockColumns wide (packed_gemv.h)
     const int64_t want = threads <= 1 ? 1 : std::clamp<int64_t>(p.N / kInt8MinBlockColumns, threads,
