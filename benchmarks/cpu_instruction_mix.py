@@ -8,7 +8,9 @@ the shifts, selects and masks that make the codes (docs/NOTES.md, "Where Zen 4's
 
 Kinds: dpbusd (12 accumulators), shift (vpsrld), ternlog (vpternlogd), and (vpandd), affine (vgf2p8affineqb),
 multishift (vpmultishiftqb), shufbit (vpshufbitqmb into a mask), maskadd (vpaddb under a mask), move (vmovdqa32
-register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32). Each kind writes its own registers, so
+register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32); and the prefill dequantizer's
+(`packed_prefill_avx512.cpp`): varshift (vpsrlvd), permps (vpermps), mulps (vmulps), cvtbf16 (vcvtne2ps2bf16),
+store (vmovdqu32 to memory). Each kind writes its own registers, so
 no instruction waits for another; the clock is measured as `cpu_gemv_cycles.cpp` does (`cpu_clock.h`). A mix whose
 instructions the CPU lacks is named and skipped.
 """
@@ -35,10 +37,15 @@ KINDS = {
     "move": lambda i: f"vmovdqa32 %%zmm{i % 4}, %%zmm{4 + i % 6}",
     "broadcast": lambda i: f"vpbroadcastd {4 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
     "load": lambda i: f"vmovdqu32 {64 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
+    "varshift": lambda i: f"vpsrlvd %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "permps": lambda i: f"vpermps %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "mulps": lambda i: f"vmulps %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "cvtbf16": lambda i: f"vcvtne2ps2bf16 %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "store": lambda i: f"vmovdqu32 %%zmm{i % 4}, {-512 - 64 * (i % 8)}(%%rsp)",
 }
 
 # the /proc/cpuinfo flag a kind needs beyond AVX512F / BW
-NEEDS = {"dpbusd": "avx512_vnni", "affine": "gfni", "multishift": "avx512vbmi", "shufbit": "avx512_bitalg"}
+NEEDS = {"cvtbf16": "avx512_bf16", "dpbusd": "avx512_vnni", "affine": "gfni", "multishift": "avx512vbmi", "shufbit": "avx512_bitalg"}
 
 STANDARD = [
     {"dpbusd": 12},

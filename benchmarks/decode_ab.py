@@ -98,8 +98,8 @@ def main() -> None:
     paths = args.isa or "auto"
     if isa_after != args.isa:
         paths = f"{paths} (before) / {isa_after or 'auto'} (after)"
-    head = (f"M = {args.m} GEMV, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, caches flushed, "
-            f"{args.rounds} rounds alternated, median of {args.calls} calls per process")
+    head = (f"M = {args.m} packed_matmul, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, "
+            f"caches flushed, {args.rounds} rounds alternated, median of {args.calls} calls per process")
     lines = [head, "", "| case | before ms (range) | after ms (range) | before / after |", "|---|---|---|---|"]
     for case in runs["before"][0]:
         b = [r[case] * 1e3 for r in runs["before"]]

@@ -252,7 +252,7 @@ def test_decode_ab_benchmark_smoke_run(tmp_path):
     subprocess.run([sys.executable, str(root / "benchmarks" / "decode_ab.py"), str(root), str(root), "--rounds", "1",
                     "--calls", "2", "--shapes", "64x128,48x256", "--bits", "2,3", "--isa", "avx2", "--isa-after",
                     "avx2vnni", "--m", "3", "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
-    assert out.read_text().startswith("M = 3 GEMV")
+    assert out.read_text().startswith("M = 3 packed_matmul")
     assert "cpu path avx2 (before) / avx2vnni (after)" in out.read_text()
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "bit" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| 64x128 2-bit", "| 64x128 3-bit", "| 48x256 2-bit",
@@ -300,5 +300,9 @@ def test_instruction_mix_tool_runs_a_mix():
     out = subprocess.run([sys.executable, str(tool), "dpbusd=4", "and=2"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     assert re.fullmatch(r"4 dpbusd, 2 and: [0-9.]+ cycles per iteration\n", out) or "lacks" in out, out
+    out = subprocess.run([sys.executable, str(tool), "varshift=2", "permps=2", "cvtbf16=1", "store=1"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert re.fullmatch(r"2 varshift, 2 permps, 1 cvtbf16, 1 store: [0-9.]+ cycles per iteration\n", out) or \
+        "lacks" in out, out
     bad = subprocess.run([sys.executable, str(tool), "dpbusd=x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "dpbusd=x" in bad.stderr

@@ -2,7 +2,8 @@
 // Small M (<= packed_matmul_gemv_max_m(), 32 by default): the GEMV kernels of packed_gemv.h, straight on
 // the packed words, through quant_linear_cpu (quant_linear_ops.cpp) without LoRA.
 // Larger M (prefill): tiles of rows of W [tile, K] are dequantized (packed_prefill.h) and multiplied with
-// at::mm / at::addmm (x times the tile's transpose, as F.linear does) straight into the output's columns;
+// at::mm / at::addmm (x times the tile's transpose, as F.linear does, straight into the output's columns; or, in
+// the half dtypes with M below the tile's rows, the tile times x^T, then transposed into them);
 // at::parallel_for over tiles, each written by one thread, whose GEMM then runs on that thread. The GEMM's
 // dtype: bf16 / fp16 when x has that dtype and the CPU multiplies it natively (AVX512_BF16 / AVX512_FP16;
 // oneDNN accumulates in fp32 and rounds the output once), the weight rounded once from the fp32 (q - z) * s;
@@ -72,6 +73,16 @@ int64_t prefill_tile_columns() {
   return 128;
 }
 
+// Elements from one row of a dequantized tile to the next: K rounded up to whole cache lines, plus a line where
+// that count is even. Rows a power of two of lines apart (K = 4096 in bf16: 8 KiB) fall in the same L1 sets, and
+// the dequantizer, which writes 16 rows side by side, then missed L1 on most of its stores (docs/NOTES.md).
+int64_t tile_row_stride(int64_t K, int64_t elem) {
+  const int64_t per_line = 64 / elem;
+  int64_t lines = (K + per_line - 1) / per_line;
+  if (lines % 2 == 0) ++lines;
+  return lines * per_line;
+}
+
 }  // namespace
 
 int64_t packed_matmul_gemv_max_m() { return g_gemv_max_m; }
@@ -110,18 +121,19 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   const at::Tensor xc = x.to(cd).contiguous();
   const int64_t elem = xc.element_size();
   const int64_t tile = prefill_tile_columns();
+  const int64_t ld = tile_row_stride(K, elem);
   // inference mode and grad mode are thread-local: the worker threads must match the caller, or writing into y
   // (an inference tensor when the caller is in inference mode) fails
   const bool inference = c10::InferenceMode::is_enabled();
   if (tile == 0 || tile >= N) {  // the whole weight, then one GEMM on all threads
     thread_local at::Tensor whole;
-    const at::Tensor w = kept_buffer(whole, K * N, xc.options()).view({N, K});
+    const at::Tensor w = kept_buffer(whole, ld * N, xc.options()).view({N, ld}).narrow(1, 0, K);
     char* base = static_cast<char*>(w.data_ptr());
     constexpr int64_t kChunk = 64;
     at::parallel_for(0, (N + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * kChunk;
-        dequantize_rows(p, n0, std::min(kChunk, N - n0), base + n0 * K * elem, K, dq);
+        dequantize_rows(p, n0, std::min(kChunk, N - n0), base + n0 * ld * elem, ld, dq);
       }
     });
     if (bias_c.defined())
@@ -130,21 +142,33 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
       at::mm_out(y, xc, w.t());
     return y.to(xt);
   }
+  // oneDNN repacks its second operand on every call; a half GEMM with fewer rows of x than the tile has takes x as
+  // that operand, tile x x^T into a small buffer then transposed into y, instead of x tile^T (docs/NOTES.md:
+  // bf16 M = 64, 1 thread, 2-3% to 7% faster; from M = tile rows on, slower). MKL's fp32 GEMM gained nothing.
+  const bool transposed = half && M < tile;
   const int64_t tiles = (N + tile - 1) / tile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode inference_guard(inference);
     at::NoGradGuard worker_no_grad;
-    thread_local at::Tensor tile_buffer;
-    const at::Tensor buf = kept_buffer(tile_buffer, K * std::min(tile, N), xc.options());
+    thread_local at::Tensor tile_buffer, out_buffer;
+    const at::Tensor buf = kept_buffer(tile_buffer, ld * std::min(tile, N), xc.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile, nt = std::min(tile, N - n0);
-      const at::Tensor w = buf.narrow(0, 0, K * nt).view({nt, K});
-      dequantize_rows(p, n0, nt, w.data_ptr(), K, dq);
+      const at::Tensor w = buf.narrow(0, 0, ld * nt).view({nt, ld}).narrow(1, 0, K);
+      dequantize_rows(p, n0, nt, w.data_ptr(), ld, dq);
       at::Tensor out = y.narrow(1, n0, nt);
-      if (bias_c.defined())
+      if (transposed) {
+        at::Tensor ot = kept_buffer(out_buffer, nt * M, xc.options()).view({nt, M});
+        if (bias_c.defined())
+          at::addmm_out(ot, bias_c.narrow(0, n0, nt).unsqueeze(1), w, xc.t());
+        else
+          at::mm_out(ot, w, xc.t());
+        out.copy_(ot.t());
+      } else if (bias_c.defined()) {
         at::addmm_out(out, bias_c.narrow(0, n0, nt), xc, w.t());
-      else
+      } else {
         at::mm_out(out, xc, w.t());
+      }
     }
   });
   return y.to(xt);

@@ -1,14 +1,15 @@
-// AVX-512 dequantizer for the prefill GEMM (packed_prefill.h). Per row of W and 16 inputs: shift and mask the
-// codes, OR 0x4B000000 (the float 2^23 + q, exact), subtract 2^23 + z (exact: |z| < 2^15), so q - z is exact
-// and the one multiply by s rounds as ref.dequantize's does; then one conversion to the output type
-// (vcvtneps2bf16 / vcvtps2ph, both round to nearest even; bf16 flushes denormal results, which no scale
-// within the format's clamps produces).
+// AVX-512 dequantizer for the prefill GEMM (packed_prefill.h). Per row of W and group, a table of the row's 2^BITS
+// values: the float 2^23 + q (exact, 0x4B000000 | q) minus 2^23 + z (exact: |z| < 2^15), so q - z is exact, times
+// s, rounded once as ref.dequantize's (q - z) * s. Per 16 inputs the codes are shifted into the low bits of their
+// lanes and looked up (vpermps); then one conversion to the output type (vcvtne2ps2bf16 / vcvtps2ph, both round
+// to nearest even; bf16 flushes denormal results, which no scale within the format's clamps produces).
 #include <immintrin.h>
 #include <stdint.h>
 
 #include <algorithm>
 
 #include "cpu/packed_prefill.h"
+#include "cpu/prefetch.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
@@ -44,15 +45,45 @@ inline void store(void* out, int64_t idx, __m512 v, __mmask16 m) {
   }
 }
 
+// Two vectors of one row, 32 consecutive inputs, stored together: bf16 as one 64-byte store after one
+// vcvtne2ps2bf16 (half the conversions and stores of one vector at a time).
+template <DequantOut T>
+inline void store_pair(void* out, int64_t idx, __m512 lo, __m512 hi) {
+  if constexpr (T == DequantOut::F32) {
+    _mm512_storeu_ps(static_cast<float*>(out) + idx, lo);
+    _mm512_storeu_ps(static_cast<float*>(out) + idx + 16, hi);
+  } else if constexpr (T == DequantOut::F16) {
+    const __m256i a = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i b = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_storeu_si512(static_cast<uint16_t*>(out) + idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+  } else {
+    _mm512_storeu_si512(static_cast<uint16_t*>(out) + idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// A tile reads each word row in a run of tile * 4 bytes, the next word row N words away: too short a run for the
+// hardware prefetchers, so the words of the group two ahead are prefetched (docs/NOTES.md: 3-bit 11008 x 4096 in
+// tiles of 128 rows, caches cold, 5.4-5.7 -> 4.4 ms; one group ahead 4.6, four 4.7).
+constexpr int64_t kPrefetchGroups = 2;
+
 // Rows n0 .. n0 + nt - 1 of W, each contiguous along K (out[j * ld + k]), 16 inputs of one row per vector: the
 // row's word broadcast and shifted lane by lane (vpsrlvd), its 3-bit hi word rotated so that the hi bit of input
-// k lands on bit 2 (vprorvd), one select and one AND-OR as before, so 2-bit costs 5 instructions per 16 weights
-// and 3-bit 7. 4-bit: the words of two word rows in the two halves. Loops: group, 16-row strip (its scales
-// loaded once; the packed words are read along their rows, which stream, not down the columns), row, word row.
+// k lands on bit 2 (vprorvd) and selected in (vpternlogd), then the table lookup: 2-bit 3 instructions per 16
+// weights, 3-bit 5, plus half a conversion and half a store when a group is whole runs of 32 inputs (every group
+// size but a per-channel group whose K is not a multiple of 32). 4-bit: the words of two word rows in the two
+// halves. Loops: group, 16-row strip (its scales loaded once; the packed words are read along their rows, which
+// stream, not down the columns), row, word row. The problem's fields are copied to locals: the stores through
+// `out` could alias them, and GCC reloaded them every vector.
 template <int BITS, DequantOut T>
 void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;
   constexpr int kWidth = BITS == 4 ? 4 : 2;
+  const int64_t N = p.N, G = p.G, K = p.K, group_len = p.group_len;
+  const int32_t* const qweight = p.qweight;
+  const int32_t* const qweight_hi = p.qweight_hi;
+  const void* const scales = p.scales;
+  const ScaleType scale_type = p.scale_type;
+  const int16_t* const zeros = p.zeros;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i shift = _mm512_mullo_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(kPerWord - 1)),
                                            _mm512_set1_epi32(kWidth));
@@ -61,40 +92,74 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
   const __m512i rot_hi = _mm512_add_epi32(lane, _mm512_set1_epi32(14));
   const __m512i magic = _mm512_set1_epi32(0x4B000000);
   const __m512 two23 = _mm512_set1_ps(8388608.0f);
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t k_begin = g * p.group_len, k_end = std::min(k_begin + p.group_len, p.K);
+  // the codes of 16 inputs of one row as vpermps indices (only bits 0..3 count; the bits above the code's own
+  // may hold other codes, which the replicated table ignores): wp at their (first) word, hp at their hi word,
+  // upper: inputs 16..31 of that hi word
+  auto codes = [&](const int32_t* wp, const int32_t* hp, bool upper, bool second_word) {
+    __m512i w = _mm512_set1_epi32(*wp);
+    if (BITS == 4 && second_word) w = _mm512_mask_set1_epi32(w, (__mmask16)0xFF00, wp[N]);
+    const __m512i a = _mm512_srlv_epi32(w, shift);
+    if constexpr (BITS == 3) {
+      const __m512i h = _mm512_rorv_epi32(_mm512_set1_epi32(*hp), upper ? rot_hi : rot_lo);
+      return _mm512_ternarylogic_epi32(a, h, _mm512_set1_epi32(3), 0xE4);  // c ? a : b
+    } else {
+      return a;
+    }
+  };
+  // table entry i: the float 2^23 + (i mod 2^BITS), so (entry - (2^23 + z)) * s = (q - z) * s, exact up to the
+  // one rounding of the multiply, as ref.dequantize
+  const __m512 q_table = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(lane, _mm512_set1_epi32((1 << BITS) - 1)), magic));
+  // word rows per 16 inputs
+  constexpr int64_t kStep = BITS == 4 ? 2 : 1;
+  const int scale_bytes = scale_type == ScaleType::F32 ? 4 : 2;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k_begin = g * group_len, k_end = std::min(k_begin + group_len, K);
+    if (g + kPrefetchGroups < G) {  // the tile's words, scales and zeros of a group ahead, into L2
+      const int64_t gp = g + kPrefetchGroups, kb = gp * group_len, ke = std::min(kb + group_len, K);
+      for (int64_t r = kb / kPerWord; r < (ke + kPerWord - 1) / kPerWord; ++r)
+        prefetch_lines(qweight + r * N + n0, nt * 4, PrefetchTo::kL2);
+      if (BITS == 3)
+        for (int64_t r = kb / 32; r < (ke + 31) / 32; ++r)
+          prefetch_lines(qweight_hi + r * N + n0, nt * 4, PrefetchTo::kL2);
+      prefetch_lines(static_cast<const char*>(scales) + (gp * N + n0) * scale_bytes, nt * scale_bytes,
+                     PrefetchTo::kL2);
+      prefetch_lines(zeros + gp * N + n0, nt * 2, PrefetchTo::kL2);
+    }
+    const bool pairs = (k_end - k_begin) % 32 == 0;
     for (int64_t c = 0; c < nt; c += 16) {
       const int64_t rows_here = std::min<int64_t>(16, nt - c);
       const __mmask16 m = rows_here == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << rows_here) - 1u);
-      const __m512 s16 = load_scales(p.scales, p.scale_type, g * p.N + n0 + c, m);
+      const __m512 s16 = load_scales(scales, scale_type, g * N + n0 + c, m);
       const __m512 zz16 = _mm512_add_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, p.zeros + g * p.N + n0 + c))), two23);
+          _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, zeros + g * N + n0 + c))), two23);
       for (int64_t jj = 0; jj < rows_here; ++jj) {
         const __m512i pick = _mm512_set1_epi32((int)jj);
         const __m512 s = _mm512_permutexvar_ps(pick, s16), zz = _mm512_permutexvar_ps(pick, zz16);
         const int64_t n = n0 + c + jj;
         const int64_t row_idx = (c + jj) * ld;
         // this row's words of the group, one word row (N words) apart; groups start on a hi word (32 inputs)
-        const int32_t* wp = p.qweight + (k_begin / kPerWord) * p.N + n;
-        const int32_t* hp = BITS == 3 ? p.qweight_hi + (k_begin / 32) * p.N + n : nullptr;
-        // groups are whole words except a per-channel group whose K ends inside a word
-#pragma GCC unroll 4
-        for (int64_t k0 = k_begin; k0 < k_end; k0 += 16) {
-          __m512i w = _mm512_set1_epi32(*wp);
-          if (BITS == 4 && k0 + 8 < k_end) w = _mm512_mask_set1_epi32(w, (__mmask16)0xFF00, wp[p.N]);
-          wp += (BITS == 4 ? 2 : 1) * p.N;
-          const __m512i a = _mm512_srlv_epi32(w, shift);
-          __m512i bits;
-          if constexpr (BITS == 3) {
-            const bool upper = (k0 - k_begin) & 16;  // inputs 16..31 of the hi word
-            const __m512i h = _mm512_rorv_epi32(_mm512_set1_epi32(*hp), upper ? rot_hi : rot_lo);
-            if (upper) hp += p.N;
-            const __m512i sel = _mm512_ternarylogic_epi32(a, h, _mm512_set1_epi32(3), 0xE4);  // c ? a : b
-            bits = _mm512_ternarylogic_epi32(sel, _mm512_set1_epi32(7), magic, 0xEA);  // (a & b) | c
-          } else {
-            bits = _mm512_ternarylogic_epi32(a, _mm512_set1_epi32((1 << kWidth) - 1), magic, 0xEA);
+        const int32_t* wp = qweight + (k_begin / kPerWord) * N + n;
+        const int32_t* hp = BITS == 3 ? qweight_hi + (k_begin / 32) * N + n : nullptr;
+        // the row's 2^BITS values of the group, looked up per input (vpermps) instead of computed per input
+        const __m512 table = _mm512_mul_ps(_mm512_sub_ps(q_table, zz), s);
+        auto value = [&](__m512i idx) { return _mm512_permutexvar_ps(idx, table); };
+        if (pairs) {
+          for (int64_t k0 = k_begin; k0 < k_end; k0 += 32) {
+            const __m512 lo = value(codes(wp, hp, false, true));
+            const __m512 hi = value(codes(wp + kStep * N, hp, true, true));
+            wp += 2 * kStep * N;
+            if (BITS == 3) hp += N;
+            store_pair<T>(out, row_idx + k0, lo, hi);
           }
-          const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_castsi512_ps(bits), zz), s);
+          continue;
+        }
+        // a per-channel group whose K is not a multiple of 32: 16 inputs at a time, the last ones masked
+        for (int64_t k0 = k_begin; k0 < k_end; k0 += 16) {
+          const bool upper = (k0 - k_begin) & 16;  // inputs 16..31 of the hi word
+          const __m512 v = value(codes(wp, hp, upper, k0 + 8 < k_end));
+          wp += kStep * N;
+          if (BITS == 3 && upper) hp += N;
           const int64_t left = k_end - k0;
           store<T>(out, row_idx + k0, v, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u));
         }
