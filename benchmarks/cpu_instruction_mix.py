@@ -38,6 +38,7 @@ KINDS = {
     "broadcast": lambda i: f"vpbroadcastd {4 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
     "load": lambda i: f"vmovdqu32 {64 * (i % 8)}(%%rsp), %%zmm{4 + i % 6}",
     "varshift": lambda i: f"vpsrlvd %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
+    "permb": lambda i: f"vpermb %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
     "permps": lambda i: f"vpermps %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
     "mulps": lambda i: f"vmulps %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
     "cvtbf16": lambda i: f"vcvtne2ps2bf16 %%zmm{i % 4}, %%zmm{(i + 1) % 4}, %%zmm{4 + i % 6}",
@@ -45,7 +46,7 @@ KINDS = {
 }
 
 # the /proc/cpuinfo flag a kind needs beyond AVX512F / BW
-NEEDS = {"cvtbf16": "avx512_bf16", "dpbusd": "avx512_vnni", "affine": "gfni", "multishift": "avx512vbmi", "shufbit": "avx512_bitalg"}
+NEEDS = {"cvtbf16": "avx512_bf16", "dpbusd": "avx512_vnni", "affine": "gfni", "multishift": "avx512vbmi", "permb": "avx512vbmi", "shufbit": "avx512_bitalg"}
 
 STANDARD = [
     {"dpbusd": 12},

@@ -181,13 +181,14 @@ def test_setting_names(gemv):
         cpp.set_cpu_gemv("int4")
 
 
-@pytest.mark.parametrize("m", [1, 4, 7])
 @pytest.mark.parametrize("bits", [2, 3])
-@pytest.mark.parametrize("n,k", [(600, 256), (1000, 1024)])
+@pytest.mark.parametrize("m,n,k", [(1, 600, 256), (4, 600, 256), (7, 600, 256), (1, 1000, 1024), (4, 1000, 1024),
+                                   (7, 1000, 1024), (32, 2100, 192)])
 def test_blocks_of_whole_tiles_then_portable_tail(isa, gemv, m, bits, n, k):
     """A few wide blocks of whole register tiles (of unequal widths: 600 and 1000 are not multiples of the block
     count times the tile), then portable columns: every part written, and the same bits on one thread as on
-    two (each column sums its groups in the same order whichever block and thread computes it)."""
+    two (each column sums its groups in the same order whichever block and thread computes it). M = 32 over
+    2100 columns: y is 269 KB, so even one thread splits the columns into blocks (kInt8BlockYBytes)."""
     gemv("auto")
     args = case(n, k, bits, 64, torch.bfloat16, m, seed=11 * m + bits + n)
     threads = torch.get_num_threads()

@@ -107,6 +107,10 @@ bool quantize_activations(const PackedGemvProblem& p, int parts, int replicas, I
 // threads: 4 blocks of 1024 columns took 0.89 ms for 2-bit, 2 of 2048 0.66 ms, after dense calls in between).
 constexpr int64_t kInt8BlocksPerThread = 2;
 constexpr int64_t kInt8MinBlockColumns = 2048;
+// Each panel reads and writes the block's M x columns of y (fp32). More blocks where that would pass this, so y
+// stays in L2 from one panel to the next (1 thread, 11008 x 4096, M = 16, bf16 x: one block's 704 KB of y left
+// L2 on every panel, and 3-bit took 1.12x bf16 F.linear; in blocks of at most 256 KB 0.94x; docs/NOTES.md).
+constexpr int64_t kInt8BlockYBytes = 256 << 10;
 int64_t int8x512_width(const PackedGemvProblem& p, GemvKernel kernel);  // columns of the form's register tile
 int64_t int8x256_width(const PackedGemvProblem& p);  // every 256-bit form
 void int8x512_columns(const PackedGemvProblem& p, const Int8Activations& act, int64_t n0, int64_t subs);

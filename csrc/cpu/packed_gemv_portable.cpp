@@ -112,10 +112,12 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
                                        : GemvKernel::Int8x512NoVbmi;
     plan.block = avx512 ? int8x512_width(p, plan.kernel) : int8x256_width(p);
     const int64_t tiles = p.N / plan.block;
-    // one block per thread, a second where blocks stay kInt8MinBlockColumns wide (packed_gemv.h)
+    // one block per thread, a second where blocks stay kInt8MinBlockColumns wide, more where y would not stay in
+    // L2 (packed_gemv.h)
     const int64_t want = threads <= 1 ? 1 : std::clamp<int64_t>(p.N / kInt8MinBlockColumns, threads,
                                                                  threads * kInt8BlocksPerThread);
-    plan.int8_blocks = std::min(tiles, want);
+    const int64_t want_y = (p.M * p.N * 4 + kInt8BlockYBytes - 1) / kInt8BlockYBytes;
+    plan.int8_blocks = std::min(tiles, std::max(want, want_y));
     // the next panel's rows: N words apart, so when N * 4 bytes is a multiple of 4 KiB they fall in the same L1
     // sets and, fetched into L1 beside this panel's, evict them; there into L2 only (docs/NOTES.md)
     plan.act.prefetch = p.N % 1024 == 0 ? PrefetchTo::kL2 : PrefetchTo::kL1;
