@@ -8,10 +8,10 @@ the shifts, selects and masks that make the codes (docs/NOTES.md, "Where Zen 4's
 
 Kinds: dpbusd (12 accumulators), shift (vpsrld), ternlog (vpternlogd), and (vpandd), affine (vgf2p8affineqb),
 multishift (vpmultishiftqb), shufbit (vpshufbitqmb into a mask), maskadd (vpaddb under a mask), move (vmovdqa32
-register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32); and the prefill dequantizer's
-(`packed_prefill_avx512.cpp`): varshift (vpsrlvd), permps (vpermps), mulps (vmulps), cvtbf16 (vcvtne2ps2bf16),
-store (vmovdqu32 to memory). Each kind writes its own registers, so
-no instruction waits for another; the clock is measured as `cpu_gemv_cycles.cpp` does (`cpu_clock.h`). A mix whose
+register copies), broadcast (vpbroadcastd from memory), load (vmovdqu32), permb (vpermb); and the prefill
+dequantizer's (`packed_prefill_avx512.cpp`): varshift (vpsrlvd), permps (vpermps), mulps (vmulps), cvtbf16
+(vcvtne2ps2bf16), store (vmovdqu32 to memory). Each kind writes its own registers, so no instruction waits for
+another; the clock is measured as `cpu_gemv_cycles.cpp` does (`cpu_clock.h`). A mix whose
 instructions the CPU lacks is named and skipped.
 """
 from __future__ import annotations
