@@ -128,6 +128,23 @@ def test_tile_widths_cover_every_column(prefill, tile, dtype):
     assert_close_rel(run(args), ref.packed_matmul(*args), TOL[dtype], f"tile={tile}")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [192, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_shared_evenly_cover_every_column(prefill, threads, n, dtype):
+    """The default tiles come in a multiple of the thread count (600 rows on 2 or 3 threads: 5 tiles of 112 and
+    one of 40; 192 on 2: two of 96): every column is written whatever the split."""
+    prefill("auto")
+    args = case(n, 192, 3, 64, dtype, 40, seed=n + threads)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = run(args)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_rel(out, ref.packed_matmul(*args), TOL[dtype], f"threads={threads}")
+
+
 @pytest.mark.parametrize("m", [33, 64, 257])
 @pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -8,8 +8,8 @@
 // dtype: bf16 / fp16 when x has that dtype and the CPU multiplies it natively (AVX512_BF16 / AVX512_FP16;
 // oneDNN accumulates in fp32 and rounds the output once), the weight rounded once from the fp32 (q - z) * s;
 // else fp32, exact up to fp32 rounding. SALIQ_CPU_PREFILL=auto|fp32|half overrides the dtype choice;
-// SALIQ_CPU_PREFILL_TILE=rows the tile height (0: dequantize the whole weight, then one GEMM on all threads). Both are read per call: a prefill
-// call takes milliseconds.
+// SALIQ_CPU_PREFILL_TILE=rows the largest tile height (0: dequantize the whole weight, then one GEMM on all
+// threads). Both are read per call: a prefill call takes milliseconds.
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
@@ -73,6 +73,16 @@ int64_t prefill_tile_columns() {
   return 128;
 }
 
+// The tile height: at most `tile` rows (a multiple of 16 where that is smaller), in a number of tiles that is a
+// multiple of the thread count, so that at::parallel_for hands every thread the same rows. With 128-row tiles a
+// layer of a few tiles was split unevenly (N = 576 on two threads: 384 and 192 rows; 576 x 1536 fp32 M = 128
+// took 1.27x fp32 F.linear, 0.97x in tiles of 96; docs/NOTES.md).
+int64_t balanced_tile(int64_t N, int64_t tile, int64_t threads) {
+  if (tile <= 0 || tile >= N) return tile;
+  const int64_t tiles = (N + threads * tile - 1) / (threads * tile) * threads;
+  return std::min(tile, ((N + tiles - 1) / tiles + 15) / 16 * 16);
+}
+
 // Elements from one row of a dequantized tile to the next: K rounded up to whole cache lines, plus a line where
 // that count is even. Rows a power of two of lines apart (K = 4096 in bf16: 8 KiB) fall in the same L1 sets, and
 // the dequantizer, which writes 16 rows side by side, then missed L1 on most of its stores (docs/NOTES.md).
@@ -120,7 +130,7 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
 
   const at::Tensor xc = x.to(cd).contiguous();
   const int64_t elem = xc.element_size();
-  const int64_t tile = prefill_tile_columns();
+  const int64_t tile = balanced_tile(N, prefill_tile_columns(), at::get_num_threads());
   const int64_t ld = tile_row_stride(K, elem);
   // inference mode and grad mode are thread-local: the worker threads must match the caller, or writing into y
   // (an inference tensor when the caller is in inference mode) fails
