@@ -46,7 +46,8 @@ KINDS = {
 }
 
 # the /proc/cpuinfo flag a kind needs beyond AVX512F / BW
-NEEDS = {"cvtbf16": "avx512_bf16", "dpbusd": "avx512_vnni", "affine": "gfni", "multishift": "avx512vbmi", "permb": "avx512vbmi", "shufbit": "avx512_bitalg"}
+NEEDS = {"cvtbf16": "avx512_bf16", "dpbusd": "avx512_vnni", "affine": "gfni", "multishift": "avx512vbmi",
+         "permb": "avx512vbmi", "shufbit": "avx512_bitalg"}
 
 STANDARD = [
     {"dpbusd": 12},

@@ -69,11 +69,11 @@ constexpr int64_t kPrefetchGroups = 2;
 // Rows n0 .. n0 + nt - 1 of W, each contiguous along K (out[j * ld + k]), 16 inputs of one row per vector: the
 // row's word broadcast and shifted lane by lane (vpsrlvd), its 3-bit hi word rotated so that the hi bit of input
 // k lands on bit 2 (vprorvd) and selected in (vpternlogd), then the table lookup: 2-bit 3 instructions per 16
-// weights, 3-bit 5, plus half a conversion and half a store when a group is whole runs of 32 inputs (every group
-// size but a per-channel group whose K is not a multiple of 32). 4-bit: the words of two word rows in the two
-// halves. Loops: group, 16-row strip (its scales loaded once; the packed words are read along their rows, which
-// stream, not down the columns), row, word row. The problem's fields are copied to locals: the stores through
-// `out` could alias them, and GCC reloaded them every vector.
+// weights, 3-bit 5 (and half a broadcast of the hi word), plus half a conversion and half a store when a group is
+// whole runs of 32 inputs (every group size but a per-channel group whose K is not a multiple of 32). 4-bit: the
+// words of two word rows in the two halves. Loops: group, 16-row strip (its scales loaded once; the packed words
+// are read along their rows, which stream, not down the columns), row, word row. The problem's fields are copied
+// to locals: the stores through `out` could alias them, and GCC reloaded them every vector.
 template <int BITS, DequantOut T>
 void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;
