@@ -66,11 +66,13 @@ at::Tensor kept_buffer(at::Tensor& slot, int64_t size, const at::TensorOptions& 
 }
 
 // Rows of W (columns of the output) per tile. Measured (docs/NOTES.md, K = 4096 and 11008): 128 beat 64 (x re-read
-// per tile) and matched 256; the whole weight first, then one GEMM, was slower by 10-20 ms.
-int64_t prefill_tile_columns() {
+// per tile) and matched 256; the whole weight first, then one GEMM, was slower by 10-20 ms. A half GEMM with
+// fewer than 128 rows of x takes 256 (the tile times x^T repacks x once per tile, so half as often; 2 threads,
+// bf16, M = 64: 1.12-1.17 -> 1.02-1.12 bf16 F.linear; from M = 128 on 128 is as fast or faster).
+int64_t prefill_tile_columns(int64_t M, bool half) {
   const char* v = std::getenv("SALIQ_CPU_PREFILL_TILE");
   if (v != nullptr && *v != 0) return std::max<int64_t>(0, std::atoll(v));
-  return 128;
+  return half && M < 128 ? 256 : 128;
 }
 
 // The tile height: at most `tile` rows (a multiple of 16 where that is smaller), in a number of tiles that is a
@@ -130,7 +132,7 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
 
   const at::Tensor xc = x.to(cd).contiguous();
   const int64_t elem = xc.element_size();
-  const int64_t tile = balanced_tile(N, prefill_tile_columns(), at::get_num_threads());
+  const int64_t tile = balanced_tile(N, prefill_tile_columns(M, half), at::get_num_threads());
   const int64_t ld = tile_row_stride(K, elem);
   // inference mode and grad mode are thread-local: the worker threads must match the caller, or writing into y
   // (an inference tensor when the caller is in inference mode) fails
