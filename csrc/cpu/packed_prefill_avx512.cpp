@@ -45,19 +45,15 @@ inline void store(void* out, int64_t idx, __m512 v, __mmask16 m) {
   }
 }
 
-// Two vectors of one row, 32 consecutive inputs, stored together: bf16 as one 64-byte store after one
-// vcvtne2ps2bf16 (half the conversions and stores of one vector at a time).
+// Two vectors of one row, 32 consecutive inputs: bf16 as one 64-byte store after one vcvtne2ps2bf16 (half the
+// conversions and stores of one vector at a time); the other types as two full vectors.
 template <DequantOut T>
 inline void store_pair(void* out, int64_t idx, __m512 lo, __m512 hi) {
-  if constexpr (T == DequantOut::F32) {
-    _mm512_storeu_ps(static_cast<float*>(out) + idx, lo);
-    _mm512_storeu_ps(static_cast<float*>(out) + idx + 16, hi);
-  } else if constexpr (T == DequantOut::F16) {
-    const __m256i a = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i b = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm512_storeu_si512(static_cast<uint16_t*>(out) + idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
-  } else {
+  if constexpr (T == DequantOut::BF16) {
     _mm512_storeu_si512(static_cast<uint16_t*>(out) + idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  } else {
+    store<T>(out, idx, lo, (__mmask16)0xFFFF);
+    store<T>(out, idx + 16, hi, (__mmask16)0xFFFF);
   }
 }
 
