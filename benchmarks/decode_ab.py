@@ -1,6 +1,7 @@
-"""Two builds of saliq's CPU GEMV (M = 1 unless --m) side by side, caches flushed before every call: the A/B test
-for a kernel change on a machine whose timings drift (on a shared 2-core VM they move by 20-30% from minute to
-minute, so only builds measured alternately, round after round, compare).
+"""Two builds of saliq's CPU packed_matmul (the GEMV at M = 1 unless --m; M above 32 takes the prefill tiles) side
+by side, caches flushed before every call: the A/B test for a kernel change on a machine whose timings drift (on a
+shared 2-core VM they move by 20-30% from minute to minute, so only builds measured alternately, round after
+round, compare).
 
 Each round runs one short process per build (`--child`), alternately; a process times `--calls` calls per
 case, each after streaming twice the CPU's largest cache, at least 64 MiB (the weights come from DRAM, as in a
