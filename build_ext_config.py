@@ -8,6 +8,9 @@
   static CUDA runtime. The macro SALIQ_WITH_CUDA tells the C++ side that the launchers exist.
 
 The toolkit is found from CUDA_HOME / CUDA_PATH, else from `nvcc` on PATH; SALIQ_NO_CUDA=1 skips it.
+libstdc++ is always linked dynamically: some Python builds put `-static-libstdc++` in the flags every
+extension is linked with, and a second, static libstdc++ beside the one torch has loaded crashed (SIGSEGV in
+std::codecvt) the first time an error message formatted a number.
 MAX_JOBS bounds the parallel compiler processes (C++ via ninja, nvcc via a thread pool).
 """
 from __future__ import annotations
@@ -97,6 +100,11 @@ def compile_cuda_objects(toolkit: dict, build_dir: str) -> list[str]:
         return list(pool.map(compile_one, sources))
 
 
+def without_static_libstdcxx(cmd: list[str]) -> list[str]:
+    """A link command with `-static-libstdc++` removed (see the module docstring)."""
+    return [a for a in cmd if a != "-static-libstdc++"]
+
+
 def ext_modules():
     """The saliq._C extension (its CUDA objects are added at build time by the build_ext command)."""
     from torch.utils.cpp_extension import CppExtension
@@ -120,6 +128,11 @@ def cmdclass():
         """BuildExtension that first compiles csrc/cuda with nvcc when a toolkit is present."""
 
         def build_extensions(self):
+            for attr in ("linker_so", "linker_so_cxx"):  # the shared-object link commands, env LDFLAGS included
+                cmd = getattr(self.compiler, attr, None)
+                if cmd and "-static-libstdc++" in cmd:
+                    print(f"saliq: linking libstdc++ dynamically (dropped -static-libstdc++ from {attr})", flush=True)
+                    setattr(self.compiler, attr, without_static_libstdcxx(cmd))
             toolkit = find_cuda_toolkit()
             for ext in self.extensions:
                 if ext.name != "saliq._C":

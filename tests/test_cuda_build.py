@@ -41,6 +41,20 @@ def find_cuobjdump():
 
 
 @needs_toolkit
+def test_libstdcxx_is_linked_dynamically():
+    # a static libstdc++ inside _C beside torch's shared one segfaulted on the first error message that
+    # formatted a number (seen on a GPU machine whose Python links extensions with -static-libstdc++)
+    cmd = ["g++", "-shared", "-static-libstdc++", "a.o", "-o", "_C.so"]
+    assert build_ext_config.without_static_libstdcxx(cmd) == ["g++", "-shared", "a.o", "-o", "_C.so"]
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("no readelf to list _C's shared libraries")
+    from saliq import _C
+
+    dynamic = subprocess.run([readelf, "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in dynamic, dynamic
+
+
 def test_extension_was_built_with_cuda():
     assert cpp.WITH_CUDA, "a CUDA toolkit is present but saliq._C was built without CUDA: rebuild"
 
