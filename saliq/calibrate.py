@@ -262,8 +262,8 @@ def calibrate(model: nn.Module, samples: torch.Tensor, config: CalibConfig, work
     distributed.check_batch(config.batch_size)
     if config.uses_saliency and saliency is None:
         saliency = saliency_mod.compute_saliency(model, samples, device=device, progress=progress)
-    elif config.uses_saliency and saliency_id is None and run_info is None:
-        saliency_id = tensors_digest(saliency)
+    elif config.uses_saliency and saliency_id is None and run_info is None and work_dir is not None:
+        saliency_id = tensors_digest(saliency)  # hashing copies every tensor to the host: only for a work dir
     trainer = _BlockTrainer(model, samples, config, work_dir, saliency, device, amp, offload_activations,
                             progress, log_path, run_info=run_info, saliency_id=saliency_id)
     return trainer.run(start, stop_after_block)
@@ -290,9 +290,10 @@ class _BlockTrainer:
         self.mult = [float(m) for m in mult]
         if not all(m >= 0 for m in self.mult):
             raise ValueError(f"block_multipliers={self.mult} must all be >= 0")
-        self.run_info = run_info if run_info is not None else self._run_info()
-        self.fingerprint = fingerprint_of(self.run_info)
-        self.work = WorkDir(self.work_dir, self.fingerprint) if self.work_dir is not None else None
+        # the fingerprint guards the files of a work dir; without one nothing is hashed (on a GPU, hashing the
+        # model and the saliency copied them all to the host: ~0.5 s per 7B-shaped block)
+        self.run_info = run_info if run_info is not None or self.work_dir is None else self._run_info()
+        self.work = WorkDir(self.work_dir, fingerprint_of(self.run_info)) if self.work_dir is not None else None
         self.layer_bits = self._allocate_bits() if config.bit_budget else {}
         self.sw_gen = None
 

@@ -256,3 +256,21 @@ def test_a_saliency_passed_in_is_part_of_the_fingerprint(tmp_path):
     other = {k: v * 2 for k, v in sal.items()}
     with pytest.raises(ResumeMismatchError, match="the saliency"):
         calibrate(make_tiny_llama(), samples, cfg, work_dir=tmp_path, saliency=other, progress=False)
+
+
+def test_without_a_work_dir_nothing_is_hashed(monkeypatch, tmp_path):
+    # the fingerprint guards a work dir's files; hashing copies the model and the saliency to the host, which
+    # on a GPU cost as much as the block itself
+    import saliq.calibrate as cal
+
+    samples = random_samples(n=2)
+    sal = S.compute_saliency(make_tiny_llama(), samples)
+    cfg = _cfg(method="saliq", schedule=[("wpt", 1)])
+    hashed = []
+    for name in ("model_fingerprint", "samples_fingerprint", "tensors_digest"):
+        real = getattr(cal, name)
+        monkeypatch.setattr(cal, name, lambda *a, _real=real, _name=name: hashed.append(_name) or _real(*a))
+    calibrate(make_tiny_llama(), samples, cfg, saliency=sal, progress=False)
+    assert hashed == []
+    calibrate(make_tiny_llama(), samples, cfg, saliency=sal, progress=False, work_dir=tmp_path, stop_after_block=0)
+    assert {"model_fingerprint", "samples_fingerprint", "tensors_digest"} <= set(hashed)  # a work dir is guarded
