@@ -23,7 +23,7 @@ step() {  # step NAME COMMAND...: run, log, write the exit status to $LOGS/NAME.
 }
 $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 rm -f "$LOGS"/*.rc
-step build env MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e .
+step build env MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -e .
 step report timeout ${REPORT_TIMEOUT:-360} $PY benchmarks/gpu_report.py --out benchmarks/results ${REPORT_ARGS:-}
 step cuda-tests timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${JOBS:-8} \
   tests/test_cuda_gpu.py tests/test_cuda_build.py tests/test_decode_e2e.py tests/test_regimes.py \

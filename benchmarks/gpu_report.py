@@ -406,9 +406,9 @@ def main(argv=None) -> int:
           + table("fake_quant_fwd_bwd", ["N", "K", "bits", "dtype", "backend", "ms", "ms_triton", "ms_cuda",
                                          "pct_bw", "x_eager", "x_compile"])
           + "\n## Calibration of one LLaMA-2-7B-shaped block (W2 g64, saliq: search, wpt 1, opt 1)\n\n"
-          + table("calibration", ["model", "dtype", "nsamples", "seqlen", "s_block", "s_block_eager", "x_eager",
-                                  "s_saliency", "peak_gib", "peak_gib_eager", "projected_h_7B", "projected_h_13B",
-                                  "projected_h_70B"])
+          + table("calibration", ["model", "dtype", "nsamples", "seqlen", "s_block", "s_block_first", "s_block_eager",
+                                  "x_eager", "s_saliency", "peak_gib", "peak_gib_eager", "projected_h_7B",
+                                  "projected_h_13B", "projected_h_70B"])
           + "\n## Reserved weights: sparse_addmm at 0.5% density next to the 2-bit g64 packed GEMV\n\n"
           + table("sparse_addmm", ["N", "K", "M", "dtype", "backend", "nnz", "ms", "ms_gemv", "pct_of_gemv", "x_gemv",
                                    "pct_bw", "err"])
