@@ -25,11 +25,15 @@ $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch
 rm -f "$LOGS"/*.rc
 step build env MAX_JOBS=$(nproc) $PY -m pip install --no-build-isolation --no-deps -e .
 step report timeout ${REPORT_TIMEOUT:-360} $PY benchmarks/gpu_report.py --out benchmarks/results ${REPORT_ARGS:-}
-step cuda-tests timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${JOBS:-8} \
+# Test workers: one OpenMP thread and no inductor compile pool each (16 workers on 16 cores;
+# the CUDA suite reached 100% on an H200 twice and then did not exit within its timeout).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
+step cuda-tests timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${JOBS:-8} --durations=5 \
   tests/test_cuda_gpu.py tests/test_cuda_build.py tests/test_decode_e2e.py tests/test_regimes.py \
   tests/test_rounding_ties.py tests/test_sparse_addmm.py &
 if [ "${TRITON_TESTS:-1}" = 1 ]; then
-  step triton-tests timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${JOBS:-8} tests/kernels &
+  step triton-tests timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -n ${JOBS:-8} --durations=5 \
+    tests/kernels &
 fi
 wait
 cp "$SALIQ_CACHE"/triton-configs/*.json "$LOGS"/ 2>/dev/null || true
