@@ -5,7 +5,9 @@ packed layout (K along the packed words, N contiguous) into fp32 (q - z) * s, ex
 3-bit reads the 2-bit plane through the same code as 2-bit, plus one bit from the 1-bit plane.
 
 Work split of the dequantize kernel: a 2-D grid of [BLOCK_K, BLOCK_N] tiles; each program reads its
-packed words once (coalesced along N) and writes its tile of W transposed into the [N, K] output.
+packed words once (coalesced along N) and writes its tile of W transposed into the [N, K] output. On a GPU,
+`dequantize_into` also tries saliq._C's CUDA kernel (one thread per packed word, 16-byte stores) and keeps the
+faster (per-GPU tuning cache).
 """
 from __future__ import annotations
 
@@ -72,22 +74,38 @@ def _candidates() -> list[dict]:
             dict(BLOCK_K=64, BLOCK_N=128, num_warps=8), dict(BLOCK_K=32, BLOCK_N=128, num_warps=4)]
 
 
+def _cuda_kernel():
+    """saliq._C's CUDA dequantize kernel (csrc/cuda/dequantize.cu, one thread per packed word), or None where
+    saliq._C was built without CUDA."""
+    try:
+        from .. import cpp_backend
+    except ImportError:
+        return None
+    return cpp_backend.cuda_dequantize_into if cpp_backend.WITH_CUDA else None
+
+
 def dequantize_into(out: torch.Tensor, qweight, qweight_hi, scales, zeros, bits: int, group_size: int,
                     in_features: int) -> torch.Tensor:
-    """Write W [N, K] into `out` (any float dtype, contiguous); returns out."""
+    """Write W [N, K] into `out` (any float dtype, contiguous); returns out. On a GPU the CUDA kernel is one
+    more candidate of the tuning (tried first: it needs no compilation), so the faster of the two serves."""
     K = in_features
     N = qweight.shape[1]
     group = K if group_size == -1 else group_size
     qh = qweight_hi if bits == 3 else qweight  # placeholder: the 1-bit plane is only read for 3-bit
+    cuda_kernel = _cuda_kernel() if out.is_cuda and not is_interpreter() else None
+    candidates = ([dict(kind="cuda")] if cuda_kernel is not None else []) + _candidates()
 
     def run(cfg):
+        if cfg.get("kind") == "cuda":
+            cuda_kernel(out, qweight, qweight_hi, scales, zeros, bits, group_size, K)
+            return
         grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
         _dequantize_kernel[grid](qweight, qh, scales, zeros, out, N, K, BITS=bits, GROUP=group,
                                  BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                                  **EXACT_OPTIONS)
 
     key = (bits, group_size, N, K, str(out.dtype).replace("torch.", ""))
-    run(autotune.choose("dequantize", key, _candidates(), run, out.device))
+    run(autotune.choose("dequantize", key, candidates, run, out.device))
     return out
 
 

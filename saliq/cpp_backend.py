@@ -191,12 +191,27 @@ def cuda_saliency_sq_error(A, B, S, need_grad):
         return _C.cuda_saliency_sq_error(A, B, S, need_grad, stream)
 
 
+def cuda_dequantize(qweight, qweight_hi, scales, zeros, bits, group_size, in_features):
+    """Format v1 -> W [N, K] in scales.dtype (ref.dequantize), one thread per packed word."""
+    stream = _cuda_ready(qweight)
+    with _on_device(qweight):
+        return _C.cuda_dequantize(qweight, qweight_hi, scales, zeros, bits, group_size, in_features, None, stream)
+
+
+def cuda_dequantize_into(out, qweight, qweight_hi, scales, zeros, bits, group_size, in_features):
+    """cuda_dequantize written into `out` (contiguous [N, K], any float dtype: one rounding from fp32)."""
+    stream = _cuda_ready(qweight)
+    with _on_device(qweight):
+        return _C.cuda_dequantize(qweight, qweight_hi, scales, zeros, bits, group_size, in_features, out, stream)
+
+
 if WITH_CUDA:
     from . import regimes
 
     regimes.install()
     for _op, _fn in (("packed_matmul", cuda_packed_matmul), ("fake_quant_lwc_fwd", cuda_fake_quant_lwc_fwd),
-                     ("fake_quant_lwc_bwd", cuda_fake_quant_lwc_bwd), ("saliency_sq_error", cuda_saliency_sq_error)):
+                     ("fake_quant_lwc_bwd", cuda_fake_quant_lwc_bwd), ("saliency_sq_error", cuda_saliency_sq_error),
+                     ("dequantize", cuda_dequantize)):
         backends.register("cuda", _op, _fn)
 
 

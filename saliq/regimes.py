@@ -4,7 +4,8 @@
 |---------------|-------------|---------------------------------------------------------------------------|
 | 1..16         | fp16, bf16  | `cuda`: tensor-core decode kernel (csrc/cuda/decode_mma.cuh), one launch  |
 | 1..8          | fp32        | `cuda`: fp32 GEMV (csrc/cuda/packed_gemv.cu)                              |
-| otherwise     | any         | `triton`: tl.dot GEMM or dequantize + cuBLAS, per the per-GPU config table |
+| otherwise     | any         | `triton`: tl.dot GEMM or dequantize (Triton or CUDA) + cuBLAS, per the    |
+|               |             | per-GPU config table                                                      |
 
 A backend that is not available (saliq._C built without CUDA, Triton missing) drops out of the table; the
 reference serves what nothing else does. The table is a pure function of the call's shapes: no timing, no

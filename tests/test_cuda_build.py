@@ -70,7 +70,7 @@ def test_cuda_code_for_sm80_and_sm90a():
     kernels = subprocess.run([tool, "--dump-resource-usage", cpp._C.__file__], capture_output=True, text=True,
                              check=True).stdout
     for name in ("packed_gemv_kernel", "decode_mma_kernel", "fake_quant_fwd_kernel", "fake_quant_bwd_kernel",
-                 "sq_error_kernel", "sparse_addmm_kernel"):
+                 "sq_error_kernel", "sparse_addmm_kernel", "dequantize_kernel"):
         assert name in kernels, f"kernel {name} missing from the built cubins"
 
 
@@ -107,6 +107,23 @@ def test_the_decode_gemv_uses_16_byte_loads_bit_tricks_and_warp_shuffles(bits):
     assert "LDG.E.128" in sass, "the packed words are not loaded 16 bytes at a time"
     assert "LOP3.LUT" in sass, "the unpacking does not use lop3"
     assert "SHFL.BFLY" in sass, "no warp-shuffle reduction"
+
+
+@needs_toolkit
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_the_dequantize_kernel_writes_whole_words_with_16_byte_stores(bits):
+    """The CUDA dequantize kernel is bound by the write of W: its whole-word fp16 instance stores 16 bytes at a
+    time, keeps its values in registers and divides in 32 bits (a 64-bit division costs as much as the rest)."""
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to inspect the binary")
+    sass = _sass_of(tool, "sm_90a", f"dequantize_kernelI6__halfS1_Li{bits}ELb1E")
+    assert sass, f"no sm_90a fp16 whole-word {bits}-bit dequantize_kernel in {cpp._C.__file__}"
+    stores = [t for t in sass.splitlines() if "STG" in t]
+    assert stores and all("STG.E.128" in t for t in stores), stores
+    assert len(stores) == (2 if bits != 4 else 1), stores  # 32 bytes (16 codes) or 16 bytes (8 codes) a thread
+    assert not any(op in sass for op in ("LDL", "STL")), "values spilled to local memory"
+    assert "I2F.U64" not in sass, "a 64-bit division"
 
 
 def _hot_loop(sass: str) -> list[str]:
@@ -157,7 +174,7 @@ def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, budget):
 def test_cuda_backend_registered():
     from saliq import backends
 
-    for op in ("packed_matmul", "fake_quant_lwc_fwd", "fake_quant_lwc_bwd", "saliency_sq_error"):
+    for op in ("packed_matmul", "fake_quant_lwc_fwd", "fake_quant_lwc_bwd", "saliency_sq_error", "dequantize"):
         assert "cuda" in backends._impls and op in backends._impls["cuda"], op
 
 
@@ -171,6 +188,9 @@ def test_cuda_ops_without_gpu_raise_clear_error():
         cpp.cuda_fake_quant_lwc_fwd(W, hi, lo, None, None, 2, 32, False)
     with pytest.raises(RuntimeError, match=expected):
         cpp.cuda_saliency_sq_error(W, W, None, False)
+    with pytest.raises(RuntimeError, match=expected):
+        cpp.cuda_dequantize(torch.zeros(2, 4, dtype=torch.int32), torch.empty(0, dtype=torch.int32), torch.ones(1, 4),
+                            torch.zeros(1, 4, dtype=torch.int16), 2, 32, 32)
     with pytest.raises(RuntimeError, match=expected):
         cpp.cuda_packed_matmul(torch.randn(1, 32), torch.zeros(2, 4, dtype=torch.int32),
                                torch.empty(0, dtype=torch.int32), torch.ones(1, 4), torch.zeros(1, 4, dtype=torch.int16),

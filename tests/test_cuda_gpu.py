@@ -61,6 +61,37 @@ def test_packed_gemv_matches_ref(bits, group_size, k, n, m, dtype):
     assert torch.equal(out, cpp.cuda_packed_matmul(*args)), "not deterministic"
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,k", [(32, 96), (64, 4096), (128, 256), (-1, 100), (-1, 37), (-1, 64)])
+@pytest.mark.parametrize("n", [1, 37, 300])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_is_bit_identical_to_ref(bits, group_size, k, n, dtype):
+    """The CUDA dequantize kernel: whole words (16-byte stores) and ragged ones (per-channel K not a multiple of
+    the codes per word), in scales.dtype and into every other dtype."""
+    p = random_packed(n, k, bits, group_size, dtype, seed=bits * 7 + n + k)
+    args = (p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], bits, group_size, k)
+    poison()
+    assert torch.equal(cpp.cuda_dequantize(*args), ref.dequantize(*args))
+    for out_dtype in DTYPES:  # the prefill path writes W in the activation dtype: one rounding from fp32
+        out = torch.full((n, k), float("nan"), device="cuda", dtype=out_dtype)
+        assert cpp.cuda_dequantize_into(out, *args) is out
+        expected = ref.dequantize(p["qweight"], p["qweight_hi"], p["scales"].float(), p["zeros"], bits, group_size,
+                                  k).to(out_dtype)
+        assert torch.equal(out, expected), out_dtype
+
+
+def test_dequantize_joins_the_prefill_tuning():
+    # dequantize_into offers the CUDA kernel as a candidate (first: no compilation); whichever wins, the prefill
+    # output is the one ref gives
+    from saliq.kernels import dequantize as tdq
+
+    assert tdq._cuda_kernel() is cpp.cuda_dequantize_into
+    p = random_packed(512, 1024, 2, 64, torch.float16, seed=5)
+    args = (p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], 2, 64, 1024)
+    out = torch.empty(512, 1024, device="cuda", dtype=torch.float16)
+    assert torch.equal(tdq.dequantize_into(out, *args), ref.dequantize(*args))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_decode_kernel_strided_x_and_every_warp_count(bits, dtype):

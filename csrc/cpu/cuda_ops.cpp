@@ -124,6 +124,37 @@ at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight,
   return y;
 }
 
+at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales_in,
+                          const at::Tensor& zeros_in, int64_t bits, int64_t group_size, int64_t in_features,
+                          const std::optional<at::Tensor>& out_in, int64_t stream) {
+  check_packed(qweight, qweight_hi, scales_in, zeros_in, bits, group_size, in_features);
+  check_on_cuda(qweight, "qweight");
+  check_on_cuda(scales_in, "scales");
+  check_on_cuda(zeros_in, "zeros");
+  if (bits == 3) check_on_cuda(qweight_hi, "qweight_hi");
+  const int64_t g = group_len_of(group_size, in_features, "dequantize");
+  const int64_t N = qweight.size(1);
+  const int scale_dt = dtype_code(scales_in.scalar_type(), "scales");
+  at::Tensor out;
+  if (out_in.has_value()) {
+    out = *out_in;
+    TORCH_CHECK_VALUE(out.device() == qweight.device() && out.is_contiguous() &&
+                          out.sizes() == at::IntArrayRef({N, in_features}),
+                      "dequantize: out must be a contiguous [", N, ", ", in_features, "] tensor on ", qweight.device(),
+                      ", got ", out.sizes(), " on ", out.device());
+  } else {
+    out = at::empty({N, in_features}, scales_in.options());
+  }
+  const int out_dt = dtype_code(out.scalar_type(), "out");
+  const at::Tensor qw = qweight.contiguous(), sc = scales_in.contiguous(), z = zeros_in.contiguous();
+  const at::Tensor qh = bits == 3 ? qweight_hi.contiguous() : qweight_hi;
+  check_cuda(saliq_cuda_dequantize((int)bits, in_features, N, g, qw.data_ptr<int32_t>(),
+                                   bits == 3 ? qh.data_ptr<int32_t>() : nullptr, sc.data_ptr(), scale_dt,
+                                   z.data_ptr<int16_t>(), out.data_ptr(), out_dt, (intptr_t)stream),
+             "dequantize");
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> fake_quant_lwc_fwd_cuda(const at::Tensor& W, const at::Tensor& hi,
                                                            const at::Tensor& lo, const std::optional<at::Tensor>& S,
                                                            const std::optional<at::Tensor>& delta, int64_t bits,

@@ -21,6 +21,9 @@ at::Tensor packed_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, co
                               const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
                               int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream,
                               int64_t warps);
+at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+                          const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features,
+                          const std::optional<at::Tensor>& out, int64_t stream);
 std::tuple<at::Tensor, at::Tensor> fake_quant_lwc_fwd_cuda(const at::Tensor& W, const at::Tensor& hi,
                                                            const at::Tensor& lo, const std::optional<at::Tensor>& S,
                                                            const std::optional<at::Tensor>& delta, int64_t bits,

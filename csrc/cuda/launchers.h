@@ -35,6 +35,12 @@ int saliq_cuda_decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int6
 // The warps per CTA saliq_cuda_decode_mma chooses for this shape on the current device (negative: -error).
 int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int64_t N, int64_t group_len, int bits);
 
+// out[N, K] = (q - z) * s from packed format v1 (saliq/ref.py dequantize): fp32 arithmetic, one rounding to
+// out_dtype. scales [G, N] in scale_dtype; out contiguous; group_len: the group size, or K for one group.
+int saliq_cuda_dequantize(int bits, int64_t K, int64_t N, int64_t group_len, const int32_t* qweight,
+                          const int32_t* qweight_hi, const void* scales, int scale_dtype, const int16_t* zeros,
+                          void* out, int out_dtype, intptr_t stream);
+
 // LWC fake quantization on fp32 buffers (the C++ side converts fp16 / bf16). W, S, delta, what: [N, K];
 // hi, lo: [N, G]. reg_partials: fp32 [N * G] scratch; reg: fp32 scalar (sum S (What + delta - W)^2, 0 if S null).
 int saliq_cuda_fake_quant_fwd(const float* W, const float* hi, const float* lo, const float* S, const float* delta,
