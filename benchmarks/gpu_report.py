@@ -7,6 +7,8 @@ Sections (one JSON record per case, `op` names the section):
   than the L2 (so every call reads DRAM, as a decode step does), plus the eager reference, torch.compile of it
   (a subset: compiling costs seconds) and the eager per-call time of the default path (Python included);
 - `packed_linear`, prefill sizes M = 256, 4096: the default path against fp16 F.linear, L2 flushed per call;
+- `dequantize`: the prefill's decode of W into the activation dtype, every Triton configuration against the
+  CUDA kernel (x_triton = best Triton time / CUDA time), each checked bit for bit against ref;
 - `lora`: the LoRA term's cost on a decode call (QuantLinear with and without r = 64);
 - `decode`: benchmarks/decode_e2e.py, tokens/s of the whole model with CUDA graphs against fp16;
 - `fake_quant_fwd_bwd`: the fused fake quantization with the saliency term, forward + backward, against the
@@ -185,6 +187,48 @@ def bench_prefill(shapes, bits_list, ms_list, dtype, bw) -> list[dict]:
     return rows
 
 
+def bench_dequantize(shapes, bits_list, dtype, bw) -> list[dict]:
+    """The prefill's first half: W [N, K] decoded into the activation dtype, L2 flushed per call. Every
+    Triton configuration and the CUDA kernel (csrc/cuda/dequantize.cu), each checked bit for bit against
+    ref; pct_bw counts the packed bytes read and W written."""
+    from saliq import cpp_backend, ref
+    from saliq.kernels import dequantize as tdq
+
+    rows = []
+    for n, k in shapes:
+        for bits in bits_list:
+            p = random_packed(n, k, bits, 64, dtype)
+            args = (p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k)
+            expected = ref.dequantize(*args).to(dtype)
+            out = torch.empty(n, k, device=DEVICE, dtype=dtype)
+            moved = nbytes(p.qweight, p.qweight_hi, p.scales, p.zeros, out)
+            log(f"dequantize {n}x{k} {bits}-bit g64 {str(dtype)[6:]}")
+            runs = {}
+            for cfg in tdq._candidates():
+                runs["triton " + ",".join(f"{a}={b}" for a, b in sorted(cfg.items()))] = (
+                    lambda cfg=cfg: tdq._dequantize_kernel[(-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))](
+                        p.qweight, p.qweight_hi if bits == 3 else p.qweight, p.scales, p.zeros, out, n, k, BITS=bits,
+                        GROUP=64, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                        **tdq.EXACT_OPTIONS))
+            if HAS_GPU and cpp_backend.WITH_CUDA:
+                runs["cuda"] = lambda: cpp_backend.cuda_dequantize_into(out, *args)
+            times = {}
+            for name, fn in runs.items():
+                out.fill_(float("nan"))
+                fn()
+                if not torch.equal(out, expected):
+                    log(f"  {name}: differs from ref.dequantize")
+                    continue
+                times[name] = time_ms(fn)
+            best_triton = min((t for name, t in times.items() if name.startswith("triton")), default=None)
+            rows.append(dict(op="dequantize", N=n, K=k, bits=bits, group=64, dtype=str(dtype)[6:],
+                             ms_triton=best_triton, ms_cuda=times.get("cuda"),
+                             x_triton=_ratio(best_triton, times.get("cuda")),
+                             pct_bw=None if not times else 100 * moved / (min(times.values()) * 1e-3) / (bw * 1e9),
+                             timing="CUDA events, L2 flushed"))
+    return rows
+
+
 def _triton_config(x, p) -> Optional[str]:
     if not HAS_GPU:
         return None
@@ -330,8 +374,9 @@ def main(argv=None) -> int:
                     help="2-bit prefill and end-to-end only, no torch.compile, no fake quant")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
-    ap.add_argument("--sections", nargs="+", default=["decode", "prefill", "lora", "e2e", "fq", "calib", "sparse"],
-                    help="which sections to run (decode prefill lora e2e fq calib sparse)")
+    ap.add_argument("--sections", nargs="+",
+                    default=["decode", "prefill", "dequant", "lora", "e2e", "fq", "calib", "sparse"],
+                    help="which sections to run (decode prefill dequant lora e2e fq calib sparse)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
     args = ap.parse_args(argv)
     if not HAS_GPU and not args.smoke:
@@ -365,6 +410,8 @@ def main(argv=None) -> int:
             rows += bench_decode([(4096, 11008)], [2, 3, 4], [64], [1], torch.bfloat16, bw, False)
     if "prefill" in sections:
         rows += bench_prefill(prefill_shapes, [2] if args.quick else [2, 3, 4], prefill_ms, dtype, bw)
+    if "dequant" in sections:
+        rows += bench_dequantize(prefill_shapes, [2] if args.quick else [2, 3, 4], dtype, bw)
     if "lora" in sections:
         rows += bench_lora(dtype)
     if "e2e" in sections and not args.no_e2e:
@@ -397,6 +444,8 @@ def main(argv=None) -> int:
           "## Decode (CUDA graphs, weights rotated past the L2) and prefill (L2 flushed per call)\n\n"
           + table("packed_linear", ["N", "K", "bits", "group", "M", "dtype", "backend", "ms", "ms_fp16", "x_fp16",
                                     "ideal_x_fp16", "pct_bw", "x_eager", "x_compile", "us_call", "err"])
+          + "\n## Dequantize for the prefill (W in the activation dtype, L2 flushed): Triton (best config) and CUDA\n\n"
+          + table("dequantize", ["N", "K", "bits", "group", "dtype", "ms_triton", "ms_cuda", "x_triton", "pct_bw"])
           + "\n## LoRA term on a decode call (r = 64, graph-timed)\n\n"
           + table("lora", ["N", "K", "M", "ms", "ms_no_lora", "lora_overhead_pct"])
           + "\n## End-to-end decode, LLaMA-2-7B-shaped, random weights, CUDA graphs\n\n"

@@ -16,12 +16,14 @@ def test_smoke_report_writes_comparable_records(tmp_path):
     data = json.loads(jpath.read_text())
     records = data["records"]
     ops = {r["op"] for r in records}
-    assert {"packed_linear", "lora", "decode", "fake_quant_fwd_bwd", "calibration", "target"} <= ops
+    assert {"packed_linear", "dequantize", "lora", "decode", "fake_quant_fwd_bwd", "calibration", "target"} <= ops
     for r in records:
         if r["op"] in ("packed_linear", "fake_quant_fwd_bwd", "decode"):
             for field in ("N", "K", "bits", "group", "M", "dtype", "x_fp16" if r["op"] != "fake_quant_fwd_bwd"
                           else "x_compile"):
                 assert field in r, (r["op"], field)
+        if r["op"] == "dequantize":  # a Triton configuration gave ref's bits (a wrong one is left out)
+            assert r["ms_triton"] > 0 and {"N", "K", "bits", "dtype", "ms_cuda", "pct_bw"} <= set(r), r
         if r["op"] == "calibration":
             assert r["s_block"] > 0 and r["x_eager"] > 0 and r["projected_h_70B"] > r["projected_h_7B"] > 0, r
         if r["op"] == "packed_linear":
