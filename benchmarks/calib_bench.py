@@ -5,10 +5,12 @@ A one-block LlamaForCausalLM of LLaMA-2-7B's shape with random weights (bf16 on 
 opt epoch, LoRA r 64), once with the default backends and once with every op forced to `ref` (the eager
 composite), on `nsamples` x `seqlen` random tokens. The saliency pass is timed on its own. The first default
 run compiles and tunes the Triton kernels (`s_block_first`, what a new user's first block pays); the timed
-runs come after it, each backend warm. Reported per backend: seconds for the block, seconds per sample-epoch
-of training, peak memory; and the projection to ApiQ's budget (128 samples x 2048 tokens, 20 epochs) for a
-whole model: blocks x seconds per block, scaled by each model's weights per block (LLaMA-2 7B, 13B; 70B with
-its grouped-query attention). The projection is arithmetic on the measured block, not a measurement.
+runs come after it, each backend warm. Reported per backend: seconds for the block and for its training epochs
+alone (`s_train`, `x_eager_train`: the trainer's step, where the fused kernels work), peak memory; and the
+projection to ApiQ's budget (128 samples x 2048 tokens, 20 epochs) for a whole model: blocks x (epochs x
+seconds per sample-epoch + the rest of the block scaled by tokens), scaled by each model's weights per block
+(LLaMA-2 7B, 13B; 70B with its grouped-query attention). The projection is arithmetic on the measured block,
+not a measurement.
 
     python benchmarks/calib_bench.py            # GPU: 8 samples x 2048 tokens
     python benchmarks/calib_bench.py --profile  # also where a warm block's time goes (torch profiler)
@@ -128,19 +130,27 @@ def run(smoke: bool = False, nsamples: int = 8, seqlen: int = 2048, verbose: boo
     if profile:
         _print_profile(calibrate_once, device)
 
-    seconds, peak, _ = timings["default"]
-    seconds_eager, peak_eager, _ = timings["ref"]
-    per_sample_epoch = seconds / (nsamples * epochs)
+    seconds, peak, res = timings["default"]
+    seconds_eager, peak_eager, res_eager = timings["ref"]
+    # the trainer's epochs (the log's own times, synchronised at each epoch's end) apart from the rest of the
+    # block (clipping search, targets, packing), which does not grow with the epochs
+    train = sum(e["seconds"] for e in res.log)
+    train_eager = sum(e["seconds"] for e in res_eager.log)
+    per_sample_epoch = train / (nsamples * epochs)
     c = model.config
     hidden, inter = c.hidden_size, c.intermediate_size
     measured_weights = block_weights(hidden, inter, c.num_attention_heads, c.num_key_value_heads)
-    # ApiQ's budget: 128 samples, 20 epochs, scaled by tokens (seqlen) and by each model's weights per block
-    budget_block_s = per_sample_epoch * APIQ_SAMPLES * APIQ_EPOCHS * (APIQ_SEQLEN / seqlen)
-    rec = dict(op="calibration", model="tiny block" if smoke else "7B-shaped block", N=hidden, K=inter, bits=cfg.bits, group=cfg.group_size,
+    # ApiQ's budget: 128 samples, 20 epochs, scaled by tokens (seqlen) and by each model's weights per block; the
+    # rest of the block scaled by tokens too (an upper bound: the clipping search does not grow with them)
+    tokens = APIQ_SAMPLES * APIQ_SEQLEN / (nsamples * seqlen)
+    budget_block_s = per_sample_epoch * nsamples * APIQ_EPOCHS * tokens + max(seconds - train, 0.0) * tokens
+    rec = dict(op="calibration", model="tiny block" if smoke else "7B-shaped block", N=hidden, K=inter,
+               bits=cfg.bits, group=cfg.group_size,
                dtype=str(next(model.parameters()).dtype).removeprefix("torch."), nsamples=nsamples, seqlen=seqlen,
                epochs=epochs, s_block=round(seconds, 3), s_block_first=round(first_s, 3),
                s_block_eager=round(seconds_eager, 3),
-               x_eager=round(seconds_eager / seconds, 3), s_saliency=round(saliency_s, 3),
+               x_eager=round(seconds_eager / seconds, 3), s_train=round(train, 3), s_train_eager=round(train_eager, 3),
+               x_eager_train=round(train_eager / train, 3) if train > 0 else None, s_saliency=round(saliency_s, 3),
                s_per_sample_epoch=round(per_sample_epoch, 4),
                peak_gib=None if peak is None else round(peak, 2),
                peak_gib_eager=None if peak_eager is None else round(peak_eager, 2))

@@ -69,6 +69,7 @@ BARS = [
     for dt in ("float32", "float16", "bfloat16")
 ] + [
     ("calibration, 7B-shaped block: x eager", dict(op="calibration"), "x_eager", 2.0),
+    ("calibration, 7B-shaped block, training epochs: x eager", dict(op="calibration"), "x_eager_train", 2.0),
 ] + [
     # the reserved weights (issue 14) at 0.5% density cost under 15% of the packed GEMV they follow
     (f"sparse_addmm 0.5% {n}x{k} M=1 ({b}): GEMV time / sparse time",
@@ -456,7 +457,8 @@ def main(argv=None) -> int:
                                          "pct_bw", "x_eager", "x_compile"])
           + "\n## Calibration of one LLaMA-2-7B-shaped block (W2 g64, saliq: search, wpt 1, opt 1)\n\n"
           + table("calibration", ["model", "dtype", "nsamples", "seqlen", "s_block", "s_block_first", "s_block_eager",
-                                  "x_eager", "s_saliency", "peak_gib", "peak_gib_eager", "projected_h_7B",
+                                  "x_eager", "s_train", "s_train_eager", "x_eager_train", "s_saliency", "peak_gib",
+                                  "peak_gib_eager", "projected_h_7B",
                                   "projected_h_13B", "projected_h_70B"])
           + "\n## Reserved weights: sparse_addmm at 0.5% density next to the 2-bit g64 packed GEMV\n\n"
           + table("sparse_addmm", ["N", "K", "M", "dtype", "backend", "nnz", "ms", "ms_gemv", "pct_of_gemv", "x_gemv",
