@@ -16,7 +16,8 @@ Sections (one JSON record per case, `op` names the section):
 - `calibration`: benchmarks/calib_bench.py, one LLaMA-2-7B-shaped block calibrated with the default backends
   against the eager `ref`, and the projected time of whole 7B / 13B / 70B models at ApiQ's budget;
 - `sparse_addmm`: the reserved weights of issue 14 (CSR, 0.5% density) per backend, graph-timed with the CSR rotated
-  past the L2, next to the default 2-bit g64 packed GEMV they follow (x_gemv = GEMV time / sparse time);
+  past the L2, next to the default 2-bit g64 packed GEMV they follow (x_gemv = GEMV time / sparse time), and
+  `fused`: added inside the decode kernel's launch (ms = its extra time over the plain GEMV);
 - `target`: the bars of the issues, met or not.
 
     python benchmarks/gpu_report.py              # on a GPU, a few minutes
@@ -74,7 +75,7 @@ BARS = [
     # the reserved weights (issue 14) at 0.5% density cost under 15% of the packed GEMV they follow
     (f"sparse_addmm 0.5% {n}x{k} M=1 ({b}): GEMV time / sparse time",
      dict(op="sparse_addmm", N=n, K=k, M=1, backend=b), "x_gemv", 1 / 0.15)
-    for (n, k) in PREFILL_SHAPES for b in ("triton", "cuda")
+    for (n, k) in PREFILL_SHAPES for b in ("triton", "cuda", "fused")
 ]
 
 
@@ -355,6 +356,18 @@ def bench_sparse(shapes, ms_list, dtype, bw, density: float = 0.005) -> list[dic
                                  backend=backend, density=density, nnz=nnz, ms=t, ms_gemv=t_gemv,
                                  pct_of_gemv=100 * t / t_gemv, x_gemv=_ratio(t_gemv, t), gbs=gbs, pct_bw=100 * gbs / bw,
                                  err=err, timing="cuda graph, CSR and weights rotated past L2"))
+            fused = getattr(gemv, "with_sparse", None)
+            if fused is not None and fused(x, *pargs[0], None, *csr0) is not None:
+                # inside the decode kernel's launch: its extra time over the plain GEMV is the sparse part's cost
+                want = ref.sparse_addmm(ref.packed_matmul(x.float(), *pargs[0][:2], pargs[0][2].float(),
+                                                          *pargs[0][3:], None), x, *csr0)
+                err = _rel_err(fused(x, *pargs[0], None, *csr0), want)
+                t_fused = graph_time_ms([(lambda a=a, c=c: fused(x, *a, None, *c)) for a, c in zip(pargs, csrs)])
+                extra = max(t_fused - t_gemv, 1e-6)
+                rows.append(dict(op="sparse_addmm", N=n, K=k, bits=2, group=64, M=M, dtype=str(dtype)[6:],
+                                 backend="fused", density=density, nnz=nnz, ms=extra, ms_gemv=t_gemv,
+                                 ms_fused=t_fused, pct_of_gemv=100 * extra / t_gemv, x_gemv=t_gemv / extra,
+                                 err=err, timing="cuda graph, CSR and weights rotated past L2; ms = fused - GEMV"))
         del csrs, pargs
     return rows
 

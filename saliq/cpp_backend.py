@@ -172,6 +172,22 @@ def cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, 
                                      stream, warps)
 
 
+def _cuda_packed_matmul_with_sparse(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias,
+                                    rowptr, cols, vals):
+    """x W^T + bias + x Sp^T in one launch of the decode kernel, Sp the reserved weights (int32 CSR by output
+    feature, fp32 values, checked by the caller); None where that kernel does not serve x (the caller adds the
+    sparse part itself)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or not 1 <= x.shape[0] <= CUDA_DECODE_MAX_M:
+        return None
+    stream = _cuda_ready(x)
+    with _on_device(x):
+        return _C.cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias,
+                                     stream, 0, rowptr, cols, vals)
+
+
+cuda_packed_matmul.with_sparse = _cuda_packed_matmul_with_sparse
+
+
 def cuda_fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric):
     stream = _cuda_ready(W)
     with _on_device(W):

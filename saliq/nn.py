@@ -255,6 +255,14 @@ class QuantLinear(nn.Module):
         self.sparse_correction = self.sparse_values.float() - what
         self._sparse_slices = None
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) / .cuda() convert every float buffer, the fp32 corrections too, and keep the CPU slices of the
+        # old device: derive them again from the converted buffers (against the new scales, in fp32)
+        out = super()._apply(fn, *args, **kwargs)
+        if self.reserved and not self.sparse_rowptr.is_meta:
+            self.refresh_sparse()
+        return out
+
     def finish_loading(self) -> None:
         """After buffers were filled from a checkpoint: widen zero points stored as 4-bit pairs or int8 to the int16
         the kernels read, and derive the sparse corrections."""

@@ -61,6 +61,61 @@ def test_packed_gemv_matches_ref(bits, group_size, k, n, m, dtype):
     assert torch.equal(out, cpp.cuda_packed_matmul(*args)), "not deterministic"
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group_size", [(37, 100, -1), (256, 4096, 64), (4096, 1024, 32)])
+def test_decode_kernel_adds_the_reserved_weights(bits, m, dtype, n, k, group_size):
+    """x Sp^T in the decode kernel's launch (a warp per output, lanes over the row's nonzeros): rows with no,
+    few and hundreds of nonzeros, against ref.packed_matmul then ref.sparse_addmm."""
+    g = torch.Generator().manual_seed(bits * 100 + m + n)
+    counts = torch.randint(0, 12, (n,), generator=g)
+    counts[::5] = 0
+    counts[n // 2] = min(k, 700)  # more nonzeros than a warp has lanes, many times over
+    cols = torch.cat([torch.randperm(k, generator=g)[:c].sort().values for c in counts.tolist()]).int()
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
+    vals = torch.randn(cols.numel(), generator=g) * 0.1
+    rowptr, cols, vals = rowptr.cuda(), cols.cuda(), vals.cuda()
+    p = random_packed(n, k, bits, group_size, dtype, seed=bits + n)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    args = (x, p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], bits, group_size, k, bias)
+    poison()
+    out = cpp.cuda_packed_matmul.with_sparse(*args, rowptr, cols, vals)
+    dense_part = ref.packed_matmul(x.float(), *args[1:3], args[3].float(), *args[4:8], bias.float())
+    expected = ref.sparse_addmm(dense_part, x, rowptr, cols, vals).to(dtype)
+    assert_close_rel(out, expected, TOL[dtype], "y")
+    assert torch.equal(cpp.cuda_packed_matmul.with_sparse(*args, rowptr, cols, vals), out)  # deterministic
+    assert cpp.cuda_packed_matmul.with_sparse(x.float(), *args[1:], rowptr, cols, vals) is None  # fp32: not served
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_linear_with_reserved_weights_on_the_gpu(lora, dtype):
+    """A QuantLinear with reserved weights on CUDA (the decode kernel adds them in its launch for M <= 16; larger
+    M adds them after the Triton matmul) gives the layer's dense weight's output."""
+    from saliq import outliers
+    from saliq.nn import FakeQuantLinear
+
+    torch.manual_seed(4)
+    spec = QuantSpec(2, 64)
+    fq = FakeQuantLinear(torch.randn(300, 512) * 0.1, torch.randn(300), spec, lora_rank=8 if lora else 0)
+    if lora:
+        with torch.no_grad():
+            fq.lora_B.normal_(0, 0.05)
+    fq.reserve(outliers.select(fq.weight, None, spec, 0.01, "magnitude"))
+    ql = fq.to_quant_linear().cuda().to(dtype)  # the corrections stay fp32 (QuantLinear._apply)
+    assert ql.reserved > 0
+    W = ql.dequantized_weight().float()
+    for m in (1, 7, 16, 40):
+        x = torch.randn(m, 512, device="cuda").to(dtype)
+        want = x.float() @ W.t() + ql.bias.float()
+        if lora:
+            want = want + ql.lora_scale * (x.float() @ ql.lora_A.float().t()) @ ql.lora_B.float().t()
+        with torch.no_grad():
+            assert_close_rel(ql(x), want.to(dtype), TOL[dtype], f"M={m}")
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size,k", [(32, 96), (64, 4096), (128, 256), (-1, 100), (-1, 37), (-1, 64)])
 @pytest.mark.parametrize("n", [1, 37, 300])

@@ -94,6 +94,24 @@ def test_reserved_layer_trains_without_the_outliers_and_packs_to_the_same_output
         assert torch.equal(ql.dequantized_weight(), what)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_reserved_layer_converted_to_half_keeps_fp32_corrections(dtype):
+    # Module.to(dtype) converts every float buffer: the corrections are derived again, in fp32, against the
+    # converted scales, so the output is still the converted dense weight's
+    torch.manual_seed(5)
+    spec = QuantSpec(2, 32)
+    fq = FakeQuantLinear(torch.randn(40, 64) * 0.1, torch.randn(40), spec, lora_rank=0)
+    fq.reserve(outliers.select(fq.weight, None, spec, 0.05, "magnitude"))
+    ql = fq.to_quant_linear().to(dtype)
+    assert ql.sparse_correction.dtype == torch.float32 and ql.scales.dtype == dtype
+    x = torch.randn(3, 64).to(dtype)
+    want = x.float() @ ql.dequantized_weight().float().t() + ql.bias.float()
+    with torch.no_grad():
+        got = ql(x)
+    assert got.dtype == dtype
+    assert float((got.float() - want).norm() / want.norm()) < 1e-2
+
+
 def test_a_model_with_reserved_weights_round_trips_through_a_checkpoint(tmp_path):
     from saliq.cli import describe_checkpoint
 

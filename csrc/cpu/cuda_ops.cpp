@@ -70,18 +70,38 @@ at::Tensor bias_in_dtype(const std::optional<at::Tensor>& bias, int64_t N, at::S
 // they are and writes only y (one launch).
 at::Tensor decode_mma(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& qweight_hi,
                       const at::Tensor& scales_in, const at::Tensor& zeros, int64_t bits, int64_t g,
-                      int64_t in_features, const std::optional<at::Tensor>& bias, int64_t warps, int64_t stream) {
+                      int64_t in_features, const std::optional<at::Tensor>& bias, int64_t warps, int64_t stream,
+                      const std::optional<at::Tensor>& sp_rowptr, const std::optional<at::Tensor>& sp_cols,
+                      const std::optional<at::Tensor>& sp_vals) {
   const int64_t M = x_in.size(0), N = qweight.size(1);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const at::Tensor scales = scales_in.to(x.scalar_type()).contiguous();
   const at::Tensor bias_t = bias_in_dtype(bias, N, x.scalar_type());
+  // the reserved weights, when given: int32 CSR by output feature and fp32 values (the caller checked the CSR)
+  at::Tensor rp, cols, vals;
+  if (sp_rowptr.has_value()) {
+    TORCH_CHECK_VALUE(sp_cols.has_value() && sp_vals.has_value(), "sparse rowptr, cols and values go together");
+    rp = sp_rowptr->contiguous();
+    cols = sp_cols->contiguous();
+    vals = sp_vals->contiguous();
+    TORCH_CHECK_VALUE(rp.scalar_type() == at::kInt && rp.dim() == 1 && rp.numel() == N + 1 &&
+                          rp.device() == x.device(),
+                      "sparse rowptr must be int32 [", N + 1, "] on ", x.device(), ", got ", rp.scalar_type(), " ",
+                      rp.sizes(), " on ", rp.device());
+    TORCH_CHECK_VALUE(cols.scalar_type() == at::kInt && vals.scalar_type() == at::kFloat && cols.dim() == 1 &&
+                          vals.sizes() == cols.sizes() && cols.device() == x.device() && vals.device() == x.device(),
+                      "sparse cols must be int32 and values float32, both [nnz] on ", x.device());
+  }
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   check_cuda(saliq_cuda_decode_mma(x.data_ptr(), dtype_code(x.scalar_type(), "x"), M, x.stride(0), in_features, N, g,
                                    (int)bits, qweight.data_ptr<int32_t>(),
                                    bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr, scales.data_ptr(),
                                    zeros.data_ptr<int16_t>(), bias_t.defined() ? bias_t.data_ptr() : nullptr,
-                                   y.data_ptr(), (int)warps, (intptr_t)stream),
+                                   rp.defined() ? rp.data_ptr<int32_t>() : nullptr,
+                                   rp.defined() ? cols.data_ptr<int32_t>() : nullptr,
+                                   rp.defined() ? vals.data_ptr<float>() : nullptr, y.data_ptr(), (int)warps,
+                                   (intptr_t)stream),
              "decode_mma");
   return y;
 }
@@ -91,7 +111,8 @@ at::Tensor decode_mma(const at::Tensor& x_in, const at::Tensor& qweight, const a
 at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& qweight_hi,
                               const at::Tensor& scales_in, const at::Tensor& zeros, int64_t bits, int64_t group_size,
                               int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream,
-                              int64_t warps) {
+                              int64_t warps, const std::optional<at::Tensor>& sp_rowptr,
+                              const std::optional<at::Tensor>& sp_cols, const std::optional<at::Tensor>& sp_vals) {
   check_packed(qweight, qweight_hi, scales_in, zeros, bits, group_size, in_features);
   check_on_cuda(x_in, "x");
   check_on_cuda(qweight, "qweight");
@@ -102,8 +123,10 @@ at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight,
   const int dt = dtype_code(x_in.scalar_type(), "x");
   if (dt != SALIQ_F32) {
     TORCH_CHECK_VALUE(M <= 16, "the cuda decode kernel serves M <= 16 rows of fp16 / bf16 x, got M=", M);
-    return decode_mma(x_in, qweight, qweight_hi, scales_in, zeros, bits, g, in_features, bias, warps, stream);
+    return decode_mma(x_in, qweight, qweight_hi, scales_in, zeros, bits, g, in_features, bias, warps, stream,
+                      sp_rowptr, sp_cols, sp_vals);
   }
+  TORCH_CHECK_VALUE(!sp_rowptr.has_value(), "the reserved weights join only the fp16 / bf16 decode kernel");
   TORCH_CHECK_VALUE(M <= 8, "the cuda packed GEMV serves M <= 8 rows of fp32 x, got M=", M);
   // fp32 x, zero-padded to whole 32-element words (the kernel reads whole packed words)
   const int64_t k_padded = (in_features + 31) / 32 * 32;
