@@ -356,7 +356,8 @@ def bench_sparse(shapes, ms_list, dtype, bw, density: float = 0.005) -> list[dic
                                  backend=backend, density=density, nnz=nnz, ms=t, ms_gemv=t_gemv,
                                  pct_of_gemv=100 * t / t_gemv, x_gemv=_ratio(t_gemv, t), gbs=gbs, pct_bw=100 * gbs / bw,
                                  err=err, timing="cuda graph, CSR and weights rotated past L2"))
-            fused = getattr(gemv, "with_sparse", None)
+            extras = getattr(gemv, "with_extras", None)
+            fused = None if extras is None else (lambda x_, *a: extras(x_, *a[:8], None, None, 0.0, *a[8:]))
             if fused is not None and fused(x, *pargs[0], None, *csr0) is not None:
                 # inside the decode kernel's launch: its extra time over the plain GEMV is the sparse part's cost
                 want = ref.sparse_addmm(ref.packed_matmul(x.float(), *pargs[0][:2], pargs[0][2].float(),

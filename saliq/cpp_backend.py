@@ -172,20 +172,22 @@ def cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, 
                                      stream, warps)
 
 
-def _cuda_packed_matmul_with_sparse(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias,
-                                    rowptr, cols, vals):
-    """x W^T + bias + x Sp^T in one launch of the decode kernel, Sp the reserved weights (int32 CSR by output
-    feature, fp32 values, checked by the caller); None where that kernel does not serve x (the caller adds the
-    sparse part itself)."""
+def _cuda_packed_matmul_with_extras(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias,
+                                    lora_A=None, lora_B=None, lora_scale=0.0, rowptr=None, cols=None, vals=None):
+    """x W^T + bias + lora_scale (x A^T) B^T + x Sp^T, the LoRA and reserved-weight terms added inside the decode
+    kernel's launch (Sp: int32 CSR by output feature, fp32 values, checked by the caller; either term may be
+    absent); None where that kernel does not serve x (the caller adds the terms itself). x A^T, [M, r], is one
+    small GEMM before it."""
     if x.dtype not in (torch.float16, torch.bfloat16) or not 1 <= x.shape[0] <= CUDA_DECODE_MAX_M:
         return None
     stream = _cuda_ready(x)
+    lora_t = None if lora_A is None else x @ lora_A.to(x.dtype).t()
     with _on_device(x):
         return _C.cuda_packed_matmul(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias,
-                                     stream, 0, rowptr, cols, vals)
+                                     stream, 0, rowptr, cols, vals, lora_t, lora_B, float(lora_scale))
 
 
-cuda_packed_matmul.with_sparse = _cuda_packed_matmul_with_sparse
+cuda_packed_matmul.with_extras = _cuda_packed_matmul_with_extras
 
 
 def cuda_fake_quant_lwc_fwd(W, hi, lo, S, delta, bits, group_size, symmetric):

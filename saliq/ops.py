@@ -225,13 +225,14 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
             torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad) or (
                 lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad)))):
         impl = backends.resolve("packed_matmul", x2.device.type, *args)
-        with_sparse = getattr(impl, "with_sparse", None)
-        if sparse is not None and with_sparse is not None and sparse[0].device == x2.device:
-            # the reserved weights inside the decode kernel's launch (cuda): y = x What^T + bias + x Sp^T
-            y = with_sparse(*args, sparse[0], sparse[1], sparse[2])
+        with_extras = getattr(impl, "with_extras", None)
+        if with_extras is not None and (lora_A is not None or sparse is not None):
+            # the LoRA term and the reserved weights inside the decode kernel's launch (cuda)
+            sp = sparse[:3] if sparse is not None and sparse[0].device == x2.device else (None, None, None)
+            y = with_extras(*args, lora_A, lora_B, lora_scale, *sp)
             if y is not None:
-                if lora_A is not None:
-                    y = torch.addmm(y, x2 @ lora_A.t(), lora_B.t(), alpha=lora_scale)
+                if sparse is not None and sp[0] is None:
+                    y = sparse_addmm_trusted_(y, x2, *sparse)
                 return y.reshape(*x.shape[:-1], qweight.shape[1])
         with_lora = getattr(impl, "with_lora", None)
         if with_lora is not None:  # the backend applies bias and LoRA in the same call (cpp)

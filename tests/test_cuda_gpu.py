@@ -67,7 +67,7 @@ def test_packed_gemv_matches_ref(bits, group_size, k, n, m, dtype):
 @pytest.mark.parametrize("n,k,group_size", [(37, 100, -1), (256, 4096, 64), (4096, 1024, 32)])
 def test_decode_kernel_adds_the_reserved_weights(bits, m, dtype, n, k, group_size):
     """x Sp^T in the decode kernel's launch (a warp per output, lanes over the row's nonzeros): rows with no,
-    few and hundreds of nonzeros, against ref.packed_matmul then ref.sparse_addmm."""
+    few and hundreds of nonzeros, against ref.packed_matmul then ref.sparse_addmm; then with a LoRA term too."""
     g = torch.Generator().manual_seed(bits * 100 + m + n)
     counts = torch.randint(0, 12, (n,), generator=g)
     counts[::5] = 0
@@ -81,19 +81,25 @@ def test_decode_kernel_adds_the_reserved_weights(bits, m, dtype, n, k, group_siz
     bias = torch.randn(n, device="cuda").to(dtype)
     args = (x, p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], bits, group_size, k, bias)
     poison()
-    out = cpp.cuda_packed_matmul.with_sparse(*args, rowptr, cols, vals)
+    csr = dict(rowptr=rowptr, cols=cols, vals=vals)
+    out = cpp.cuda_packed_matmul.with_extras(*args, **csr)
     dense_part = ref.packed_matmul(x.float(), *args[1:3], args[3].float(), *args[4:8], bias.float())
     expected = ref.sparse_addmm(dense_part, x, rowptr, cols, vals).to(dtype)
     assert_close_rel(out, expected, TOL[dtype], "y")
-    assert torch.equal(cpp.cuda_packed_matmul.with_sparse(*args, rowptr, cols, vals), out)  # deterministic
-    assert cpp.cuda_packed_matmul.with_sparse(x.float(), *args[1:], rowptr, cols, vals) is None  # fp32: not served
+    assert torch.equal(cpp.cuda_packed_matmul.with_extras(*args, **csr), out)  # deterministic
+    assert cpp.cuda_packed_matmul.with_extras(x.float(), *args[1:], **csr) is None  # fp32: not served
+    # with a LoRA term of rank 40 (lanes over r, some idle) as well
+    A, B = torch.randn(40, k, device="cuda").to(dtype) * 0.05, torch.randn(n, 40, device="cuda").to(dtype) * 0.05
+    out = cpp.cuda_packed_matmul.with_extras(*args, A, B, 0.5, **csr)
+    t = (x @ A.t()).float()  # rounded to x's dtype, as the kernel receives it
+    assert_close_rel(out, (expected.float() + 0.5 * t @ B.float().t()).to(dtype), TOL[dtype], "y with LoRA")
 
 
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quant_linear_with_reserved_weights_on_the_gpu(lora, dtype):
-    """A QuantLinear with reserved weights on CUDA (the decode kernel adds them in its launch for M <= 16; larger
-    M adds them after the Triton matmul) gives the layer's dense weight's output."""
+    """A QuantLinear with reserved weights on CUDA (the decode kernel adds them and the LoRA term in its launch for
+    M <= 16; larger M adds them after the Triton matmul) gives the layer's dense weight's output."""
     from saliq import outliers
     from saliq.nn import FakeQuantLinear
 

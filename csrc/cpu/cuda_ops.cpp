@@ -72,7 +72,8 @@ at::Tensor decode_mma(const at::Tensor& x_in, const at::Tensor& qweight, const a
                       const at::Tensor& scales_in, const at::Tensor& zeros, int64_t bits, int64_t g,
                       int64_t in_features, const std::optional<at::Tensor>& bias, int64_t warps, int64_t stream,
                       const std::optional<at::Tensor>& sp_rowptr, const std::optional<at::Tensor>& sp_cols,
-                      const std::optional<at::Tensor>& sp_vals) {
+                      const std::optional<at::Tensor>& sp_vals, const std::optional<at::Tensor>& lora_t_in,
+                      const std::optional<at::Tensor>& lora_B_in, double lora_scale) {
   const int64_t M = x_in.size(0), N = qweight.size(1);
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const at::Tensor scales = scales_in.to(x.scalar_type()).contiguous();
@@ -92,6 +93,18 @@ at::Tensor decode_mma(const at::Tensor& x_in, const at::Tensor& qweight, const a
                           vals.sizes() == cols.sizes() && cols.device() == x.device() && vals.device() == x.device(),
                       "sparse cols must be int32 and values float32, both [nnz] on ", x.device());
   }
+  // the LoRA term, when given: t = x A^T [M, r] and B [N, r], both converted to x's dtype
+  at::Tensor lora_t, lora_B;
+  if (lora_t_in.has_value()) {
+    TORCH_CHECK_VALUE(lora_B_in.has_value(), "lora_t and lora_B go together");
+    lora_t = lora_t_in->to(x.scalar_type()).contiguous();
+    lora_B = lora_B_in->to(x.scalar_type()).contiguous();
+    const int64_t r = lora_t.dim() == 2 ? lora_t.size(1) : -1;
+    TORCH_CHECK_VALUE(lora_t.dim() == 2 && lora_t.size(0) == M && r >= 1 && lora_B.dim() == 2 && lora_B.size(0) == N &&
+                          lora_B.size(1) == r && lora_t.device() == x.device() && lora_B.device() == x.device(),
+                      "lora_t must be [", M, ", r] and lora_B [", N, ", r] on ", x.device(), ", got ", lora_t.sizes(),
+                      " and ", lora_B.sizes());
+  }
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   check_cuda(saliq_cuda_decode_mma(x.data_ptr(), dtype_code(x.scalar_type(), "x"), M, x.stride(0), in_features, N, g,
@@ -100,7 +113,10 @@ at::Tensor decode_mma(const at::Tensor& x_in, const at::Tensor& qweight, const a
                                    zeros.data_ptr<int16_t>(), bias_t.defined() ? bias_t.data_ptr() : nullptr,
                                    rp.defined() ? rp.data_ptr<int32_t>() : nullptr,
                                    rp.defined() ? cols.data_ptr<int32_t>() : nullptr,
-                                   rp.defined() ? vals.data_ptr<float>() : nullptr, y.data_ptr(), (int)warps,
+                                   rp.defined() ? vals.data_ptr<float>() : nullptr,
+                                   lora_t.defined() ? lora_t.data_ptr() : nullptr,
+                                   lora_t.defined() ? lora_B.data_ptr() : nullptr,
+                                   lora_t.defined() ? lora_t.size(1) : 0, (float)lora_scale, y.data_ptr(), (int)warps,
                                    (intptr_t)stream),
              "decode_mma");
   return y;
@@ -112,7 +128,9 @@ at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight,
                               const at::Tensor& scales_in, const at::Tensor& zeros, int64_t bits, int64_t group_size,
                               int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream,
                               int64_t warps, const std::optional<at::Tensor>& sp_rowptr,
-                              const std::optional<at::Tensor>& sp_cols, const std::optional<at::Tensor>& sp_vals) {
+                              const std::optional<at::Tensor>& sp_cols, const std::optional<at::Tensor>& sp_vals,
+                              const std::optional<at::Tensor>& lora_t, const std::optional<at::Tensor>& lora_B,
+                              double lora_scale) {
   check_packed(qweight, qweight_hi, scales_in, zeros, bits, group_size, in_features);
   check_on_cuda(x_in, "x");
   check_on_cuda(qweight, "qweight");
@@ -124,9 +142,10 @@ at::Tensor packed_matmul_cuda(const at::Tensor& x_in, const at::Tensor& qweight,
   if (dt != SALIQ_F32) {
     TORCH_CHECK_VALUE(M <= 16, "the cuda decode kernel serves M <= 16 rows of fp16 / bf16 x, got M=", M);
     return decode_mma(x_in, qweight, qweight_hi, scales_in, zeros, bits, g, in_features, bias, warps, stream,
-                      sp_rowptr, sp_cols, sp_vals);
+                      sp_rowptr, sp_cols, sp_vals, lora_t, lora_B, lora_scale);
   }
-  TORCH_CHECK_VALUE(!sp_rowptr.has_value(), "the reserved weights join only the fp16 / bf16 decode kernel");
+  TORCH_CHECK_VALUE(!sp_rowptr.has_value() && !lora_t.has_value(),
+                    "the reserved weights and the LoRA term join only the fp16 / bf16 decode kernel");
   TORCH_CHECK_VALUE(M <= 8, "the cuda packed GEMV serves M <= 8 rows of fp32 x, got M=", M);
   // fp32 x, zero-padded to whole 32-element words (the kernel reads whole packed words)
   const int64_t k_padded = (in_features + 31) / 32 * 32;

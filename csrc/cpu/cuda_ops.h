@@ -21,7 +21,9 @@ at::Tensor packed_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, co
                               const at::Tensor& scales, const at::Tensor& zeros, int64_t bits, int64_t group_size,
                               int64_t in_features, const std::optional<at::Tensor>& bias, int64_t stream,
                               int64_t warps, const std::optional<at::Tensor>& sp_rowptr,
-                              const std::optional<at::Tensor>& sp_cols, const std::optional<at::Tensor>& sp_vals);
+                              const std::optional<at::Tensor>& sp_cols, const std::optional<at::Tensor>& sp_vals,
+                              const std::optional<at::Tensor>& lora_t, const std::optional<at::Tensor>& lora_B,
+                              double lora_scale);
 at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features,
                           const std::optional<at::Tensor>& out, int64_t stream);

@@ -65,9 +65,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_packed_matmul", &saliq::packed_matmul_cuda, py::arg("x"), py::arg("qweight"), py::arg("qweight_hi"),
         py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group_size"), py::arg("in_features"),
         py::arg("bias"), py::arg("stream"), py::arg("warps") = 0, py::arg("sp_rowptr") = py::none(),
-        py::arg("sp_cols") = py::none(), py::arg("sp_vals") = py::none(),
-        "x W^T + bias, W in format v1: the tensor-core decode kernel for fp16 / bf16 x (M <= 16, with the reserved "
-        "weights' x Sp^T when given), the fp32 GEMV for fp32 x (M <= 8)");
+        py::arg("sp_cols") = py::none(), py::arg("sp_vals") = py::none(), py::arg("lora_t") = py::none(),
+        py::arg("lora_B") = py::none(), py::arg("lora_scale") = 0.0,
+        "x W^T + bias, W in format v1: the tensor-core decode kernel for fp16 / bf16 x (M <= 16; adds the reserved "
+        "weights' x Sp^T and the LoRA term lora_scale (x A^T) B^T when given), the fp32 GEMV for fp32 x (M <= 8)");
   m.def("cuda_decode_mma_warps", [](bool bf16, int64_t M, int64_t K, int64_t N, int64_t group_len, int64_t bits) {
     return saliq_cuda_decode_mma_warps(bf16 ? SALIQ_BF16 : SALIQ_F16, M, K, N, group_len, (int)bits);
   }, "warps per CTA the decode kernel chooses for this shape on the current GPU");

@@ -29,14 +29,16 @@ int multiprocessors() {
 
 int decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int64_t N, int64_t group_len, int bits,
                const int32_t* qweight, const int32_t* qweight_hi, const void* scales, const int16_t* zeros,
-               const void* bias, const int32_t* sp_rowptr, const int32_t* sp_cols, const float* sp_vals, void* y,
-               int warps, intptr_t stream, int* query_warps) {
+               const void* bias, const int32_t* sp_rowptr, const int32_t* sp_cols, const float* sp_vals,
+               const void* lora_t, const void* lora_B, int64_t lora_r, float lora_scale, void* y, int warps,
+               intptr_t stream, int* query_warps) {
   using namespace saliq_decode;
   if (M < 1 || M > kMaxM || K < 1 || N < 1 || ldx < K || (dtype != SALIQ_F16 && dtype != SALIQ_BF16) ||
       (bits != 2 && bits != 3 && bits != 4) || group_len < 1 ||
       (group_len != K && group_len != 32 && group_len != 64 && group_len != 128) ||
       (bits == 3 && qweight_hi == nullptr && query_warps == nullptr) ||
-      (sp_rowptr != nullptr && (sp_cols == nullptr || sp_vals == nullptr)))
+      (sp_rowptr != nullptr && (sp_cols == nullptr || sp_vals == nullptr)) ||
+      (lora_t != nullptr && (lora_B == nullptr || lora_r < 1 || lora_r > 65536)))
     return (int)cudaErrorInvalidValue;
   const auto aligned = [](const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; };
   int flags = 0;
@@ -57,9 +59,9 @@ int decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int6
   const bool offsets_fit = rows * N < (int64_t(1) << 31) && groups * N < (int64_t(1) << 31) &&
                            M * ldx < (int64_t(1) << 31);
   const bool fast = flags == (kVecWeights | kVecX) && N % kColumns == 0 && K % step_k == 0 && offsets_fit;
-  Launch a{x,     (int)M,  ldx,   K,     N,     shift, groups, qweight, qweight_hi,
-           scales, bias, zeros, sp_rowptr, sp_cols, sp_vals, y, flags, warps,
-           multiprocessors(), fast, reinterpret_cast<cudaStream_t>(stream), query_warps};
+  Launch a{x, (int)M, ldx, K, N, shift, groups, qweight, qweight_hi, scales, bias, zeros,
+           sp_rowptr, sp_cols, sp_vals, lora_t, lora_B, (int)lora_r, lora_scale,
+           y, flags, warps, multiprocessors(), fast, reinterpret_cast<cudaStream_t>(stream), query_warps};
   const bool bf16 = dtype == SALIQ_BF16;
   switch (bits) {
     case 2: return launch_b2(a, bf16);
@@ -73,10 +75,11 @@ int decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int6
 extern "C" int saliq_cuda_decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int64_t N,
                                      int64_t group_len, int bits, const int32_t* qweight, const int32_t* qweight_hi,
                                      const void* scales, const int16_t* zeros, const void* bias,
-                                     const int32_t* sp_rowptr, const int32_t* sp_cols, const float* sp_vals, void* y,
-                                     int warps, intptr_t stream) {
+                                     const int32_t* sp_rowptr, const int32_t* sp_cols, const float* sp_vals,
+                                     const void* lora_t, const void* lora_B, int64_t lora_r, float lora_scale,
+                                     void* y, int warps, intptr_t stream) {
   return decode_mma(x, dtype, M, ldx, K, N, group_len, bits, qweight, qweight_hi, scales, zeros, bias, sp_rowptr,
-                    sp_cols, sp_vals, y, warps, stream, nullptr);
+                    sp_cols, sp_vals, lora_t, lora_B, lora_r, lora_scale, y, warps, stream, nullptr);
 }
 
 extern "C" int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int64_t N, int64_t group_len, int bits) {
@@ -85,6 +88,6 @@ extern "C" int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int6
   int warps = 0;
   const int err = decode_mma(p, dtype, M, K, K, N, group_len, bits, static_cast<const int32_t*>(p),
                              static_cast<const int32_t*>(p), p, static_cast<const int16_t*>(p), nullptr, nullptr,
-                             nullptr, nullptr, nullptr, 0, 0, &warps);
+                             nullptr, nullptr, nullptr, nullptr, 0, 0.0f, nullptr, 0, 0, &warps);
   return err == 0 ? warps : -err;
 }

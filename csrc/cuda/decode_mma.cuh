@@ -263,8 +263,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
                       int64_t groups, const uint32_t* __restrict__ qweight, const uint32_t* __restrict__ qweight_hi,
                       const uint16_t* __restrict__ scales, const int16_t* __restrict__ zeros,
                       const T* __restrict__ bias, const int32_t* __restrict__ sp_rowptr,
-                      const int32_t* __restrict__ sp_cols, const float* __restrict__ sp_vals, T* __restrict__ y,
-                      int flags) {
+                      const int32_t* __restrict__ sp_cols, const float* __restrict__ sp_vals,
+                      const uint16_t* __restrict__ lora_t, const uint16_t* __restrict__ lora_B, int lora_r,
+                      float lora_scale, T* __restrict__ y, int flags) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;  // codes per 32-bit word
   constexpr int kPairs = kPerWord / 2;           // code pairs per word
   constexpr int kSub = kPairs / 2;               // mmas per tile and step
@@ -424,7 +425,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
         if (m < M) red[warp][m][4 * g + 2 * j + (e >> 1)] = acc[mt][j][e];
       }
   __syncthreads();
-  const bool reserved = sp_rowptr != nullptr;  // uniform
+  const bool reserved = sp_rowptr != nullptr, lora = lora_t != nullptr;  // uniform
+  const bool extras = reserved || lora;
   for (int idx = threadIdx.x; idx < M * kColumns; idx += blockDim.x) {
     const int m = idx / kColumns, col = idx % kColumns;
     const int64_t n = (int64_t)blockIdx.x * kColumns + col;
@@ -432,25 +434,35 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     float sum = 0.0f;
     for (int w = 0; w < nwarps; ++w) sum += red[w][m][col];
     if (bias != nullptr) sum += to_f32<T>(reinterpret_cast<const uint16_t*>(bias)[n]);
-    if (reserved)
+    if (extras)
       red[0][m][col] = sum;  // only this thread reads or writes element (m, col)
     else
       y[(int64_t)m * N + n] = from_f32<T>(sum);
   }
-  if (!reserved) return;
-  // The reserved weights (CSR by output feature, fp32 values): a warp per output, its lanes over the row's
-  // nonzeros, summed by a fixed shuffle tree, added before the one rounding of y. Columns outside [0, K) are
-  // skipped, as the sparse_addmm kernel does.
+  if (!extras) return;
+  // What QuantLinear adds to the packed product, in the same launch and before the one rounding of y, a warp per
+  // output, its lanes' terms summed by a fixed shuffle tree (deterministic):
+  // - the reserved weights (CSR by output feature, fp32 values): lanes over the row's nonzeros; columns outside
+  //   [0, K) are skipped, as the sparse_addmm kernel does;
+  // - the LoRA term lora_scale * t B^T, t = x A^T [M, r] computed by the caller: lanes over r.
   __syncthreads();
   for (int o = warp; o < M * kColumns; o += nwarps) {
     const int m = o / kColumns, col = o % kColumns;
     const int64_t n = (int64_t)blockIdx.x * kColumns + col;
     if (n >= N) continue;  // warp-uniform
-    const uint16_t* xr = x + (int64_t)m * ldx;
     float part = 0.0f;
-    for (int j = sp_rowptr[n] + lane; j < sp_rowptr[n + 1]; j += 32) {
-      const int c = __ldg(sp_cols + j);
-      if ((unsigned)c < (unsigned)K) part = fmaf(__ldg(sp_vals + j), to_f32<T>(__ldg(xr + c)), part);
+    if (reserved) {
+      const uint16_t* xr = x + (int64_t)m * ldx;
+      for (int j = sp_rowptr[n] + lane; j < sp_rowptr[n + 1]; j += 32) {
+        const int c = __ldg(sp_cols + j);
+        if ((unsigned)c < (unsigned)K) part = fmaf(__ldg(sp_vals + j), to_f32<T>(__ldg(xr + c)), part);
+      }
+    }
+    if (lora) {
+      float dot = 0.0f;
+      for (int r = lane; r < lora_r; r += 32)
+        dot = fmaf(to_f32<T>(__ldg(lora_t + (int64_t)m * lora_r + r)), to_f32<T>(__ldg(lora_B + n * lora_r + r)), dot);
+      part = fmaf(lora_scale, dot, part);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xFFFFFFFFu, part, off);
@@ -469,6 +481,9 @@ struct Launch {
   const int16_t* zeros;
   const int32_t *sp_rowptr, *sp_cols;  // reserved weights (CSR by output feature), or null
   const float* sp_vals;
+  const void *lora_t, *lora_B;  // t = x A^T [M, r] and B [N, r] in x's dtype, or null
+  int lora_r;
+  float lora_scale;
   void* y;
   int flags, warps, sms;
   bool fast;
@@ -520,7 +535,8 @@ int launch_typed(const Launch& a) {
       static_cast<const uint16_t*>(a.x), a.M, a.ldx, a.K, a.N, a.group_shift, a.groups,
       reinterpret_cast<const uint32_t*>(a.qweight), reinterpret_cast<const uint32_t*>(a.qweight_hi),
       static_cast<const uint16_t*>(a.scales), a.zeros, static_cast<const T*>(a.bias), a.sp_rowptr, a.sp_cols,
-      a.sp_vals, static_cast<T*>(a.y), a.flags);
+      a.sp_vals, static_cast<const uint16_t*>(a.lora_t), static_cast<const uint16_t*>(a.lora_B), a.lora_r,
+      a.lora_scale, static_cast<T*>(a.y), a.flags);
   return (int)cudaGetLastError();
 }
 

@@ -28,12 +28,14 @@ int saliq_cuda_packed_gemv_split_k(int64_t M, int64_t K, int64_t N, int64_t grou
 // y[M, N] = x[M, K] W^T + bias for 1 <= M <= 16 fp16 / bf16 rows (dtype SALIQ_F16 or SALIQ_BF16; scales, bias
 // and y share it), W in packed format v1, on the tensor cores with fp32 accumulation. Row m of x starts at
 // x + m * ldx; y is [M, N] contiguous. One launch, no workspace, deterministic. warps: warps per CTA (1..16),
-// 0 for the built-in choice. group_len: 32, 64, 128 or K. sp_rowptr [N + 1], sp_cols [nnz], sp_vals fp32 [nnz]:
-// reserved weights (CSR by output feature; all null for none), x Sp^T added before y's one rounding.
+// 0 for the built-in choice. group_len: 32, 64, 128 or K. Added before y's one rounding when given (null: none):
+// sp_rowptr [N + 1], sp_cols [nnz], sp_vals fp32 [nnz], reserved weights (CSR by output feature): x Sp^T;
+// lora_t [M, lora_r] (= x A^T) and lora_B [N, lora_r] in x's dtype: lora_scale t B^T.
 int saliq_cuda_decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int64_t N, int64_t group_len,
                           int bits, const int32_t* qweight, const int32_t* qweight_hi, const void* scales,
                           const int16_t* zeros, const void* bias, const int32_t* sp_rowptr, const int32_t* sp_cols,
-                          const float* sp_vals, void* y, int warps, intptr_t stream);
+                          const float* sp_vals, const void* lora_t, const void* lora_B, int64_t lora_r,
+                          float lora_scale, void* y, int warps, intptr_t stream);
 // The warps per CTA saliq_cuda_decode_mma chooses for this shape on the current device (negative: -error).
 int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int64_t N, int64_t group_len, int bits);
 
