@@ -52,3 +52,47 @@ def test_quant_linear_in_every_mode(device, backend, m, mode):
             assert torch.allclose(xg.grad, expected_grad, rtol=1e-4, atol=1e-4)
     expected = _expected(layer, x)
     assert torch.allclose(y.detach(), expected, rtol=1e-5, atol=1e-5), f"{device} {backend} M={m} {mode}"
+
+
+def test_a_backend_that_adds_lora_and_reserved_weights_in_its_launch_gets_them(monkeypatch):
+    # the dispatch of ops.packed_linear_trusted to a backend's with_extras (the CUDA decode kernel's hook),
+    # checked on the CPU with a stand-in backend: the terms reach it, and where it declines (None) they are
+    # added after its plain product
+    from saliq import ops
+    from saliq.packing import pack_weight
+
+    torch.manual_seed(0)
+    spec = QuantSpec(2, 32)
+    n, k = 12, 64
+    packed = pack_weight(torch.randint(0, 4, (n, k)), torch.rand(n, 2) * 0.1 + 0.01,
+                         torch.randint(0, 4, (n, 2)).float(), spec, dtype=torch.float32)
+    A, B = torch.randn(4, k), torch.randn(n, 4)
+    rowptr = torch.tensor([0, 1] + [1] * (n - 1), dtype=torch.int32)
+    cols, vals = torch.tensor([5], dtype=torch.int32), torch.tensor([2.0])
+    x = torch.randn(3, k)
+    args = (packed.qweight, packed.qweight_hi, packed.scales, packed.zeros, 2, 32, k)
+    dense = ref.packed_matmul(x, *args, None)
+    want = dense + 0.5 * (x @ A.t()) @ B.t()
+    want[:, 0] += 2.0 * x[:, 5]
+    seen = []
+    real_resolve = backends.resolve
+
+    def plain(x_, *a):
+        return ref.packed_matmul(x_, *a)
+
+    for declines in (False, True):
+        def with_extras(x_, *a):
+            seen.append(a[8:])
+            if declines:
+                return None
+            lora_A, lora_B, scale, rp, cl, vl = a[8:]
+            y = ref.packed_matmul(x_, *a[:8]) + scale * (x_ @ lora_A.t()) @ lora_B.t()
+            return ref.sparse_addmm(y, x_, rp, cl, vl)
+
+        plain.with_extras = with_extras
+        monkeypatch.setattr(backends, "resolve", lambda op, dev, *a, _real=real_resolve: (
+            plain if op == "packed_matmul" else _real(op, dev, *a)))
+        with torch.no_grad():
+            y = ops.packed_linear_trusted(x, *args, None, A, B, 0.5, (rowptr, cols, vals, None))
+        assert torch.allclose(y, want, atol=1e-5), declines
+        assert seen[-1][0] is A and seen[-1][3] is rowptr
