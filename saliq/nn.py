@@ -259,7 +259,10 @@ class QuantLinear(nn.Module):
         # .to(dtype) / .cuda() convert every float buffer, the fp32 corrections too, and keep the CPU slices of the
         # old device: derive them again from the converted buffers (against the new scales, in fp32)
         out = super()._apply(fn, *args, **kwargs)
-        if self.reserved and not self.sparse_rowptr.is_meta:
+        # only a layer whose corrections were derived (a complete one: not mid-load, nothing on the meta device)
+        if self.reserved and self.sparse_correction is not None and not any(
+                t.is_meta for t in (self.qweight, self.qweight_hi, self.scales, self.zeros, self.sparse_rowptr,
+                                    self.sparse_cols, self.sparse_values)):
             self.refresh_sparse()
         return out
 

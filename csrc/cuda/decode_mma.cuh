@@ -22,7 +22,9 @@
 // with x masked to the lanes of each group (NG = 2).
 //
 // The warps' fp32 partial sums meet in shared memory and are added in warp order: no atomics, no
-// workspace, one launch whose only output is y, so it is deterministic and capturable in a CUDA graph.
+// workspace, one launch whose only output is y, so it is deterministic and capturable in a CUDA graph. What
+// QuantLinear adds to the product (its reserved weights x Sp^T, its LoRA term) joins in that epilogue, before
+// y's one rounding, when the caller passes it.
 #pragma once
 
 #include <cuda_bf16.h>
