@@ -3,7 +3,8 @@
 # (no virtualenv, no downloads). Builds saliq._C, writes the GPU report (benchmarks/results/<date>-<device>.md
 # and .json) while nothing else runs, then runs the GPU tests of the CUDA kernels and the Triton tests natively,
 # side by side (they check results, not time). Each step runs even when an earlier one failed; the exit status
-# says whether all passed. Logs go to $LOGS (default benchmarks/results/logs). About 5 minutes on an H100 / H200.
+# says whether all passed. Logs go to $LOGS (default benchmarks/results/logs). About 5-7 minutes on an H100 /
+# H200.
 set -u
 PY=${PY:-python3}
 LOGS=${LOGS:-benchmarks/results/logs}

@@ -303,17 +303,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
       const int step = s0 + u;
       const int64_t r = 4 * (int64_t)step + t;
       if constexpr (FAST) {
-        // 32-bit element offsets (the launcher checked that they fit): fewer address instructions per load
-        if (step < steps) {
-          const uint32_t row = 4u * (uint32_t)step + (uint32_t)t;
-          wv[u] = load_stream(qweight + (row * n32 + c32));
-          if (BITS == 3) hv[u] = load_stream(qweight_hi + ((row >> 1) * n32 + c32));
+        // 32-bit element offsets (the launcher checked that they fit): fewer address instructions per load.
+        // Past the last step the last step is loaded again (and not used): no predicate per load.
+        const uint32_t st = (uint32_t)min(step, steps - 1);
+        const uint32_t row = 4u * st + (uint32_t)t;
+        wv[u] = load_stream(qweight + (row * n32 + c32));
+        if (BITS == 3) hv[u] = load_stream(qweight_hi + ((row >> 1) * n32 + c32));
 #pragma unroll
-          for (int gi = 0; gi < NG; ++gi) {
-            const uint32_t at = (NG == 2 ? 2u * (uint32_t)step + gi : ((uint32_t)step >> group_shift)) * n32 + c32;
-            sraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(scales + at));
-            zraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(zeros + at));
-          }
+        for (int gi = 0; gi < NG; ++gi) {
+          const uint32_t at = (NG == 2 ? 2u * st + gi : (st >> group_shift)) * n32 + c32;
+          sraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(scales + at));
+          zraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(zeros + at));
         }
       } else {
         wv[u] = load_words(qweight, r, rows, N, col0, vec);
@@ -337,16 +337,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
       for (int mt = 0; mt < kTiles; ++mt) {
         uint32_t X[kPairs];
         if constexpr (FAST) {
-          const int m = 8 * mt + g;
+          // rows of x past M read row M - 1 instead of zeros: the products of an mma column reach only that
+          // column's output row, and rows >= M are never written (no predicate, no zeroing per step)
+          const uint32_t m = (uint32_t)min(8 * mt + g, M - 1);
+          const uint16_t* p = x + (m * (uint32_t)ldx + (uint32_t)r * kPerWord);
 #pragma unroll
-          for (int i = 0; i < kPairs; ++i) X[i] = 0u;
-          if (m < M) {
-            const uint16_t* p = x + ((uint32_t)m * (uint32_t)ldx + (uint32_t)r * kPerWord);
-#pragma unroll
-            for (int i = 0; i < kPairs; i += 4) {
-              const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + 2 * i));
-              X[i] = v.x; X[i + 1] = v.y; X[i + 2] = v.z; X[i + 3] = v.w;
-            }
+          for (int i = 0; i < kPairs; i += 4) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + 2 * i));
+            X[i] = v.x; X[i + 1] = v.y; X[i + 2] = v.z; X[i + 3] = v.w;
           }
         } else {
           load_x<kPairs>(X, x, 8 * mt + g, M, ldx, r * kPerWord, K, xvec);
