@@ -8,7 +8,8 @@ S = None the search minimises the plain squared error (as AWQ's clipping search 
 
 Search order: one shared factor for both ends, then each end on its own with the other fixed (a coordinate
 pass). The grid runs from sigmoid(init_logit) (the usual LWC start, kept when nothing beats it) down to
-`lowest`.
+`lowest`. On a GPU one Triton kernel runs the whole search in a pass over W (saliq/kernels/clip_search.py);
+elsewhere, and under `use_backend("ref")`, the eager torch ops below.
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def search_clipping(W: Tensor, spec: QuantSpec, S: Optional[Tensor] = None, init
     top = 1.0 / (1.0 + math.exp(-init_logit))
     grid = torch.linspace(top, min(lowest, top), steps).tolist()
 
+    fused = _fused_search()
+    if fused is not None and W.is_cuda:
+        # one pass over W and S on the GPU (saliq/kernels/clip_search.py) instead of ~10 ops per candidate
+        fmax, fmin = fused(W, S, spec.bits, spec.group_len(W.shape[1]), spec.symmetric, grid)
+        return _to_logit(fmax, top, init_logit), _to_logit(fmin, top, init_logit)
     n, k = W.shape
     rows = max(1, _CHUNK_ELEMENTS // k)
     his, los = [], []
@@ -51,6 +57,20 @@ def search_clipping(W: Tensor, spec: QuantSpec, S: Optional[Tensor] = None, init
         los.append(fmin)
     fmax, fmin = torch.cat(his), torch.cat(los)
     return _to_logit(fmax, top, init_logit), _to_logit(fmin, top, init_logit)
+
+
+def _fused_search():
+    """The Triton search kernel, or None where Triton is missing or the eager reference is forced
+    (`use_backend("ref")`: the eager calibration the benchmarks compare against)."""
+    from . import backends
+
+    if backends.forced() == "ref":
+        return None
+    try:
+        from .kernels.clip_search import search_rows
+    except ImportError:
+        return None
+    return search_rows
 
 
 @torch.no_grad()

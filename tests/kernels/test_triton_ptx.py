@@ -4,8 +4,9 @@ The interpreter runs the kernels with numpy, which never contracts a * b + c int
 so the CPU sweeps cannot see what a GPU build does to the arithmetic. Here the kernels are compiled for sm_90
 without a GPU, exactly as their launchers launch them (the launch arguments and options are recorded from a
 real launcher call whose kernel launches are stubbed out), and the PTX is checked:
-- fake quantization and dequantization (fp32 What / W bit-identical to saliq.ref): no approximate division
-  (div.full / div.approx / rcp.approx), IEEE division (div.rn) present, and no fp contraction: no fma.rn.f32,
+- fake quantization, dequantization and the clipping search (fp32 What / W bit-identical to saliq.ref): no
+  approximate division (div.full / div.approx / rcp.approx), IEEE division (div.rn) present, and no fp
+  contraction: no fma.rn.f32,
   and every fp32 mul / add / sub carries an explicit .rn, which ptxas never fuses (a plain mul.f32 followed by
   add.f32 it may turn into an fma). fmax * wmax - fmin * wmin contracted into one fma moves the scale by an
   ulp and with it every What of the group;
@@ -35,7 +36,7 @@ SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 
 def _record_launches():
     """Replace every Triton kernel the launchers use with a stub that records (kernel, args, kwargs) instead of
     launching, and return the list the stubs append to."""
-    from saliq.kernels import common, dequantize, fake_quant, packed_matmul, sparse, sq_error
+    from saliq.kernels import clip_search, common, dequantize, fake_quant, packed_matmul, sparse, sq_error
 
     launches = []
 
@@ -51,7 +52,8 @@ def _record_launches():
     for mod, name in ((fake_quant, "_fq_fwd_kernel"), (fake_quant, "_fq_bwd_kernel"),
                       (common, "_sum_partials_kernel"), (dequantize, "_dequantize_kernel"),
                       (packed_matmul, "_packed_matmul_kernel"), (packed_matmul, "_splitk_reduce_kernel"),
-                      (sq_error, "_sq_error_kernel"), (sparse, "_sparse_addmm_kernel")):
+                      (sq_error, "_sq_error_kernel"), (sparse, "_sparse_addmm_kernel"),
+                      (clip_search, "_clip_search_kernel")):
         setattr(mod, name, Stub(getattr(mod, name)))
     return launches
 
@@ -61,7 +63,7 @@ def _cases():
     import torch
 
     from saliq import packing
-    from saliq.kernels import dequantize, fake_quant, packed_matmul, sparse
+    from saliq.kernels import clip_search, dequantize, fake_quant, packed_matmul, sparse
     from saliq.spec import QuantSpec
 
     torch.manual_seed(0)
@@ -85,6 +87,10 @@ def _cases():
                       lambda sym=sym: fake_quant.fake_quant_lwc_bwd(gw, greg, W, hi, lo, S, delta, 3, 64, sym,
                                                                     True)))
     cases.append(("dequantize", lambda: dequantize.dequantize(*pargs)))
+    # the clipping search: the fake quantization's arithmetic per candidate, so the same contract
+    for sym in (False, True):
+        cases.append((f"clip_search_{'sym' if sym else 'asym'}",
+                      lambda sym=sym: clip_search.search_rows(W, S, 3, 64, sym, [0.98, 0.7, 0.4])))
     # GEMM regime with split-K (tl.dot in the main loop, and in the LoRA epilogue of the split-K reduction)
     cfg = packed_matmul._cfg("gemm", BM=16, BN=32, BK=32, SK=2)
     cases.append(("packed_matmul_fp32",
@@ -204,7 +210,7 @@ def _select(ptx, case_prefix):
     return sel
 
 
-@pytest.mark.parametrize("case", ["fake_quant", "dequantize"])
+@pytest.mark.parametrize("case", ["fake_quant", "dequantize", "clip_search"])
 def test_no_approximate_division(ptx, case):
     for name, k in _select(ptx, case).items():
         c = _counts(k["ptx"])
@@ -219,7 +225,7 @@ def test_fake_quant_divides_ieee(ptx):
         assert _counts(k["ptx"])["div.rn.f32"] > 0, name
 
 
-@pytest.mark.parametrize("case", ["fake_quant", "dequantize"])
+@pytest.mark.parametrize("case", ["fake_quant", "dequantize", "clip_search"])
 def test_no_fp_contraction(ptx, case):
     for name, k in _select(ptx, case).items():
         c = _counts(k["ptx"])
