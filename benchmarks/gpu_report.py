@@ -472,8 +472,7 @@ def main(argv=None) -> int:
           + "\n## Calibration of one LLaMA-2-7B-shaped block (W2 g64, saliq: search, wpt 1, opt 1)\n\n"
           + table("calibration", ["model", "dtype", "nsamples", "seqlen", "s_block", "s_block_first", "s_block_eager",
                                   "x_eager", "s_train", "s_train_eager", "x_eager_train", "s_saliency", "peak_gib",
-                                  "peak_gib_eager", "projected_h_7B",
-                                  "projected_h_13B", "projected_h_70B"])
+                                  "peak_gib_eager", "projected_h_7B", "projected_h_13B", "projected_h_70B"])
           + "\n## Reserved weights: sparse_addmm at 0.5% density next to the 2-bit g64 packed GEMV\n\n"
           + table("sparse_addmm", ["N", "K", "M", "dtype", "backend", "nnz", "ms", "ms_gemv", "pct_of_gemv", "x_gemv",
                                    "pct_bw", "err"])
