@@ -80,10 +80,12 @@ def _search_rows(W: Tensor, S: Optional[Tensor], spec: QuantSpec, grid: list[flo
     wmax, wmin = Wg.amax(-1), Wg.amin(-1)
     qmax = (1 << spec.bits) - 1
 
+    buf = torch.empty_like(Wg)  # one temporary for every candidate: no allocation (and page faults) per op
+
     def error(fmax: Tensor, fmin: Tensor) -> Tensor:
         s, z, *_ = ref.scale_zero(wmax, wmin, fmax, fmin, spec.bits, spec.symmetric)
-        q = (torch.round(Wg / s[..., None]) + z[..., None]).clamp_(0, qmax)
-        d = q.sub_(z[..., None]).mul_(s[..., None]).sub_(Wg).square_()
+        s, z = s[..., None], z[..., None]
+        d = torch.div(Wg, s, out=buf).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(Wg).square_()
         return (d.mul_(Sg) if Sg is not None else d).sum(-1)
 
     best_max = torch.full_like(wmax, grid[0])
