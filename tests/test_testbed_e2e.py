@@ -3,6 +3,7 @@ import math
 import subprocess
 
 import pytest
+import torch
 
 from saliq import testbed
 
@@ -78,3 +79,22 @@ def test_saliq_beats_apiq_by_the_margin_and_apiq_beats_rtn_tenfold(testbed_perpl
     assert math.isfinite(apiq)
     assert saliq * SALIQ_MARGIN < apiq, f"saliq {saliq:.1f} x {SALIQ_MARGIN} is not below ApiQ {apiq:.1f}"
     assert apiq * 10 < rtn, f"ApiQ {apiq:.1f} x 10 is not below RTN {rtn:.1f}"
+
+
+@pytest.mark.slow
+def test_a_gguf_model_is_converted_once_and_loads_the_same_from_the_cache(tmp_path, monkeypatch):
+    from saliq import hf
+
+    bed = testbed.fetch()
+    real = hf._gguf_conversion_dir
+    monkeypatch.setattr(hf, "_gguf_conversion_dir", lambda p, dtype: tmp_path / real(p, dtype).name)
+    m1, tok1 = hf.load_model(bed.gguf)
+    (converted,) = tmp_path.iterdir()
+    assert (converted / "config.json").is_file() and "float32" in converted.name
+    m2, tok2 = hf.load_model(bed.gguf)
+    assert m2.name_or_path == str(converted)  # read from the converted folder this time
+    sd1, sd2 = m1.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    text = bed.eval_text.read_text()[:4000]
+    assert tok1(text)["input_ids"] == tok2(text)["input_ids"]
+    assert getattr(m2.config, "quantization_config", None) is None
