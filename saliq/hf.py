@@ -85,8 +85,8 @@ def _save_conversion(model, tokenizer, dest) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, dest)
-    except OSError:
-        pass  # no space, read-only cache, or another process renamed its copy first
+    except Exception:  # no space, a read-only cache, another process renamed its copy first, a model that
+        pass  # transformers cannot save: the load itself has succeeded, the next one converts again
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
