@@ -39,4 +39,8 @@ fi
 wait
 cp "$SALIQ_CACHE"/triton-configs/*.json "$LOGS"/ 2>/dev/null || true
 failed=$(grep -Lx 0 "$LOGS"/*.rc | xargs -r -n1 basename | sed 's/\.rc$//' | tr '\n' ' ')
-if [ -z "$failed" ]; then echo "== gpu-check: all passed"; else echo "== gpu-check: FAILURES in ${failed}(see $LOGS)"; exit 1; fi
+if [ -n "$failed" ]; then
+  echo "== gpu-check: FAILURES in ${failed}(see $LOGS)"
+  exit 1
+fi
+echo "== gpu-check: all passed"
