@@ -32,6 +32,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cuda/reduce.cuh"
+
 namespace saliq_decode {
 
 constexpr int kColumns = 32;  // columns per CTA: 8 lane groups x 4 columns
@@ -464,8 +466,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
         dot = fmaf(to_f32<T>(__ldg(lora_t + (int64_t)m * lora_r + r)), to_f32<T>(__ldg(lora_B + n * lora_r + r)), dot);
       part = fmaf(lora_scale, dot, part);
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xFFFFFFFFu, part, off);
+    part = saliq_cuda::warp_sum(part);
     if (lane == 0) y[(int64_t)m * N + n] = from_f32<T>(red[0][m][col] + part);
   }
 }
