@@ -12,23 +12,15 @@
 #include <stdint.h>
 
 #include "common/quant_math.h"
+#include "cuda/convert.cuh"
 #include "cuda/launchers.h"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T> __device__ __forceinline__ float load_f32(const T* p);
-template <> __device__ __forceinline__ float load_f32<float>(const float* p) { return __ldg(p); }
-template <> __device__ __forceinline__ float load_f32<__half>(const __half* p) { return __half2float(__ldg(p)); }
-template <> __device__ __forceinline__ float load_f32<__nv_bfloat16>(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldg(p));
-}
-
-template <typename T> __device__ __forceinline__ T round_to(float v);
-template <> __device__ __forceinline__ float round_to<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half round_to<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using saliq_cuda::from_f32;
+using saliq_cuda::to_f32;
 
 // S: scale dtype, O: output dtype. WHOLE: every word row is whole (K % codes per word == 0), the word lies in
 // one group (group_len % codes per word == 0) and rows of W are 16-byte aligned: 16-byte stores, no checks.
@@ -54,12 +46,12 @@ __global__ void __launch_bounds__(kThreads)
   if (WHOLE) {
     // 32-bit division (K < 2^31): a 64-bit one costs as much as the thread's other work
     const int64_t at = (int64_t)((uint32_t)k0 / (uint32_t)group_len) * N + n;
-    const float s = load_f32<S>(scales + at), z = (float)__ldg(zeros + at);
+    const float s = to_f32(__ldg(scales + at)), z = (float)__ldg(zeros + at);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       uint32_t q = saliq::extract_code(word, j, kWidth);
       if (BITS == 3) q |= saliq::extract_code(hword, hshift + j, 1) << 2;
-      vals[j] = round_to<O>(saliq::dequant_value(q, z, s));
+      vals[j] = from_f32<O>(saliq::dequant_value(q, z, s));
     }
     // kPer elements of O: 32 bytes (fp16 / bf16, 2-bit), 64 (fp32, 2-bit), 16 / 32 (4-bit)
     uint4* dst = reinterpret_cast<uint4*>(out + n * K + k0);
@@ -74,7 +66,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t at = (int64_t)((uint32_t)k / (uint32_t)group_len) * N + n;
       uint32_t q = saliq::extract_code(word, j, kWidth);
       if (BITS == 3) q |= saliq::extract_code(hword, hshift + j, 1) << 2;
-      out[n * K + k] = round_to<O>(saliq::dequant_value(q, (float)__ldg(zeros + at), load_f32<S>(scales + at)));
+      const float s = to_f32(__ldg(scales + at)), z = (float)__ldg(zeros + at);
+      out[n * K + k] = from_f32<O>(saliq::dequant_value(q, z, s));
     }
   }
 }

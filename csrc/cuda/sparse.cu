@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/convert.cuh"
 #include "cuda/launchers.h"
 #include "cuda/reduce.cuh"
 
@@ -16,18 +17,8 @@ namespace {
 constexpr int kWarps = 8;         // rows n per block
 constexpr int kRowsPerPass = 8;   // rows of x summed per pass over a row's nonzeros (registers per lane)
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using saliq_cuda::from_f32;
+using saliq_cuda::to_f32;
 
 template <class T>
 __global__ void __launch_bounds__(kWarps * 32)
