@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import is_interpreter, next_pow2
-from .fake_quant import EXACT_OPTIONS, _group_quant, _int_div_args
+from .fake_quant import EXACT_OPTIONS, _group_quant, _group_tile, _int_div_args
 
 
 @triton.jit
@@ -40,11 +40,7 @@ def _clip_search_kernel(w_ptr, s_ptr, grid_ptr, best_max_ptr, best_min_ptr, R, g
                         TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_G)
-    row_ok = rows < R
-    mask = row_ok[:, None] & (cols < g)[None, :]
-    offs = rows.to(tl.int64)[:, None] * g + cols[None, :]
+    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sal = w
     if HAS_S:

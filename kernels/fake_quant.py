@@ -85,16 +85,24 @@ def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, IN
 
 
 @triton.jit
-def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partial_ptr, R, g,
-                   QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
-                   TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    pid = tl.program_id(0)
+def _group_tile(pid, R, g, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Program pid's BLOCK_R group rows of g contiguous elements (of R): row indices, which rows exist, the
+    element mask and the element offsets of the [BLOCK_R, BLOCK_G] tile."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_G)
     row_ok = rows < R
     mask = row_ok[:, None] & (cols < g)[None, :]
     offs = rows.to(tl.int64)[:, None] * g + cols[None, :]
+    return rows, row_ok, mask, offs
+
+
+@triton.jit
+def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partial_ptr, R, g,
+                   QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
+                   TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
+                   HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    pid = tl.program_id(0)
+    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G)
     # upcast right after the load: all arithmetic is fp32, as in the reference
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
@@ -120,11 +128,7 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
                    HAS_DELTA: tl.constexpr, NEED_DW: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_G)
-    row_ok = rows < R
-    mask = row_ok[:, None] & (cols < g)[None, :]
-    offs = rows.to(tl.int64)[:, None] * g + cols[None, :]
+    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     gw = tl.load(gw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
