@@ -193,7 +193,7 @@ def bench_dequantize(shapes, bits_list, dtype, bw) -> list[dict]:
     """The prefill's first half: W [N, K] decoded into the activation dtype, L2 flushed per call. Every
     Triton configuration and the CUDA kernel (csrc/cuda/dequantize.cu), each checked bit for bit against
     ref; pct_bw counts the packed bytes read and W written."""
-    from saliq import cpp_backend, ref
+    from saliq import ref
     from saliq.kernels import dequantize as tdq
 
     rows = []
@@ -205,17 +205,11 @@ def bench_dequantize(shapes, bits_list, dtype, bw) -> list[dict]:
             out = torch.empty(n, k, device=DEVICE, dtype=dtype)
             moved = nbytes(p.qweight, p.qweight_hi, p.scales, p.zeros, out)
             log(f"dequantize {n}x{k} {bits}-bit g64 {str(dtype)[6:]}")
-            runs = {}
-            for cfg in tdq._candidates():
-                runs["triton " + ",".join(f"{a}={b}" for a, b in sorted(cfg.items()))] = (
-                    lambda cfg=cfg: tdq._dequantize_kernel[(-(-k // cfg["BLOCK_K"]), -(-n // cfg["BLOCK_N"]))](
-                        p.qweight, p.qweight_hi if bits == 3 else p.qweight, p.scales, p.zeros, out, n, k, BITS=bits,
-                        GROUP=64, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                        **tdq.EXACT_OPTIONS))
-            if HAS_GPU and cpp_backend.WITH_CUDA:
-                runs["cuda"] = lambda: cpp_backend.cuda_dequantize_into(out, *args)
             times = {}
-            for name, fn in runs.items():
+            for cfg in tdq.candidates_for(out):  # the CUDA kernel on a GPU, then every Triton configuration
+                label = ",".join(f"{a}={b}" for a, b in sorted(cfg.items()))
+                name = "cuda" if cfg.get("kind") == "cuda" else f"triton {label}"
+                fn = lambda cfg=cfg: tdq.run_config(cfg, out, *args)  # noqa: E731
                 out.fill_(float("nan"))
                 fn()
                 if not torch.equal(out, expected):

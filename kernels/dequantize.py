@@ -84,28 +84,38 @@ def _cuda_kernel():
     return cpp_backend.cuda_dequantize_into if cpp_backend.WITH_CUDA else None
 
 
+def candidates_for(out: torch.Tensor) -> list[dict]:
+    """Launch configurations of dequantize_into for this output: on a GPU saliq._C's CUDA kernel first (it needs
+    no compilation), then the Triton ones."""
+    cuda_first = out.is_cuda and not is_interpreter() and _cuda_kernel() is not None
+    return ([dict(kind="cuda")] if cuda_first else []) + _candidates()
+
+
+def run_config(cfg: dict, out: torch.Tensor, qweight, qweight_hi, scales, zeros, bits: int, group_size: int,
+               in_features: int) -> None:
+    """Dequantize into `out` with one configuration of candidates_for(out)."""
+    if cfg.get("kind") == "cuda":
+        _cuda_kernel()(out, qweight, qweight_hi, scales, zeros, bits, group_size, in_features)
+        return
+    K, N = in_features, qweight.shape[1]
+    group = K if group_size == -1 else group_size
+    qh = qweight_hi if bits == 3 else qweight  # placeholder: the 1-bit plane is only read for 3-bit
+    grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _dequantize_kernel[grid](qweight, qh, scales, zeros, out, N, K, BITS=bits, GROUP=group, BLOCK_K=cfg["BLOCK_K"],
+                             BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], **EXACT_OPTIONS)
+
+
 def dequantize_into(out: torch.Tensor, qweight, qweight_hi, scales, zeros, bits: int, group_size: int,
                     in_features: int) -> torch.Tensor:
     """Write W [N, K] into `out` (any float dtype, contiguous); returns out. On a GPU the CUDA kernel is one
     more candidate of the tuning (tried first: it needs no compilation), so the faster of the two serves."""
-    K = in_features
-    N = qweight.shape[1]
-    group = K if group_size == -1 else group_size
-    qh = qweight_hi if bits == 3 else qweight  # placeholder: the 1-bit plane is only read for 3-bit
-    cuda_kernel = _cuda_kernel() if out.is_cuda and not is_interpreter() else None
-    candidates = ([dict(kind="cuda")] if cuda_kernel is not None else []) + _candidates()
+    args = (qweight, qweight_hi, scales, zeros, bits, group_size, in_features)
 
     def run(cfg):
-        if cfg.get("kind") == "cuda":
-            cuda_kernel(out, qweight, qweight_hi, scales, zeros, bits, group_size, K)
-            return
-        grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
-        _dequantize_kernel[grid](qweight, qh, scales, zeros, out, N, K, BITS=bits, GROUP=group,
-                                 BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                                 **EXACT_OPTIONS)
+        run_config(cfg, out, *args)
 
-    key = (bits, group_size, N, K, str(out.dtype).replace("torch.", ""))
-    run(autotune.choose("dequantize", key, candidates, run, out.device))
+    key = (bits, group_size, qweight.shape[1], in_features, str(out.dtype).replace("torch.", ""))
+    run(autotune.choose("dequantize", key, candidates_for(out), run, out.device))
     return out
 
 
