@@ -61,17 +61,18 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
 def _gguf_conversion_dir(gguf: os.PathLike, dtype: torch.dtype):
     """Where a GGUF file's model, dequantized to `dtype`, is kept as a transformers folder: reading a GGUF file
     (its metadata parsed in Python, every tensor dequantized) took ~20 s for the demo's 135M-parameter model,
-    reading the converted folder well under a second. Keyed by the file's sha256, so an edited file converts again."""
+    reading the converted folder well under a second. Keyed by the file's absolute path, size and modification
+    time (hashing the file itself would read gigabytes at every load of a large model), so an edited or
+    replaced file converts again."""
     import hashlib
     from pathlib import Path
 
     from .testbed import cache_dir
 
-    h = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return Path(cache_dir()) / "gguf-converted" / f"{Path(gguf).stem}-{h.hexdigest()[:16]}-{str(dtype)[6:]}"
+    st = os.stat(gguf)
+    ident = f"{os.path.abspath(gguf)}|{st.st_size}|{st.st_mtime_ns}".encode()
+    digest = hashlib.sha256(ident).hexdigest()[:16]
+    return Path(cache_dir()) / "gguf-converted" / f"{Path(gguf).stem}-{digest}-{str(dtype)[6:]}"
 
 
 def _save_conversion(model, tokenizer, dest) -> None:
