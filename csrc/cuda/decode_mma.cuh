@@ -32,7 +32,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "cuda/reduce.cuh"
+#include "cuda/warp_reduce.cuh"
 
 namespace saliq_decode {
 

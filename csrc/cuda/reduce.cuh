@@ -1,28 +1,13 @@
-// Deterministic reductions for the CUDA kernels: warp shuffles in a fixed pattern, and a single-block
-// kernel that sums an array of partials in a fixed order. No atomics, so results do not vary run to run.
+// Deterministic reductions for the CUDA kernels: warp shuffles in a fixed pattern (warp_reduce.cuh), and a
+// single-block kernel that sums an array of partials in a fixed order. No atomics, so results do not vary run
+// to run.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "cuda/warp_reduce.cuh"
+
 namespace saliq_cuda {
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-__device__ __forceinline__ float warp_min(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
 
 constexpr int kReduceThreads = 1024;
 

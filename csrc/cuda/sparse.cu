@@ -10,7 +10,7 @@
 
 #include "cuda/convert.cuh"
 #include "cuda/launchers.h"
-#include "cuda/reduce.cuh"
+#include "cuda/warp_reduce.cuh"
 
 namespace {
 
