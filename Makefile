@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.saliq-installed
 TORCH  := torch==2.13.0
 TRITON := triton==3.7.1
 
-.PHONY: install build test test-fast demo bench gemv-cycles reproduce mutation-check gpu-report gpu-check clean
+.PHONY: install build test test-fast demo bench gemv-cycles read-patterns reproduce mutation-check gpu-report gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,16 @@ gemv-cycles: build/cpu_gemv_cycles
 	@for form in avx2 avx2vnni vnni novbmi mad; do for bits in 2 3; do for digits in 3 2; do \
 		build/cpu_gemv_cycles $$form 1040 1024 $$bits $$digits; done; done; \
 		build/cpu_gemv_cycles $$form 1040 1024 2 2 16 200; done
+
+# How fast a packed weight's bytes come from DRAM in the order the CPU GEMV reads them (format v1's panels) against
+# one straight stream and against the panel order (benchmarks/cpu_read_patterns.cpp; needs only g++)
+build/cpu_read_patterns: benchmarks/cpu_read_patterns.cpp benchmarks/cpu_clock.h
+	mkdir -p build
+	g++ -O2 -std=c++17 -mavx2 -fopenmp $< -o $@
+
+read-patterns: build/cpu_read_patterns
+	@for threads in 1 $$(nproc); do build/cpu_read_patterns 11008 4096 $$threads; \
+		build/cpu_read_patterns 4096 11008 $$threads; done
 
 # The README's quality and CPU-speed tables from scratch (about 30 minutes on a 2-core CPU; REPRODUCE_ARGS=--quick
 # for a small budget that only checks the pipeline). Writes benchmarks/results/ (scripts/reproduce.py).

@@ -286,6 +286,34 @@ def test_gemv_cycles_tool_builds_and_runs(tmp_path):
             assert re.search(r"activation digits [0-9.]+ us", out), out
 
 
+def test_read_patterns_tool_builds_and_runs(tmp_path):
+    """benchmarks/cpu_read_patterns.cpp (`make read-patterns`) compiles and times its four read orders, and refuses
+    a shape it cannot lay out, naming what it needs."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine")
+    if " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " ") + " ":
+        pytest.skip("the tool reads with AVX2 loads")
+    root = Path(__file__).resolve().parents[1]
+    make = subprocess.run(["make", "-s", "-n", "-B", "build/cpu_read_patterns"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout
+    compile_line = next(line for line in make.splitlines() if line.startswith("g++"))
+    exe = tmp_path / "cpu_read_patterns"
+    subprocess.run(compile_line.replace("-o build/cpu_read_patterns", f"-o {exe}").split(), cwd=root, check=True,
+                   timeout=300)
+    out = subprocess.run([str(exe), "256", "512", "2", "3"], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    rows = re.findall(r"^  (\S.*?) +([0-9.]+) ms +([0-9.]+) GB/s", out, flags=re.M)
+    assert [name for name, _, _ in rows] == ["sequential", "v1 panels", "v1 + prefetch", "panel order"], out
+    assert all(float(ms) > 0 and float(gbs) > 0 for _, ms, gbs in rows), out
+    bad = subprocess.run([str(exe), "100", "512", "1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "N must be a positive multiple of 64" in bad.stderr
+
+
 def test_instruction_mix_tool_runs_a_mix():
     """benchmarks/cpu_instruction_mix.py compiles and times a mix given on the command line (or says the CPU lacks
     the extensions), and names a bad mix item."""
