@@ -8,8 +8,10 @@ kernels on a CPU that has more (an AVX2 run's bf16 prefill takes fp32 tiles, whi
 AVX512_BF16). Every timed decode call (and copy) follows a stream of twice the CPU's largest cache, so the weights
 come from DRAM as in a decode step. "% copy" = bytes read (packed words + scales + zeros) / time / copy bandwidth,
 the copy (256 MiB, read + write) timed in the same rounds as the row's kernels, so the figure means the same on
-every machine and moves with the machine's bandwidth of the moment; "x fp32" / "x bf16" = F.linear time / saliq
-time for the same activation dtype.
+every machine and moves with the machine's bandwidth of the moment; "read GB/s" the same for one straight read
+(`torch.sum`) of as many bytes as the fp32 case reads, and "% read" the kernel's rate as a share of it (what the
+read order and the compute leave of a plain stream; `make read-patterns` times the order alone); "x fp32" /
+"x bf16" = F.linear time / saliq time for the same activation dtype.
 
 Prefill (M above the GEMV crossover): median times of saliq's packed_matmul with bf16 x (dequantized bf16 tiles
 + bf16 GEMM where the CPU has AVX512_BF16) against bf16 F.linear on the same weight dequantized to bf16, and
@@ -139,9 +141,10 @@ def main(argv=None):
         copy_dst = torch.empty_like(copy_src)
         serial_before, calls = _C.decode_serial_calls(), 0
         lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s (best of 7 before the cases)", "",
-                  "| N x K | bits | M | copy GB/s (same rounds) | exact fp32 ms | auto fp32 ms (% copy) | "
-                  "auto bf16 ms (% copy) | F.linear fp32 ms | F.linear bf16 ms | x fp32 (exact / auto) | x bf16 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| N x K | bits | M | copy GB/s (same rounds) | read GB/s (same rounds) | exact fp32 ms | "
+                  "auto fp32 ms (% copy, % read) | auto bf16 ms (% copy) | F.linear fp32 ms | F.linear bf16 ms | "
+                  "x fp32 (exact / auto) | x bf16 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for n, k in shapes:
             g = torch.Generator().manual_seed(n + k)
             W = torch.randn(n, k, generator=g) * 0.02
@@ -153,6 +156,9 @@ def main(argv=None):
                 spec = QuantSpec(bits=bits, group_size=GROUP)
                 P32 = packing.pack_weight(q, s, z, spec, dtype=torch.float32)
                 P16 = packing.pack_weight(q, s, z, spec, dtype=torch.bfloat16)
+                b32 = n * k * bits / 8 + n * (k // GROUP) * 6
+                b16 = n * k * bits / 8 + n * (k // GROUP) * 4
+                read_src = torch.ones(int(b32) // 4)  # a plain stream of the bytes the fp32 case reads
                 for m in ms:
                     x = torch.randn(m, k, generator=g)
                     xb = x.bfloat16()
@@ -164,17 +170,18 @@ def main(argv=None):
                     t = interleaved_medians({
                         "exact": with_gemv("exact", pm(x, P32)), "int8x3": with_gemv("auto", pm(x, P32)),
                         "int8x2": with_gemv("auto", pm(xb, P16)), "lin32": lambda: F.linear(x, W),
-                        "lin16": lambda: F.linear(xb, Wb), "copy": lambda: copy_dst.copy_(copy_src)},
+                        "lin16": lambda: F.linear(xb, Wb), "copy": lambda: copy_dst.copy_(copy_src),
+                        "read": read_src.sum},
                         rounds=rounds, before_each=lambda: flush.add_(1.0))
                     bw_rounds = 2 * copy_src.nbytes / t["copy"] / 1e9
                     calls += 3 * (rounds + 1)  # three saliq settings, each warmed once then timed every round
                     cpp.set_cpu_gemv("auto")
-                    b32 = n * k * bits / 8 + n * (k // GROUP) * 6
-                    b16 = n * k * bits / 8 + n * (k // GROUP) * 4
+                    read_gbs = read_src.nbytes / t["read"] / 1e9
                     pct = lambda b, sec: 100 * b / sec / 1e9 / bw_rounds  # noqa: E731
                     lines.append(
-                        f"| {n} x {k} | {bits} | {m} | {bw_rounds:.1f} | {t['exact'] * 1e3:.3f} | "
-                        f"{t['int8x3'] * 1e3:.3f} ({pct(b32, t['int8x3']):.0f}%) | {t['int8x2'] * 1e3:.3f} ({pct(b16, t['int8x2']):.0f}%) | "
+                        f"| {n} x {k} | {bits} | {m} | {bw_rounds:.1f} | {read_gbs:.1f} | {t['exact'] * 1e3:.3f} | "
+                        f"{t['int8x3'] * 1e3:.3f} ({pct(b32, t['int8x3']):.0f}%, {100 * t['read'] / t['int8x3']:.0f}%) | "
+                        f"{t['int8x2'] * 1e3:.3f} ({pct(b16, t['int8x2']):.0f}%) | "
                         f"{t['lin32'] * 1e3:.3f} | {t['lin16'] * 1e3:.3f} | {t['lin32'] / t['exact']:.1f}x / "
                         f"{t['lin32'] / t['int8x3']:.1f}x | {t['lin16'] / t['int8x2']:.1f}x |")
                     print(lines[-1], flush=True)
@@ -182,6 +189,7 @@ def main(argv=None):
                                     "group_size": GROUP, "exact_fp32_s": t["exact"], "int8x3_fp32_s": t["int8x3"],
                                     "int8x2_bf16_s": t["int8x2"], "linear_fp32_s": t["lin32"],
                                     "linear_bf16_s": t["lin16"], "copy_gbs": bw, "copy_gbs_same_rounds": bw_rounds,
+                                    "read_s": t["read"], "read_gbs_same_rounds": read_gbs,
                                     "load_average": os.getloadavg()[0]})
         if threads > 1:  # a stalled join (a worker descheduled by the host) runs the next calls on one thread
             serial = _C.decode_serial_calls() - serial_before

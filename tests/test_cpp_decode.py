@@ -222,8 +222,8 @@ def test_decode_digits_benchmark_smoke_run():
 
 
 def test_decode_benchmark_smoke_run(tmp_path):
-    """benchmarks/bench_cpu_decode.py on a small shape: a row per case, each with the copy bandwidth of its own
-    rounds, every time positive, and the table written."""
+    """benchmarks/bench_cpu_decode.py on a small shape: a row per case, each with the copy and read bandwidths of
+    its own rounds, every time positive, and the table written."""
     import sys
     from pathlib import Path
 
@@ -236,7 +236,7 @@ def test_decode_benchmark_smoke_run(tmp_path):
     rows = [r for r in records if "M" in r]
     assert [(r["N"], r["K"], r["bits"], r["M"]) for r in rows] == [(48, 256, 2, 1), (48, 256, 3, 1)]
     for r in rows:
-        assert r["copy_gbs_same_rounds"] > 0
+        assert r["copy_gbs_same_rounds"] > 0 and r["read_gbs_same_rounds"] > 0 and r["read_s"] > 0
         assert min(r["exact_fp32_s"], r["int8x3_fp32_s"], r["int8x2_bf16_s"], r["linear_fp32_s"]) > 0
     assert out.read_text().count("| 48 x 256 |") == 2
 
