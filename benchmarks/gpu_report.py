@@ -164,28 +164,33 @@ def bench_decode(shapes, bits_list, groups, ms_list, dtype, bw, compile_baseline
     return rows
 
 
+def _g64_weights(shapes, bits_list, dtype):
+    """Per shape and bit width a random packed g64 weight: (n, k, bits, p, args), args what the ops take after x."""
+    for n, k in shapes:
+        for bits in bits_list:
+            p = random_packed(n, k, bits, 64, dtype)
+            yield n, k, bits, p, (p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k)
+
+
 def bench_prefill(shapes, bits_list, ms_list, dtype, bw) -> list[dict]:
     from saliq import ref
 
     rows = []
-    for n, k in shapes:
-        for bits in bits_list:
-            p = random_packed(n, k, bits, 64, dtype)
-            args = (p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k)
-            W16 = ref.dequantize(*args).to(dtype)
-            for M in ms_list:
-                log(f"packed_linear {n}x{k} {bits}-bit g64 M={M} {str(dtype)[6:]}")
-                x = torch.randn(M, k, device=DEVICE, dtype=dtype)
-                impl, backend = _default_impl(x, args)
-                y = impl(x, *args, None)  # the first call of a bucket may tune: keep it out of the timing
-                err = _rel_err(y, ref.packed_matmul(x.float(), *args[:2], args[2].float(), *args[3:], None))
-                t = time_ms(lambda: impl(x, *args, None))
-                t16 = time_ms(lambda: F.linear(x, W16))
-                rows.append(dict(
-                    op="packed_linear", N=n, K=k, bits=bits, group=64, M=M, dtype=str(dtype)[6:], backend=backend,
-                    ms=t, ms_fp16=t16, x_fp16=_ratio(t16, t), tflops=2 * M * n * k / (t * 1e-3) / 1e12,
-                    tflops_fp16=2 * M * n * k / (t16 * 1e-3) / 1e12, err=err, config=_triton_config(x, p),
-                    timing="CUDA events, L2 flushed"))
+    for n, k, bits, p, args in _g64_weights(shapes, bits_list, dtype):
+        W16 = ref.dequantize(*args).to(dtype)
+        for M in ms_list:
+            log(f"packed_linear {n}x{k} {bits}-bit g64 M={M} {str(dtype)[6:]}")
+            x = torch.randn(M, k, device=DEVICE, dtype=dtype)
+            impl, backend = _default_impl(x, args)
+            y = impl(x, *args, None)  # the first call of a bucket may tune: keep it out of the timing
+            err = _rel_err(y, ref.packed_matmul(x.float(), *args[:2], args[2].float(), *args[3:], None))
+            t = time_ms(lambda: impl(x, *args, None))
+            t16 = time_ms(lambda: F.linear(x, W16))
+            rows.append(dict(
+                op="packed_linear", N=n, K=k, bits=bits, group=64, M=M, dtype=str(dtype)[6:], backend=backend,
+                ms=t, ms_fp16=t16, x_fp16=_ratio(t16, t), tflops=2 * M * n * k / (t * 1e-3) / 1e12,
+                tflops_fp16=2 * M * n * k / (t16 * 1e-3) / 1e12, err=err, config=_triton_config(x, p),
+                timing="CUDA events, L2 flushed"))
     return rows
 
 
@@ -197,31 +202,28 @@ def bench_dequantize(shapes, bits_list, dtype, bw) -> list[dict]:
     from saliq.kernels import dequantize as tdq
 
     rows = []
-    for n, k in shapes:
-        for bits in bits_list:
-            p = random_packed(n, k, bits, 64, dtype)
-            args = (p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k)
-            expected = ref.dequantize(*args).to(dtype)
-            out = torch.empty(n, k, device=DEVICE, dtype=dtype)
-            moved = nbytes(p.qweight, p.qweight_hi, p.scales, p.zeros, out)
-            log(f"dequantize {n}x{k} {bits}-bit g64 {str(dtype)[6:]}")
-            times = {}
-            for cfg in tdq.candidates_for(out):  # the CUDA kernel on a GPU, then every Triton configuration
-                label = ",".join(f"{a}={b}" for a, b in sorted(cfg.items()))
-                name = "cuda" if cfg.get("kind") == "cuda" else f"triton {label}"
-                fn = lambda cfg=cfg: tdq.run_config(cfg, out, *args)  # noqa: E731
-                out.fill_(float("nan"))
-                fn()
-                if not torch.equal(out, expected):
-                    log(f"  {name}: differs from ref.dequantize")
-                    continue
-                times[name] = time_ms(fn)
-            best_triton = min((t for name, t in times.items() if name.startswith("triton")), default=None)
-            rows.append(dict(op="dequantize", N=n, K=k, bits=bits, group=64, dtype=str(dtype)[6:],
-                             ms_triton=best_triton, ms_cuda=times.get("cuda"),
-                             x_triton=_ratio(best_triton, times.get("cuda")),
-                             pct_bw=None if not times else 100 * moved / (min(times.values()) * 1e-3) / (bw * 1e9),
-                             timing="CUDA events, L2 flushed"))
+    for n, k, bits, p, args in _g64_weights(shapes, bits_list, dtype):
+        expected = ref.dequantize(*args).to(dtype)
+        out = torch.empty(n, k, device=DEVICE, dtype=dtype)
+        moved = nbytes(p.qweight, p.qweight_hi, p.scales, p.zeros, out)
+        log(f"dequantize {n}x{k} {bits}-bit g64 {str(dtype)[6:]}")
+        times = {}
+        for cfg in tdq.candidates_for(out):  # the CUDA kernel on a GPU, then every Triton configuration
+            label = ",".join(f"{a}={b}" for a, b in sorted(cfg.items()))
+            name = "cuda" if cfg.get("kind") == "cuda" else f"triton {label}"
+            fn = lambda cfg=cfg: tdq.run_config(cfg, out, *args)  # noqa: E731
+            out.fill_(float("nan"))
+            fn()
+            if not torch.equal(out, expected):
+                log(f"  {name}: differs from ref.dequantize")
+                continue
+            times[name] = time_ms(fn)
+        best_triton = min((t for name, t in times.items() if name.startswith("triton")), default=None)
+        rows.append(dict(op="dequantize", N=n, K=k, bits=bits, group=64, dtype=str(dtype)[6:],
+                         ms_triton=best_triton, ms_cuda=times.get("cuda"),
+                         x_triton=_ratio(best_triton, times.get("cuda")),
+                         pct_bw=None if not times else 100 * moved / (min(times.values()) * 1e-3) / (bw * 1e9),
+                         timing="CUDA events, L2 flushed"))
     return rows
 
 
