@@ -95,6 +95,10 @@ def packed_linear_sliced(x, qweight, qweight_hi, scales, zeros, bits, group_size
 # and the reserved weights too where it offers that
 packed_matmul.with_lora = packed_linear
 packed_linear.with_slices = packed_linear_sliced
+# the C++ kernels read a weight in the CPU word order too (1-D planes, saliq/word_order.py); ops.py hands the other
+# backends format v1
+for _fn in (unpack, dequantize, packed_matmul):
+    _fn.cpu_word_order = True
 
 DENSE_MAX_ROWS = 4  # decode, batch <= 4; more rows are a GEMM, which torch does well
 

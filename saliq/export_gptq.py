@@ -167,7 +167,8 @@ def gptq_tensors(m, name: str, refit: bool = False, checkpoint_format: str = "gp
         raise GPTQExportError(f"{name}: in_features={k} and out_features={n} must be multiples of {per} for "
                               f"{bits}-bit GPTQ (whole 32-bit words along both dimensions)")
     group_len = m.spec.group_len(k)
-    q = unpack(m.qweight, m.qweight_hi, bits, k)                                   # [N, K]
+    packed = m.packed                                                              # format v1
+    q = unpack(packed.qweight, packed.qweight_hi, bits, k)                         # [N, K]
     z = m.zeros.t().to(torch.int64)                                                # [N, G]
     s = m.scales.t().to(torch.float32)
     q, z, s, rep = fit_zero_points(q, z, s, bits, group_len, refit, name, offset)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, outliers, ref, storage, validate
+from . import ops, outliers, ref, storage, validate, word_order
 from .packing import PackedWeight, codes_at, expected_shapes, pack_weight
 from .sparse_slices import csr_slices
 from .spec import QuantSpec
@@ -202,6 +202,9 @@ class QuantLinear(nn.Module):
     lora_A, lora_B when present; with reserved weights (saliq/outliers.py) their CSR form sparse_rowptr
     int32 [N+1], sparse_cols int16/int32 [nnz], sparse_values 16-bit [nnz], which replace the dequantized weight
     at those positions: y = x What^T + x C^T with C = value - What there (fp32, derived, not saved).
+
+    On the CPU, qweight and qweight_hi hold their words in the CPU word order (1-D, saliq/word_order.py), which
+    one core streams from memory faster; state_dict(), `packed` and a move to another device give format v1.
     """
 
     def __init__(self, packed: PackedWeight, bias: Optional[Tensor] = None, lora_A: Optional[Tensor] = None,
@@ -237,8 +240,35 @@ class QuantLinear(nn.Module):
             self.register_buffer("sparse_correction", None, persistent=False)
             if not rowptr.is_meta:
                 self.refresh_sparse()
+        self._use_cpu_word_order_on_cpu()
         # the corrections derive from loaded buffers: load_state_dict (resume, user code) refreshes them
         self.register_load_state_dict_post_hook(_after_load_state_dict)
+
+    def _words_v1(self) -> tuple[Tensor, Tensor]:
+        """qweight, qweight_hi in format v1 (a copy where the layer keeps the CPU word order)."""
+        if not word_order.is_cpu_order(self.qweight):
+            return self.qweight, self.qweight_hi
+        return word_order.to_v1(self.qweight, self.qweight_hi, self.spec.bits, self.in_features, self.out_features)
+
+    def _set_word_order(self, cpu: bool) -> None:
+        if self.qweight.is_meta or word_order.is_cpu_order(self.qweight) == cpu:
+            return
+        if cpu:
+            self.qweight, self.qweight_hi = word_order.to_cpu_order(self.qweight, self.qweight_hi, self.spec.bits)
+        else:
+            self.qweight, self.qweight_hi = self._words_v1()
+
+    def _use_cpu_word_order_on_cpu(self) -> None:
+        self._set_word_order(self.qweight.device.type == "cpu")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if word_order.is_cpu_order(self.qweight):  # checkpoints hold format v1
+            destination[prefix + "qweight"], destination[prefix + "qweight_hi"] = self._words_v1()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._set_word_order(False)  # a state dict holds format v1; finish_loading (the post hook) orders it again
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def refresh_sparse(self) -> None:
         """Recompute the corrections value - What at the reserved positions (after the buffers were loaded)."""
@@ -249,7 +279,7 @@ class QuantLinear(nn.Module):
         cols = self.sparse_cols.long()
         # What at the reserved positions only, (q - z) * s in fp32 as ref.dequantize computes it
         group = cols // self.spec.group_len(self.in_features)
-        q = codes_at(self.qweight, self.qweight_hi, self.spec.bits, rows, cols).float()
+        q = codes_at(*self._words_v1(), self.spec.bits, rows, cols).float()
         what = (q - self.zeros[group, rows].float()) * self.scales.float()[group, rows]
         self.sparse_cols_i32 = cols.to(torch.int32)
         self.sparse_correction = self.sparse_values.float() - what
@@ -257,8 +287,11 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) / .cuda() convert every float buffer, the fp32 corrections too, and keep the CPU slices of the
-        # old device: derive them again from the converted buffers (against the new scales, in fp32)
+        # old device: derive them again from the converted buffers (against the new scales, in fp32). fn sees the
+        # words in format v1 (a move to another device keeps that), and a layer on the CPU orders them again.
+        self._set_word_order(False)
         out = super()._apply(fn, *args, **kwargs)
+        self._use_cpu_word_order_on_cpu()
         # only a layer whose corrections were derived (a complete one: not mid-load, nothing on the meta device)
         if self.reserved and self.sparse_correction is not None and not any(
                 t.is_meta for t in (self.qweight, self.qweight_hi, self.scales, self.zeros, self.sparse_rowptr,
@@ -268,11 +301,13 @@ class QuantLinear(nn.Module):
 
     def finish_loading(self) -> None:
         """After buffers were filled from a checkpoint: widen zero points stored as 4-bit pairs or int8 to the int16
-        the kernels read, and derive the sparse corrections."""
+        the kernels read, put the words of a layer on the CPU in the CPU word order, and derive the sparse
+        corrections."""
         if self.zeros.dtype == torch.uint8:
             self.zeros = storage.unpack_nibbles(self.zeros, self.spec.num_groups(self.in_features))
         elif self.zeros.dtype != torch.int16:
             self.zeros = self.zeros.to(torch.int16)
+        self._use_cpu_word_order_on_cpu()
         self.refresh_sparse()
 
     @classmethod
@@ -322,7 +357,9 @@ class QuantLinear(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(qweight=self.qweight, qweight_hi=self.qweight_hi, scales=self.scales,
+        """The weight in format v1 (on the CPU a copy of the words, which the layer keeps in the CPU word order)."""
+        qweight, qweight_hi = self._words_v1()
+        return PackedWeight(qweight=qweight, qweight_hi=qweight_hi, scales=self.scales,
                             zeros=self.zeros, bits=self.spec.bits, group_size=self.spec.group_size,
                             in_features=self.in_features, out_features=self.out_features)
 

@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, validate
+from . import backends, validate, word_order
 from .backends import use_backend  # noqa: F401  (public: saliq.ops.use_backend)
-from .packing import PackedWeight
+from .packing import PackedWeight, packed_rows, plane_widths
 from .sparse_slices import Slices
 from .spec import QuantSpec
 
@@ -141,17 +141,34 @@ def mse(A: Tensor, B: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- packed ops
+# Every packed op takes the words in format v1 ([rows, N]) or, on the CPU, in the CPU word order (1-D: a
+# QuantLinear on the CPU keeps that, saliq/word_order.py); N is then the scales' second dimension.
+def _words_for(impl, qweight: Tensor, qweight_hi: Tensor, bits: int, in_features: int, n: int):
+    """The words as `impl` reads them: the CPU word order only where the backend takes it (cpp), else format v1."""
+    if qweight.dim() == 1 and not getattr(impl, "cpu_word_order", False):
+        return word_order.to_v1(qweight, qweight_hi, bits, in_features, n)
+    return qweight, qweight_hi
+
+
+def _columns(qweight: Tensor, bits: int, in_features: int) -> int:
+    """N of a packed weight from its low plane alone (unpack has no scales)."""
+    if qweight.dim() == 2:
+        return qweight.shape[1]
+    return qweight.numel() // packed_rows(in_features, plane_widths(bits)[0])
+
+
 @torch.library.custom_op("saliq::dequantize", mutates_args=())
 def _dequantize(qweight: Tensor, qweight_hi: Tensor, scales: Tensor, zeros: Tensor, bits: int,
                 group_size: int, in_features: int) -> Tensor:
     impl = backends.resolve("dequantize", qweight.device.type, qweight, qweight_hi, scales, zeros, bits,
                             group_size, in_features)
+    qweight, qweight_hi = _words_for(impl, qweight, qweight_hi, bits, in_features, scales.shape[1])
     return impl(qweight, qweight_hi, scales, zeros, bits, group_size, in_features)
 
 
 @_dequantize.register_fake
 def _(qweight, qweight_hi, scales, zeros, bits, group_size, in_features):
-    return scales.new_empty((qweight.shape[1], in_features))
+    return scales.new_empty((scales.shape[1], in_features))
 
 
 @torch.library.custom_op("saliq::packed_matmul", mutates_args=())
@@ -159,12 +176,13 @@ def _packed_matmul(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales: Tenso
                    group_size: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
     impl = backends.resolve("packed_matmul", x.device.type, x, qweight, qweight_hi, scales, zeros, bits,
                             group_size, in_features, bias)
+    qweight, qweight_hi = _words_for(impl, qweight, qweight_hi, bits, in_features, scales.shape[1])
     return impl(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias)
 
 
 @_packed_matmul.register_fake
 def _(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias):
-    return x.new_empty((x.shape[0], qweight.shape[1]))
+    return x.new_empty((x.shape[0], scales.shape[1]))
 
 
 def _pm_setup(ctx, inputs, output):
@@ -225,6 +243,9 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
             torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad) or (
                 lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad)))):
         impl = backends.resolve("packed_matmul", x2.device.type, *args)
+        if qweight.dim() == 1 and not getattr(impl, "cpu_word_order", False):
+            words = _words_for(impl, qweight, qweight_hi, bits, in_features, scales.shape[1])
+            args = (x2, *words, *args[3:])
         with_extras = getattr(impl, "with_extras", None)
         if with_extras is not None and (lora_A is not None or sparse is not None):
             # the LoRA term and the reserved weights inside the decode kernel's launch (cuda)
@@ -233,18 +254,18 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
             if y is not None:
                 if sparse is not None and sp[0] is None:
                     y = sparse_addmm_trusted_(y, x2, *sparse)
-                return y.reshape(*x.shape[:-1], qweight.shape[1])
+                return y.reshape(*x.shape[:-1], scales.shape[1])
         with_lora = getattr(impl, "with_lora", None)
         if with_lora is not None:  # the backend applies bias and LoRA in the same call (cpp)
             with_slices = getattr(with_lora, "with_slices", None)
             if sparse is not None and sparse[3] is not None and with_slices is not None and \
                     sparse[3].cols.device == x2.device:
                 y = with_slices(*args, lora_A, lora_B, lora_scale, sparse[3])
-                return y.reshape(*x.shape[:-1], qweight.shape[1])
+                return y.reshape(*x.shape[:-1], scales.shape[1])
             y = with_lora(*args, lora_A, lora_B, lora_scale)
             if sparse is not None:
                 y = sparse_addmm_trusted_(y, x2, *sparse)
-            return y.reshape(*x.shape[:-1], qweight.shape[1])
+            return y.reshape(*x.shape[:-1], scales.shape[1])
         y = impl(*args)
     else:
         y = _packed_matmul(*args)
@@ -253,7 +274,7 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
         y = torch.addmm(y, x2 @ lora_A.t(), lora_B.t(), alpha=lora_scale)
     if sparse is not None:
         y = sparse_addmm_trusted_(y, x2, *sparse)
-    return y.reshape(*x.shape[:-1], qweight.shape[1])
+    return y.reshape(*x.shape[:-1], scales.shape[1])
 
 
 def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -275,7 +296,6 @@ def _pack(q: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 @_pack.register_fake
 def _(q, bits):
-    from .packing import packed_rows, plane_widths
     rows = packed_rows(q.shape[1], plane_widths(bits)[0])
     hi_shape = (packed_rows(q.shape[1], 1), q.shape[0]) if bits == 3 else _EMPTY
     return q.new_empty((rows, q.shape[0]), dtype=torch.int32), q.new_empty(hi_shape, dtype=torch.int32)
@@ -284,12 +304,14 @@ def _(q, bits):
 @torch.library.custom_op("saliq::unpack", mutates_args=())
 def _unpack(qweight: Tensor, qweight_hi: Tensor, bits: int, in_features: int) -> Tensor:
     impl = backends.resolve("unpack", qweight.device.type, qweight, qweight_hi, bits, in_features)
+    qweight, qweight_hi = _words_for(impl, qweight, qweight_hi, bits, in_features,
+                                     _columns(qweight, bits, in_features))
     return impl(qweight, qweight_hi, bits, in_features)
 
 
 @_unpack.register_fake
 def _(qweight, qweight_hi, bits, in_features):
-    return qweight.new_empty((qweight.shape[1], in_features), dtype=torch.uint8)
+    return qweight.new_empty((_columns(qweight, bits, in_features), in_features), dtype=torch.uint8)
 
 
 def pack(q: Tensor, bits: int) -> tuple[Tensor, Tensor]:

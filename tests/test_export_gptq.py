@@ -88,7 +88,7 @@ def test_zero_points_outside_gptqs_range_move_exactly_or_are_refused_or_refitted
     m = _layer(bits, q, z, s)
     w = _saliq_weight_fp16_scales(m)
     with pytest.raises(GPTQExportError, match=r"layer: 1 of 64 groups .*row 2, group 0: z = -3; allowed 1\.\.4"):
-        fit_zero_points(unpack(m.qweight, m.qweight_hi, bits, 64), m.zeros.t(), m.scales.t().float(), bits, 32,
+        fit_zero_points(unpack(m.packed.qweight, m.packed.qweight_hi, bits, 64), m.zeros.t(), m.scales.t().float(), bits, 32,
                         refit=False, name="layer")
     from saliq.export_gptq import gptq_tensors
 

@@ -4,7 +4,9 @@ import torch
 
 from conftest import rel_err
 from saliq import ref
+from saliq.backends import use_backend
 from saliq.nn import FakeQuantLinear, QuantLinear
+from saliq.packing import packed_rows, plane_widths
 from saliq.spec import QuantSpec
 
 
@@ -122,3 +124,61 @@ def test_a_negative_or_non_finite_saliency_is_refused(bad):
     S[1, 2] = bad
     with pytest.raises(ValueError, match=r"S has 1 negative or non-finite values \(first at index \(1, 2\)"):
         fq.set_saliency(S)
+
+
+def _packed_layer(bits, n=48, k=320, lora=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(bits)
+    torch.manual_seed(bits)  # the same layer at every call
+    lin = torch.nn.Linear(k, n).to(dtype)
+    ql = QuantLinear.from_linear(lin, QuantSpec(bits, 64))
+    if lora:
+        ql = QuantLinear(ql.packed, ql.bias, torch.randn(4, k, generator=g).to(dtype),
+                         torch.randn(n, 4, generator=g).to(dtype), spec=ql.spec)
+    return ql
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quant_linear_on_the_cpu_keeps_the_cpu_word_order(bits):
+    """The words are 1-D on the CPU (saliq/word_order.py); the output is the format v1 one, bit for bit."""
+    from saliq import cpp_backend as cpp
+    ql = _packed_layer(bits, lora=True)
+    assert ql.qweight.dim() == 1 and (bits != 3 or ql.qweight_hi.dim() == 1)
+    p = ql.packed
+    assert p.qweight.shape == (packed_rows(320, plane_widths(bits)[0]), 48)
+    for m in (1, 3, 40):  # the GEMV and the prefill
+        x = torch.randn(m, 320)
+        v1 = cpp.packed_linear(x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, 320, ql.bias, ql.lora_A,
+                               ql.lora_B, ql.lora_scale)
+        assert torch.equal(ql(x), v1)
+    x = torch.randn(2, 320)
+    expected = ref.packed_matmul(x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, 320, ql.bias)
+    expected = expected + ql.lora_scale * (x @ ql.lora_A.t()) @ ql.lora_B.t()
+    with use_backend("ref"):  # a backend that reads format v1 only is handed v1 words
+        assert rel_err(ql(x), expected) < 1e-5
+    assert torch.equal(ql.dequantized_weight(), ref.dequantize(p.qweight, p.qweight_hi, p.scales, p.zeros, bits,
+                                                                  64, 320))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_state_dict_and_moves_give_format_v1(bits):
+    ql = _packed_layer(bits)
+    v1 = ql.packed
+    sd = ql.state_dict()
+    assert torch.equal(sd["qweight"], v1.qweight) and torch.equal(sd["qweight_hi"], v1.qweight_hi)
+    assert ql.qweight.dim() == 1  # saving leaves the layer as it was
+    x = torch.randn(3, 320)
+    y = ql(x)
+    # loading into a layer that already keeps the CPU order, and into an empty one
+    other = _packed_layer(bits)
+    with torch.no_grad():
+        other.scales.mul_(2)
+    other.load_state_dict(sd)
+    assert other.qweight.dim() == 1 and torch.equal(other(x), y)
+    fresh = QuantLinear.empty(320, 48, QuantSpec(bits, 64), bias=True, dtype=torch.float32)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), y)
+    # a dtype change on the CPU keeps the order; a move elsewhere hands the other device format v1
+    half = _packed_layer(bits).to(torch.bfloat16)
+    assert half.qweight.dim() == 1 and torch.equal(half.packed.qweight, v1.qweight)
+    meta = _packed_layer(bits).to("meta")
+    assert meta.qweight.shape == v1.qweight.shape and meta.qweight_hi.shape == v1.qweight_hi.shape

@@ -142,7 +142,7 @@ def test_quant_linear_adds_its_reserved_weights_from_slices_made_on_first_use():
     ql = fq.to_quant_linear()
     # the corrections, read at the reserved positions only, equal value - What of the whole dequantized weight
     rows = torch.repeat_interleave(torch.arange(45), ql.sparse_rowptr.long().diff())
-    what = ref.dequantize(ql.qweight, ql.qweight_hi, ql.scales.float(), ql.zeros, 2, 32, 96)
+    what = ref.dequantize(ql.packed.qweight, ql.packed.qweight_hi, ql.scales.float(), ql.zeros, 2, 32, 96)
     assert torch.equal(ql.sparse_correction, ql.sparse_values.float() - what[rows, ql.sparse_cols.long()])
     x = torch.randn(5, 96)
     with torch.no_grad():

@@ -67,9 +67,15 @@ void check_bits(int64_t bits);
 int64_t group_len_of(int64_t group_size, int64_t in_features, const char* where);
 void check_packed(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
                   const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features);
-// The weight's fields of a PackedGemvProblem (packed_gemv.h) from checked format-v1 tensors; M, x, y, bias and
-// the activation fields are the caller's.
+// The weight's fields of a PackedGemvProblem (packed_gemv.h) from checked tensors, in format v1 ([rows, N]) or the
+// CPU word order (1-D, word_order.h); M, x, y, bias and the activation fields are the caller's.
 PackedGemvProblem packed_problem(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
                                  const at::Tensor& zeros, int64_t bits, int64_t group_len, int64_t in_features);
+// Output columns N of a packed weight: qweight's second dimension, or the scales' for a 1-D (CPU word order) one.
+int64_t packed_columns(const at::Tensor& qweight, const at::Tensor& scales);
+// Where a plane's words lie: band 1 (format v1) for a 2-D tensor, the CPU word order's bands for a 1-D one.
+PlaneOrder plane_order(const at::Tensor& words, int64_t in_features, int width, int64_t n);
+// A plane in the CPU word order (1-D) copied back to format v1 [rows, n]; a 2-D plane as it is.
+at::Tensor words_to_v1(const at::Tensor& words, int64_t in_features, int width, int64_t n);
 
 }  // namespace saliq

@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/prefetch.h"
+#include "cpu/word_order.h"
 
 namespace saliq {
 
@@ -21,6 +22,7 @@ struct PackedGemvProblem {
   int bits;
   const int32_t* qweight;     // [ceil(K / codes per word), N]
   const int32_t* qweight_hi;  // 3-bit: [ceil(K / 32), N]
+  PlaneOrder lo, hi;          // where each plane's words lie: format v1 or the CPU word order (word_order.h)
   const void* scales;         // [G, N]
   ScaleType scale_type;
   const int16_t* zeros;       // [G, N]

@@ -55,14 +55,15 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
     const int64_t r_begin = g * p.group_len / 16;
     const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
     for (int64_t r = r_begin; r < r_end; ++r) {
-      // The block's word rows lie N words apart, a stride the hardware prefetcher follows poorly when the
-      // weights come from DRAM (decode of a whole model): fetch kPrefetchRows rows ahead ourselves.
+      // In format v1 the block's word rows lie N words apart, a stride the hardware prefetcher follows poorly
+      // when the weights come from DRAM (decode of a whole model): fetch kPrefetchRows rows ahead ourselves.
       if (r + kPrefetchRows < (p.K + 15) / 16) {
-        const char* ahead = reinterpret_cast<const char*>(p.qweight + (r + kPrefetchRows) * p.N + n0);
+        const char* ahead = reinterpret_cast<const char*>(p.lo.tile_piece(p.qweight, r + kPrefetchRows, n0, NV * 16));
         for (int v = 0; v < NV; ++v) _mm_prefetch(ahead + 64 * v, _MM_HINT_T0);
       }
       __m512i w[NV];
-      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(p.qweight + r * p.N + n0 + v * 16);
+      const saliq::PlaneOrder::Row wrow = p.lo.row(p.qweight, r);
+      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
       const float* t = pair_tables + r * 8 * 16;
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
@@ -78,7 +79,8 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
         const int64_t r_hi = r >> 1;
         const int64_t quads = (r + 1 < r_end) ? 8 : 4;
         __m512i h[NV];
-        for (int v = 0; v < NV; ++v) h[v] = _mm512_loadu_si512(p.qweight_hi + r_hi * p.N + n0 + v * 16);
+        const saliq::PlaneOrder::Row hrow = p.hi.row(p.qweight_hi, r_hi);
+        for (int v = 0; v < NV; ++v) h[v] = _mm512_loadu_si512(hrow.at(n0 + v * 16));
         const float* th = hi_tables + r_hi * 8 * 16;
         for (int j = 0; j < quads; ++j) {
           const __m512 table = _mm512_loadu_ps(th + j * 16);

@@ -50,11 +50,12 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
     const int64_t r_end = ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
     for (int64_t r = r_begin; r < r_end; ++r) {
       __m512i w[kVectors], h4[kVectors];
+      const saliq::PlaneOrder::Row wrow = p.lo.row(p.qweight, r);
+      const saliq::PlaneOrder::Row hrow = BITS == 3 ? p.hi.row(p.qweight_hi, r >> 1) : saliq::PlaneOrder::Row{};
       for (int v = 0; v < kVectors; ++v) {
-        w[v] = _mm512_loadu_si512(p.qweight + r * p.N + n0 + v * 16);
+        w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
         if (BITS == 3) {  // hi bits j and j + 8 of this word row -> bits 2 + j and 18 + j
-          const __m512i hh =
-              _mm512_srli_epi32(_mm512_loadu_si512(p.qweight_hi + (r >> 1) * p.N + n0 + v * 16), 16 * (int)(r & 1));
+          const __m512i hh = _mm512_srli_epi32(_mm512_loadu_si512(hrow.at(n0 + v * 16)), 16 * (int)(r & 1));
           const __m512i spread = _mm512_or_si512(_mm512_and_si512(hh, _mm512_set1_epi32(0xFF)),
                                                  _mm512_slli_epi32(_mm512_and_si512(hh, _mm512_set1_epi32(0xFF00)), 8));
           h4[v] = _mm512_slli_epi32(spread, 2);

@@ -31,10 +31,12 @@ inline void fma_block(const saliq::PackedGemvProblem& p, int64_t n0, int64_t m0)
     const int64_t r_end = ((g + 1) * p.group_len + kPerWord - 1) / kPerWord;
     for (int64_t r = r_begin; r < r_end; ++r) {
       I w[NV], h[NV];
+      const saliq::PlaneOrder::Row wrow = p.lo.row(p.qweight, r);
+      const saliq::PlaneOrder::Row hrow = BITS == 3 ? p.hi.row(p.qweight_hi, r >> 1) : saliq::PlaneOrder::Row{};
       for (int v = 0; v < NV; ++v) {
-        w[v] = V::load_i(p.qweight + r * p.N + n0 + v * kL);
+        w[v] = V::load_i(wrow.at(n0 + v * kL));
         if (BITS == 3)  // the third bit of k = 16 r + j sits at bit 16 (r & 1) + j of hi word r / 2
-          h[v] = V::sll(V::srl(V::load_i(p.qweight_hi + (r >> 1) * p.N + n0 + v * kL), 16 * (int)(r & 1)), 2);
+          h[v] = V::sll(V::srl(V::load_i(hrow.at(n0 + v * kL)), 16 * (int)(r & 1)), 2);
       }
       const int64_t k0 = r * kPerWord;
 #pragma GCC unroll 16

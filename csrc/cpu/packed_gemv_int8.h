@@ -16,7 +16,8 @@
 // i.e. the exact product of W with the rounded activations, up to fp32 rounding of that combination (as the
 // exact kernels split off z * sum(x)).
 // Work split: a block of the plan (a run of whole register tiles of V::kLanes * NV columns) is walked one panel
-// of word rows at a time across all its tiles; rows of x in tiles of MT sharing each unpacked word.
+// of word rows at a time across all its tiles; rows of x in tiles of MT sharing each unpacked word. The words in
+// format v1 or the CPU word order (word_order.h), a compile-time choice.
 
 namespace {
 
@@ -46,7 +47,8 @@ constexpr int int_parts(int64_t inputs) {
 // setup (digit pointers, masks, row range, prefetch distance) is paid once per panel, not once per tile and panel
 // (at 16 columns per AVX2 tile it had cost a third of the instructions). GR: the word rows of a group when
 // known at compile time (groups of 64, the default), else 0. R: copies of each digit operand (Int8Activations).
-template <class V, int BITS, int P, int MT, int NV, int GR, int R>
+// CPU_ORDER: the words in the CPU word order (word_order.h), else format v1.
+template <class V, int BITS, int P, int MT, int NV, int GR, int R, bool CPU_ORDER>
 inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n_first,
                        int64_t tiles, int64_t m0, int64_t g_begin, int64_t g_end) {
   using F = typename V::F;
@@ -65,26 +67,37 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   const int32_t* xo[MT][P];
   for (int m = 0; m < MT; ++m)
     for (int d = 0; d < P; ++d) xo[m][d] = a.operands.data() + ((m0 + m) * P + d) * ops * R;
-  // prefetch the same columns of the next panel: it is read after this panel's pass over the whole block; the
-  // hardware streams along each row meanwhile
+  // Format v1: prefetch the same columns of the next panel, read after this panel's pass over the whole block;
+  // the hardware streams along each row meanwhile. The CPU word order reads a block's panels as one stream (a
+  // run per panel): prefetch along it, kAhead words past each piece a row reads (one thread, 11008 x 4096 and
+  // 4096 x 11008: 1.08-1.37x faster than format v1, where the next panel's pieces gave 0.99-1.16x; docs/NOTES.md)
   const int64_t ahead = std::max<int64_t>(1, (g_end - g_begin) * p.group_len / kPerWord);
+  constexpr int64_t kAhead = (8 << 10) / 4;
   const saliq::PrefetchTo to = a.prefetch;
   constexpr int64_t kTileBytes = NV * kL * 4;  // one word row of a tile
 
-  // the dot products of word rows r0 .. r1 - 1 added to s: int16 sums where V::kInt16Sums, else int32
-  auto rows_into = [&](I (&s)[MT][P][NV], const int32_t* wbase, const int32_t* hbase, int64_t r0, int64_t r1)
-      __attribute__((always_inline)) {
+  // the dot products added to s: int16 sums where V::kInt16Sums, else int32
+  const saliq::PlaneOrder lo = p.lo, hi = p.hi;  // locals: the stores to y could alias p's fields
+  // Rows rs .. re - 1 of one band (format v1: any rows), each word an address mode off the run's first word:
+  // word (r, n + c) at w0 + (r - rs) * row_step + (c / 16) * strip_step + c % 16, the hi plane's likewise, the
+  // prefetched piece of row r at p0 + (r - rs) * pf_step. Called with the steps of format v1 (rows N words apart)
+  // or of the CPU word order (rows 16 words apart, strips 16 h).
+  auto rows_run = [&](I (&s)[MT][P][NV], int64_t rs, int64_t re, const int32_t* w0, const int32_t* p0,
+                      const int32_t* h0, const int32_t* hp0, int64_t row_step, int64_t strip_step,
+                      int64_t hi_strip_step, int64_t pf_step) __attribute__((always_inline)) {
 #pragma GCC unroll 4
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = rs; r < re; ++r) {
       // past the last row too: a prefetch never faults, and one test fewer per row
-      saliq::prefetch_lines(wbase + (r + ahead) * p.N, kTileBytes, to);
-      if constexpr (BITS == 3)  // the hi row serves two word rows
-        if ((r & 1) == 0) saliq::prefetch_lines(hbase + ((r + ahead) >> 1) * p.N, kTileBytes, to);
+      saliq::prefetch_lines(p0 + (r - rs) * pf_step, kTileBytes, to);
+      const int64_t dh = (r >> 1) - (rs >> 1);  // the hi row serves two word rows
+      if constexpr (BITS == 3)
+        if ((r & 1) == 0) saliq::prefetch_lines(hp0 + dh * pf_step, kTileBytes, to);
       I w[NV], hx[NV];
       for (int v = 0; v < NV; ++v) {
-        w[v] = V::load_i(wbase + r * p.N + v * kL);
+        const int c = v * kL;
+        w[v] = V::load_i(w0 + (r - rs) * row_step + (c >> 4) * strip_step + (c & 15));
         if constexpr (BITS == 3)  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
-          hx[v] = V::spread_hi(V::load_i(hbase + (r >> 1) * p.N + v * kL), (int)(r & 1));
+          hx[v] = V::spread_hi(V::load_i(h0 + dh * row_step + (c >> 4) * hi_strip_step + (c & 15)), (int)(r & 1));
       }
 #pragma GCC unroll 4
       for (int j = 0; j < J; ++j) {
@@ -104,6 +117,43 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
               else s[m][d][v] = V::dot(s[m][d][v], c[v], xb);
             }
           }
+      }
+    }
+  };
+  // the dot products of word rows r0 .. r1 - 1 added to s, in runs of one band
+  auto rows_into = [&](I (&s)[MT][P][NV], int64_t n, int64_t r0, int64_t r1) __attribute__((always_inline)) {
+    const int32_t* const hplane = BITS == 3 ? p.qweight_hi : p.qweight;  // (the hi addresses unused unless 3-bit)
+    auto lo_ahead = [&](int64_t r, int64_t nn) __attribute__((always_inline)) {
+      return lo.ahead_in_block(p.qweight, r, nn, NV * kL, n_first, tiles * NV * kL, kAhead);
+    };
+    auto hi_ahead = [&](int64_t r, int64_t nn) __attribute__((always_inline)) {
+      return hi.ahead_in_block(hplane, r, nn, NV * kL, n_first, tiles * NV * kL, kAhead);
+    };
+    if constexpr (!CPU_ORDER) {
+      rows_run(s, r0, r1, p.qweight + r0 * lo.N + n, p.qweight + (r0 + ahead) * lo.N + n,
+               hplane + (r0 >> 1) * lo.N + n, hplane + ((r0 + ahead) >> 1) * lo.N + n, lo.N, 16, 16, lo.N);
+    } else if constexpr (GR != 0) {
+      // groups of 64 inputs: K is a multiple of 64, so the rows lie in one whole band and every step is a
+      // constant (lo.tile, hi.tile and ahead_in_block written out for h = the band's rows; r0 may be inside the
+      // band where int16 sums split a group)
+      constexpr int64_t kLoBand = saliq::cpu_order_band(kWidth), kHiBand = saliq::cpu_order_band(1);
+      const int64_t N = lo.N, b0 = r0 & ~(kLoBand - 1), r0h = r0 >> 1, hb0 = r0h & ~(kHiBand - 1);
+      const int64_t lo_run = tiles * NV * kL * kLoBand, hi_run = tiles * NV * kL * kHiBand;
+      const int64_t lo_in = (n - n_first) * kLoBand + (r0 - b0) * NV * kL;  // the piece's place in its run
+      const int64_t hi_in = (n - n_first) * kHiBand + (r0h - hb0) * NV * kL;
+      const int32_t* const lo_piece = p.qweight + b0 * N + n * kLoBand + (r0 - b0) * NV * kL;
+      const int32_t* const hi_piece = hplane + hb0 * N + n * kHiBand + (r0h - hb0) * NV * kL;
+      const int32_t* const p0 = lo_in + kAhead < lo_run ? lo_piece + kAhead : lo_piece + kLoBand * N + kAhead - lo_run;
+      const int32_t* const hp0 =
+          hi_in + kAhead < hi_run ? hi_piece + kAhead : hi_piece + kHiBand * N + kAhead - hi_run;
+      rows_run(s, r0, r1, p.qweight + b0 * N + n * kLoBand + (r0 - b0) * 16, p0,
+               hplane + hb0 * N + n * kHiBand + (r0h - hb0) * 16, hp0, 16, 16 * kLoBand, 16 * kHiBand, NV * kL);
+    } else {
+      for (int64_t rs = r0, re; rs < r1; rs = re) {  // runs of one band, the short last one too
+        re = lo.run_end(rs, r1);
+        const saliq::PlaneOrder::Tile wt = lo.tile(p.qweight, rs, n), ht = hi.tile(hplane, rs >> 1, n);
+        rows_run(s, rs, re, wt.first, lo_ahead(rs, n), ht.first, hi_ahead(rs >> 1, n), 16, wt.strip_step,
+                 ht.strip_step, NV * kL);
       }
     }
   };
@@ -128,8 +178,6 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
     float* yrow = p.y + m0 * p.N + n_first;
     // the tiles, left to right: each adds this group to y (the sum of the groups before, or the bias, or zero)
     for (int64_t t = 0, n = n_first; t < tiles; ++t, n += NV * kL) {
-      const int32_t* wbase = p.qweight + n;
-      const int32_t* hbase = BITS == 3 ? p.qweight_hi + n : nullptr;
       F yacc[MT][NV];
       for (int m = 0; m < MT; ++m)
         for (int v = 0; v < NV; ++v)
@@ -138,10 +186,10 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
       I acc[MT][P][NV];  // int32 sums of the group
       zero_all(acc);
       if constexpr (!V::kInt16Sums) {
-        rows_into(acc, wbase, hbase, r_begin, r_end);
+        rows_into(acc, n, r_begin, r_end);
       } else if (GR ? GR <= kRowsPerInt16Sum : r_end - r_begin <= kRowsPerInt16Sum) {
         // the usual group: its int16 sums widened once
-        rows_into(acc, wbase, hbase, r_begin, r_end);
+        rows_into(acc, n, r_begin, r_end);
         for (int m = 0; m < MT; ++m)
           for (int d = 0; d < P; ++d)
             for (int v = 0; v < NV; ++v) acc[m][d][v] = V::widen16(acc[m][d][v], d == 0 && kTopScaled ? 256 : 1);
@@ -149,7 +197,7 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
         for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerInt16Sum) {
           I part[MT][P][NV];
           zero_all(part);
-          rows_into(part, wbase, hbase, r0, std::min(r_end, r0 + kRowsPerInt16Sum));
+          rows_into(part, n, r0, std::min(r_end, r0 + kRowsPerInt16Sum));
           for (int m = 0; m < MT; ++m)
             for (int d = 0; d < P; ++d)
               for (int v = 0; v < NV; ++v)
@@ -177,10 +225,10 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
 
 // One block: M = 1 in one pass of NV1 vectors; more rows in tiles of MT rows (then 2, 1) of NVM vectors.
 // A block of `subs` register tiles is walked one panel (the word rows of 64 inputs, or of one group if larger)
-// at a time across all its tiles, so that each word row is read as one contiguous run over the whole block
-// (format v1 puts a row's columns next to each other and the rows N words apart: short pieces of rows in a
-// different page each stream poorly from DRAM; see kInt8BlocksPerThread).
-template <class V, int BITS, int P, int NV1, int NVM, int MT, int GR>
+// at a time across all its tiles: in the CPU word order the panel's words of the block are one run; in format v1
+// each word row is one run over the whole block (its rows N words apart: short pieces of rows in a different
+// page each stream poorly from DRAM; see kInt8BlocksPerThread). CO: the CPU word order.
+template <class V, int BITS, int P, int NV1, int NVM, int MT, int GR, bool CO>
 inline void int8_columns_bp(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                             int64_t subs) {
   // one panel: the rows of (at least) 64 inputs, each read once across all the sub-blocks
@@ -188,19 +236,19 @@ inline void int8_columns_bp(const saliq::PackedGemvProblem& p, const saliq::Int8
   for (int64_t g0 = 0; g0 < p.G; g0 += g_step) {
     const int64_t g1 = std::min(p.G, g0 + g_step);
     if (p.M == 1) {
-      int8_panel<V, BITS, P, 1, NV1, GR, V::kDigitReplicasM1>(p, a, n0, subs, 0, g0, g1);
+      int8_panel<V, BITS, P, 1, NV1, GR, V::kDigitReplicasM1, CO>(p, a, n0, subs, 0, g0, g1);
       continue;
     }
     // M > 1: tile by tile, every row tile of x in turn, so each tile's codes are read again from L1
     for (int64_t c = 0; c < subs; ++c) {
       const int64_t nc = n0 + c * NVM * V::kLanes;
       int64_t m = 0;
-      for (; m + MT <= p.M; m += MT) int8_panel<V, BITS, P, MT, NVM, GR, 1>(p, a, nc, 1, m, g0, g1);
+      for (; m + MT <= p.M; m += MT) int8_panel<V, BITS, P, MT, NVM, GR, 1, CO>(p, a, nc, 1, m, g0, g1);
       if (MT > 2 && m + 2 <= p.M) {
-        int8_panel<V, BITS, P, 2, NVM, GR, 1>(p, a, nc, 1, m, g0, g1);
+        int8_panel<V, BITS, P, 2, NVM, GR, 1, CO>(p, a, nc, 1, m, g0, g1);
         m += 2;
       }
-      if (m < p.M) int8_panel<V, BITS, P, 1, NVM, GR, 1>(p, a, nc, 1, m, g0, g1);
+      if (m < p.M) int8_panel<V, BITS, P, 1, NVM, GR, 1, CO>(p, a, nc, 1, m, g0, g1);
     }
   }
 }
@@ -213,27 +261,36 @@ constexpr int tile_rows() {
   return fit < 1 ? 1 : (fit < MT ? fit : MT);
 }
 
-template <class V, int NV1, int NVM, int MT, int BITS, int GR>
+template <class V, int NV1, int NVM, int MT, int BITS, int GR, bool CO>
 inline void int8_columns_bg(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                             int64_t subs) {
   switch (a.parts) {
-    case 1: int8_columns_bp<V, BITS, 1, NV1, NVM, tile_rows<V, 1, NVM, MT>(), GR>(p, a, n0, subs); break;
-    case 2: int8_columns_bp<V, BITS, 2, NV1, NVM, tile_rows<V, 2, NVM, MT>(), GR>(p, a, n0, subs); break;
+    case 1: int8_columns_bp<V, BITS, 1, NV1, NVM, tile_rows<V, 1, NVM, MT>(), GR, CO>(p, a, n0, subs); break;
+    case 2: int8_columns_bp<V, BITS, 2, NV1, NVM, tile_rows<V, 2, NVM, MT>(), GR, CO>(p, a, n0, subs); break;
     // 3-bit, three digits: tiles of 2 rows, not 3 (AVX-512 VNNI, cycles per word row and row of x at M = 4 / 8 /
     // 16: 20.0 / 17.8 / 18.4 -> 17.7 / 17.2 / 17.1)
     default:
-      int8_columns_bp<V, BITS, 3, NV1, NVM, tile_rows<V, 3, NVM, (BITS == 3 && MT > 2 ? 2 : MT)>(), GR>(p, a, n0, subs);
+      int8_columns_bp<V, BITS, 3, NV1, NVM, tile_rows<V, 3, NVM, (BITS == 3 && MT > 2 ? 2 : MT)>(), GR, CO>(p, a, n0,
+                                                                                                     subs);
       break;
   }
 }
 
 // Groups of 64 (the default) with their word rows known at compile time (the int16-sum path chosen while
-// compiling); other lengths counted at run time.
+// compiling); other lengths counted at run time. The word order is a compile-time choice too: one kernel holding
+// both address forms was 10-25% slower in either (cycles per word row, AVX-512 VNNI and AVX2, 3-bit).
 template <class V, int NV1, int NVM, int MT, int BITS>
 inline void int8_columns_b(const saliq::PackedGemvProblem& p, const saliq::Int8Activations& a, int64_t n0,
                            int64_t subs) {
-  if (p.group_len == 64) int8_columns_bg<V, NV1, NVM, MT, BITS, BITS == 4 ? 8 : 4>(p, a, n0, subs);
-  else int8_columns_bg<V, NV1, NVM, MT, BITS, 0>(p, a, n0, subs);
+  constexpr int GR = BITS == 4 ? 8 : 4;
+  const bool cpu_order = p.lo.band > 1;
+  if (p.group_len == 64) {
+    if (cpu_order) int8_columns_bg<V, NV1, NVM, MT, BITS, GR, true>(p, a, n0, subs);
+    else int8_columns_bg<V, NV1, NVM, MT, BITS, GR, false>(p, a, n0, subs);
+  } else {
+    if (cpu_order) int8_columns_bg<V, NV1, NVM, MT, BITS, 0, true>(p, a, n0, subs);
+    else int8_columns_bg<V, NV1, NVM, MT, BITS, 0, false>(p, a, n0, subs);
+  }
 }
 
 // NVM3: the vectors of an M > 1 tile at 3 bits, whose codes hold more registers (the hi words and their spread)

@@ -61,8 +61,8 @@ void portable_block(const PackedGemvProblem& p, int64_t n0, int64_t nb) {
       for (int64_t r = r_begin; r < r_end; ++r) {
         uint32_t w[kBlock] = {0}, h[kBlock] = {0};
         for (int64_t c = 0; c < nb; ++c) {
-          w[c] = qw[r * p.N + n0 + c];
-          if (BITS == 3) h[c] = qh[(r >> 1) * p.N + n0 + c] >> (16 * (r & 1));
+          w[c] = qw[p.lo.index(r, n0 + c)];
+          if (BITS == 3) h[c] = qh[p.hi.index(r >> 1, n0 + c)] >> (16 * (r & 1));
         }
         for (int j = 0; j < kPerWord; ++j) {
           const float xk = x[r * kPerWord + j];
@@ -118,9 +118,10 @@ void plan_packed_gemv(const PackedGemvProblem& p, int threads, PackedGemvPlan& p
                                                                  threads * kInt8BlocksPerThread);
     const int64_t want_y = (p.M * p.N * 4 + kInt8BlockYBytes - 1) / kInt8BlockYBytes;
     plan.int8_blocks = std::min(tiles, std::max(want, want_y));
-    // the next panel's rows: N words apart, so when N * 4 bytes is a multiple of 4 KiB they fall in the same L1
-    // sets and, fetched into L1 beside this panel's, evict them; there into L2 only (docs/NOTES.md)
-    plan.act.prefetch = p.N % 1024 == 0 ? PrefetchTo::kL2 : PrefetchTo::kL1;
+    // format v1, the next panel's rows: N words apart, so when N * 4 bytes is a multiple of 4 KiB they fall in the
+    // same L1 sets and, fetched into L1 beside this panel's, evict them; there into L2 only (docs/NOTES.md). The
+    // CPU word order prefetches a few KiB ahead in one stream: into L1.
+    plan.act.prefetch = p.lo.band == 1 && p.N % 1024 == 0 ? PrefetchTo::kL2 : PrefetchTo::kL1;
   } else if (isa == CpuIsa::Avx512 && p.M <= 4 && p.bits != 4 && p.N >= kLutBlock) {
     plan.kernel = GemvKernel::Lut;
     plan.block = kLutBlock;

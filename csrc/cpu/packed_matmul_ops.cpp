@@ -107,7 +107,7 @@ at::Tensor packed_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, con
   const int64_t g = group_len_of(group_size, in_features, "packed_matmul");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, "x must be [M, ", in_features, "], got ", x.sizes());
   TORCH_CHECK_VALUE(x.is_floating_point(), "x must be floating point, got ", x.scalar_type());
-  const int64_t M = x.size(0), K = in_features, N = qweight.size(1);
+  const int64_t M = x.size(0), K = in_features, N = packed_columns(qweight, scales);
   if (M > 0 && N > 0 && M <= g_gemv_max_m)  // quant_linear_cpu's GEMV path, no LoRA: the same bits either way
     return quant_linear_cpu(x, qweight, qweight_hi, scales, zeros, bits, group_size, in_features, bias, std::nullopt,
                             std::nullopt, 0.0);

@@ -70,13 +70,16 @@ constexpr int64_t kPrefetchGroups = 2;
 // words of two word rows in the two halves. Loops: group, 16-row strip (its scales loaded once; the packed words
 // are read along their rows, which stream, not down the columns), row, word row. The problem's fields are copied
 // to locals: the stores through `out` could alias them, and GCC reloaded them every vector.
-template <int BITS, DequantOut T>
+// CO: the words in the CPU word order (word_order.h), else format v1 (a compile-time choice: one loop holding both
+// address forms took format v1 10% longer, M = 64, bf16 x, 3-bit).
+template <int BITS, DequantOut T, bool CO>
 void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;
   constexpr int kWidth = BITS == 4 ? 4 : 2;
   const int64_t N = p.N, G = p.G, K = p.K, group_len = p.group_len;
   const int32_t* const qweight = p.qweight;
   const int32_t* const qweight_hi = p.qweight_hi;
+  const PlaneOrder lo = p.lo, hi = p.hi;
   const void* const scales = p.scales;
   const ScaleType scale_type = p.scale_type;
   const int16_t* const zeros = p.zeros;
@@ -89,11 +92,12 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
   const __m512i magic = _mm512_set1_epi32(0x4B000000);
   const __m512 two23 = _mm512_set1_ps(8388608.0f);
   // the codes of 16 inputs of one row as vpermps indices (only bits 0..3 count; the bits above the code's own
-  // may hold other codes, which the replicated table ignores): wp at their (first) word, hp at their hi word,
-  // upper: inputs 16..31 of that hi word
-  auto codes = [&](const int32_t* wp, const int32_t* hp, bool upper, bool second_word) {
+  // may hold other codes, which the replicated table ignores): wp at their (first) word, hp at their hi word;
+  // upper: inputs 16..31 of that hi word; step: from a word to the next word row's (N in format v1)
+  auto codes = [&](const int32_t* wp, const int32_t* hp, bool upper, bool second_word, int64_t step)
+      __attribute__((always_inline)) {
     __m512i w = _mm512_set1_epi32(*wp);
-    if (BITS == 4 && second_word) w = _mm512_mask_set1_epi32(w, (__mmask16)0xFF00, wp[N]);
+    if (BITS == 4 && second_word) w = _mm512_mask_set1_epi32(w, (__mmask16)0xFF00, wp[step]);
     const __m512i a = _mm512_srlv_epi32(w, shift);
     if constexpr (BITS == 3) {
       const __m512i h = _mm512_rorv_epi32(_mm512_set1_epi32(*hp), upper ? rot_hi : rot_lo);
@@ -114,10 +118,11 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
     if (g + kPrefetchGroups < G) {  // the tile's words, scales and zeros of a group ahead, into L2
       const int64_t gp = g + kPrefetchGroups, kb = gp * group_len, ke = std::min(kb + group_len, K);
       for (int64_t r = kb / kPerWord; r < (ke + kPerWord - 1) / kPerWord; ++r)
-        prefetch_lines(qweight + r * N + n0, nt * 4, PrefetchTo::kL2);
+        prefetch_lines(CO ? lo.tile_piece(qweight, r, n0, nt) : qweight + r * N + n0, nt * 4, PrefetchTo::kL2);
       if (BITS == 3)
         for (int64_t r = kb / 32; r < (ke + 31) / 32; ++r)
-          prefetch_lines(qweight_hi + r * N + n0, nt * 4, PrefetchTo::kL2);
+          prefetch_lines(CO ? hi.tile_piece(qweight_hi, r, n0, nt) : qweight_hi + r * N + n0, nt * 4,
+                         PrefetchTo::kL2);
       prefetch_lines(static_cast<const char*>(scales) + (gp * N + n0) * scale_bytes, nt * scale_bytes,
                      PrefetchTo::kL2);
       prefetch_lines(zeros + gp * N + n0, nt * 2, PrefetchTo::kL2);
@@ -129,33 +134,53 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
       const __m512 s16 = load_scales(scales, scale_type, g * N + n0 + c, m);
       const __m512 zz16 = _mm512_add_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, zeros + g * N + n0 + c))), two23);
+      // CPU word order: the group's first words of the strip of 16 columns a row lies in (a row of a strip is 16
+      // contiguous words, so each row adds its column), found once per strip, not once per row
+      const int32_t* strip_w = nullptr;
+      const int32_t* strip_h = nullptr;
+      int64_t strip_n = 0, strip_step = 16;
       for (int64_t jj = 0; jj < rows_here; ++jj) {
         const __m512i pick = _mm512_set1_epi32((int)jj);
         const __m512 s = _mm512_permutexvar_ps(pick, s16), zz = _mm512_permutexvar_ps(pick, zz16);
         const int64_t n = n0 + c + jj;
         const int64_t row_idx = (c + jj) * ld;
-        // this row's words of the group, one word row (N words) apart; groups start on a hi word (32 inputs)
-        const int32_t* wp = qweight + (k_begin / kPerWord) * N + n;
-        const int32_t* hp = BITS == 3 ? qweight_hi + (k_begin / 32) * N + n : nullptr;
+        // this row's words of the group: a word row `step` words from the last within a band of 64 inputs (N in
+        // format v1, where the bands run on), the band's first word found again at each band (groups over 64)
+        if (CO && (jj == 0 || (n & 15) == 0)) {
+          strip_n = n;
+          strip_w = qweight + lo.index(k_begin / kPerWord, n);
+          if (BITS == 3) strip_h = qweight_hi + hi.index(k_begin / 32, n);
+          strip_step = std::min<int64_t>(16, N - (n & ~int64_t{15}));
+        }
+        const int64_t step = CO ? strip_step : N;
+        const int32_t* wp = CO ? strip_w + (n - strip_n) : qweight + (k_begin / kPerWord) * N + n;
+        const int32_t* hp = BITS == 3 ? (CO ? strip_h + (n - strip_n) : qweight_hi + (k_begin / 32) * N + n) : nullptr;
+        auto next_band = [&](int64_t k0) __attribute__((always_inline)) {
+          if (!CO || k0 == k_begin || k0 % 64 != 0) return;
+          wp = qweight + lo.index(k0 / kPerWord, n);
+          if (BITS == 3) hp = qweight_hi + hi.index(k0 / 32, n);
+        };
         // the row's 2^BITS values of the group, looked up per input (vpermps) instead of computed per input
         const __m512 table = _mm512_mul_ps(_mm512_sub_ps(q_table, zz), s);
-        auto value = [&](__m512i idx) { return _mm512_permutexvar_ps(idx, table); };
+        auto value = [&](__m512i idx) __attribute__((always_inline)) { return _mm512_permutexvar_ps(idx, table); };
         if (pairs) {
           for (int64_t k0 = k_begin; k0 < k_end; k0 += 32) {
-            const __m512 lo = value(codes(wp, hp, false, true));
-            const __m512 hi = value(codes(wp + kStep * N, hp, true, true));
-            wp += 2 * kStep * N;
-            if (BITS == 3) hp += N;
-            store_pair<T>(out, row_idx + k0, lo, hi);
+            next_band(k0);
+            const __m512 first = value(codes(wp, hp, false, true, step));
+            const __m512 second = value(codes(wp + kStep * step, hp, true, true, step));
+            wp += 2 * kStep * step;
+            if (BITS == 3) hp += step;
+            store_pair<T>(out, row_idx + k0, first, second);
           }
           continue;
         }
         // a per-channel group whose K is not a multiple of 32: 16 inputs at a time, the last ones masked
         for (int64_t k0 = k_begin; k0 < k_end; k0 += 16) {
           const bool upper = (k0 - k_begin) & 16;  // inputs 16..31 of the hi word
-          const __m512 v = value(codes(wp, hp, upper, k0 + 8 < k_end));
-          wp += kStep * N;
-          if (BITS == 3 && upper) hp += N;
+          next_band(k0);
+          const __m512 v = value(codes(wp, hp, upper, k0 + 8 < k_end, step));
+          wp += kStep * step;
+          if (BITS == 3 && upper) hp += step;
           const int64_t left = k_end - k0;
           store<T>(out, row_idx + k0, v, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u));
         }
@@ -167,9 +192,9 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
 template <DequantOut T>
 void rows_of_type(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t ld) {
   switch (p.bits) {
-    case 2: rows<2, T>(p, n0, nt, out, ld); break;
-    case 3: rows<3, T>(p, n0, nt, out, ld); break;
-    default: rows<4, T>(p, n0, nt, out, ld); break;
+    case 2: return p.lo.band > 1 ? rows<2, T, true>(p, n0, nt, out, ld) : rows<2, T, false>(p, n0, nt, out, ld);
+    case 3: return p.lo.band > 1 ? rows<3, T, true>(p, n0, nt, out, ld) : rows<3, T, false>(p, n0, nt, out, ld);
+    default: return p.lo.band > 1 ? rows<4, T, true>(p, n0, nt, out, ld) : rows<4, T, false>(p, n0, nt, out, ld);
   }
 }
 

@@ -29,12 +29,14 @@ PackedGemvProblem packed_problem(const at::Tensor& qweight, const at::Tensor& qw
   PackedGemvProblem p{};
   p.K = in_features;
   p.k_padded = (in_features + 31) / 32 * 32;
-  p.N = qweight.size(1);
+  p.N = packed_columns(qweight, scales);
   p.G = in_features / group_len;
   p.group_len = group_len;
   p.bits = (int)bits;
   p.qweight = qweight.data_ptr<int32_t>();
   p.qweight_hi = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;
+  p.lo = plane_order(qweight, in_features, low_plane_width((int)bits), p.N);
+  if (bits == 3) p.hi = plane_order(qweight_hi, in_features, 1, p.N);
   p.scales = scales.data_ptr();
   p.scale_type = scales.scalar_type() == at::kHalf       ? ScaleType::F16
                  : scales.scalar_type() == at::kBFloat16 ? ScaleType::BF16
@@ -43,20 +45,44 @@ PackedGemvProblem packed_problem(const at::Tensor& qweight, const at::Tensor& qw
   return p;
 }
 
+int64_t packed_columns(const at::Tensor& qweight, const at::Tensor& scales) {
+  return qweight.dim() == 1 && scales.dim() == 2 ? scales.size(1) : qweight.size(qweight.dim() - 1);
+}
+
+PlaneOrder plane_order(const at::Tensor& words, int64_t in_features, int width, int64_t n) {
+  PlaneOrder o;
+  o.N = n;
+  o.rows = packed_rows(in_features, width);
+  o.band = words.dim() == 1 ? cpu_order_band(width) : 1;
+  return o;
+}
+
 void check_packed(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
                   const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features) {
   check_bits(bits);
   const int64_t g = group_len_of(group_size, in_features, "packed weight");
-  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "qweight must be a 2-D int32 tensor");
-  const int64_t n = qweight.size(1);
-  TORCH_CHECK_VALUE(qweight.size(0) == packed_rows(in_features, low_plane_width((int)bits)), "qweight has ",
-                    qweight.size(0), " rows; ", bits, "-bit in_features=", in_features, " needs ",
-                    packed_rows(in_features, low_plane_width((int)bits)));
+  TORCH_CHECK_VALUE((qweight.dim() == 2 || qweight.dim() == 1) && qweight.scalar_type() == at::kInt,
+                    "qweight must be an int32 tensor, 2-D (format v1) or 1-D (the CPU word order), got ",
+                    qweight.scalar_type(), " ", qweight.sizes());
+  const int64_t rows = packed_rows(in_features, low_plane_width((int)bits));
+  // the CPU word order (word_order.h) keeps the words of [rows, N] in one dimension: N comes from the scales
+  const bool cpu_order = qweight.dim() == 1;
+  const int64_t n = packed_columns(qweight, scales);
+  if (cpu_order) {
+    TORCH_CHECK_VALUE(qweight.numel() == rows * n, "qweight in the CPU word order has ", qweight.numel(),
+                      " words; ", bits, "-bit in_features=", in_features, " and ", n, " columns need ", rows * n);
+  } else {
+    TORCH_CHECK_VALUE(qweight.size(0) == rows, "qweight has ", qweight.size(0), " rows; ", bits,
+                      "-bit in_features=", in_features, " needs ", rows);
+  }
   if (bits == 3) {
-    TORCH_CHECK_VALUE(qweight_hi.dim() == 2 && qweight_hi.scalar_type() == at::kInt &&
-                          qweight_hi.size(0) == packed_rows(in_features, 1) && qweight_hi.size(1) == n,
-                      "qweight_hi must be int32 [", packed_rows(in_features, 1), ", ", n, "], got ",
-                      qweight_hi.sizes());
+    const int64_t hi_rows = packed_rows(in_features, 1);
+    const bool ok = cpu_order ? qweight_hi.dim() == 1 && qweight_hi.numel() == hi_rows * n
+                              : qweight_hi.dim() == 2 && qweight_hi.size(0) == hi_rows && qweight_hi.size(1) == n;
+    TORCH_CHECK_VALUE(ok && qweight_hi.scalar_type() == at::kInt, "qweight_hi must be int32 ",
+                      cpu_order ? "[" + std::to_string(hi_rows * n) + "] (the CPU word order, as qweight)"
+                                : "[" + std::to_string(hi_rows) + ", " + std::to_string(n) + "]",
+                      ", got ", qweight_hi.sizes());
     TORCH_CHECK_VALUE(qweight_hi.is_contiguous(), "qweight_hi must be contiguous");
   }
   const int64_t groups = in_features / g;
@@ -127,9 +153,33 @@ static void for_each_code(const int32_t* qw, const int32_t* qh, int bits, int64_
     for (int64_t k = 0; k < k_total; ++k) fn(n, k, code_at(qw, qh, bits, k, n, n_total));
 }
 
-at::Tensor unpack_cpu(const at::Tensor& qweight, const at::Tensor& qweight_hi, int64_t bits, int64_t in_features) {
+at::Tensor words_to_v1(const at::Tensor& words, int64_t in_features, int width, int64_t n) {
+  if (words.dim() != 1) return words;
+  const PlaneOrder o = plane_order(words, in_features, width, n);
+  TORCH_CHECK_VALUE(words.numel() == o.rows * n && words.is_contiguous(), "words in the CPU word order must be ",
+                    o.rows * n, " contiguous int32, got ", words.sizes());
+  at::Tensor out = at::empty({o.rows, n}, words.options());
+  const int32_t* src = words.data_ptr<int32_t>();
+  int32_t* dst = out.data_ptr<int32_t>();
+  at::parallel_for(0, o.rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < n; ++j) dst[r * n + j] = src[o.index(r, j)];
+  });
+  return out;
+}
+
+at::Tensor unpack_cpu(const at::Tensor& qweight_in, const at::Tensor& qweight_hi_in, int64_t bits,
+                      int64_t in_features) {
   check_bits(bits);
   TORCH_CHECK_VALUE(in_features > 0, "in_features=", in_features, " must be positive");
+  // 1-D: the CPU word order; its columns follow from the word count
+  const int64_t lo_rows = packed_rows(in_features, low_plane_width((int)bits));
+  TORCH_CHECK_VALUE(qweight_in.dim() != 1 || qweight_in.numel() % lo_rows == 0, "qweight in the CPU word order has ",
+                    qweight_in.numel(), " words, not a multiple of the ", lo_rows, " word rows of in_features=",
+                    in_features);
+  const int64_t n1 = qweight_in.dim() == 1 ? qweight_in.numel() / lo_rows : 0;
+  const at::Tensor qweight = words_to_v1(qweight_in, in_features, low_plane_width((int)bits), n1);
+  const at::Tensor qweight_hi = bits == 3 ? words_to_v1(qweight_hi_in, in_features, 1, n1) : qweight_hi_in;
   TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "qweight must be a 2-D int32 tensor");
   TORCH_CHECK_VALUE(qweight.size(0) >= packed_rows(in_features, low_plane_width((int)bits)), "qweight has ",
                     qweight.size(0), " rows, too few for in_features=", in_features);
@@ -153,11 +203,13 @@ at::Tensor unpack_cpu(const at::Tensor& qweight, const at::Tensor& qweight_hi, i
   return out;
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& qweight_hi, const at::Tensor& scales,
+at::Tensor dequantize_cpu(const at::Tensor& qweight_in, const at::Tensor& qweight_hi_in, const at::Tensor& scales,
                           const at::Tensor& zeros, int64_t bits, int64_t group_size, int64_t in_features) {
-  check_packed(qweight, qweight_hi, scales, zeros, bits, group_size, in_features);
+  check_packed(qweight_in, qweight_hi_in, scales, zeros, bits, group_size, in_features);
   const int64_t g = group_len_of(group_size, in_features, "dequantize");
-  const int64_t n = qweight.size(1);
+  const int64_t n = scales.size(1);
+  const at::Tensor qweight = words_to_v1(qweight_in, in_features, low_plane_width((int)bits), n);
+  const at::Tensor qweight_hi = bits == 3 ? words_to_v1(qweight_hi_in, in_features, 1, n) : qweight_hi_in;
   at::Tensor out = at::empty({n, in_features}, scales.options());
   const int32_t* qwp = qweight.data_ptr<int32_t>();
   const int32_t* qhp = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;

@@ -146,7 +146,7 @@ at::Tensor quant_linear_impl(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK_VALUE(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
                     "x must be float32, bfloat16 or float16, got ", xt);
   TORCH_CHECK_VALUE(lora_A.has_value() == lora_B.has_value(), "lora_A and lora_B must be given together");
-  const int64_t M = x.size(0), K = in_features, N = qweight.size(1), G = K / g;
+  const int64_t M = x.size(0), K = in_features, N = packed_columns(qweight, scales), G = K / g;
   const bool lora = lora_A.has_value();
   int64_t r = 0;
   at::Tensor A, B;  // contiguous, one dtype (no copies when they already are)
