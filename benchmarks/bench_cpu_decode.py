@@ -11,7 +11,9 @@ the copy (256 MiB, read + write) timed in the same rounds as the row's kernels, 
 every machine and moves with the machine's bandwidth of the moment; "read GB/s" the same for one straight read
 (`torch.sum`) of as many bytes as the fp32 case reads, and "% read" the kernel's rate as a share of it (what the
 read order and the compute leave of a plain stream; `make read-patterns` times the order alone); "x fp32" /
-"x bf16" = F.linear time / saliq time for the same activation dtype.
+"x bf16" = F.linear time / saliq time for the same activation dtype. saliq reads the words in the CPU word order, as a
+QuantLinear on the CPU keeps them (saliq/word_order.py); "v1" columns time the same calls on the same words in
+format v1, in the same rounds.
 
 Prefill (M above the GEMV crossover): median times of saliq's packed_matmul with bf16 x (dequantized bf16 tiles
 + bf16 GEMM where the CPU has AVX512_BF16) against bf16 F.linear on the same weight dequantized to bf16, and
@@ -38,7 +40,7 @@ from common import CPU_COPY_BYTES, copy_bandwidth_gbs, cpu_cache_flush_bytes
 
 from saliq import _C
 from saliq import cpp_backend as cpp
-from saliq import packing
+from saliq import packing, word_order
 from saliq.spec import QuantSpec
 
 SHAPES = [(11008, 4096), (4096, 11008)]  # (N out_features, K in_features)
@@ -59,6 +61,16 @@ def interleaved_medians(fns: dict, rounds: int, before_each=None) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def words(P, order: str):
+    """(qweight, qweight_hi) of a format-v1 PackedWeight in `order`: "cpu" (as QuantLinear keeps them) or "v1"."""
+    return word_order.to_cpu_order(P.qweight, P.qweight_hi, P.bits) if order == "cpu" else (P.qweight, P.qweight_hi)
+
+
+def packed_call(x, P, order: str):
+    qw, qh = words(P, order)
+    return lambda: cpp.packed_matmul(x, qw, qh, P.scales, P.zeros, P.bits, P.group_size, P.in_features, None)
+
+
 def with_gemv(mode, fn):
     def run():
         cpp.set_cpu_gemv(mode)
@@ -68,7 +80,7 @@ def with_gemv(mode, fn):
 
 def prefill_rows(threads: int, shapes: list, ms: list, bits_list: list, records: list) -> list:
     lines = [f"{threads} thread(s), prefill:", "",
-             "| N x K | bits | M | saliq bf16 ms | F.linear bf16 ms | saliq / F.linear bf16 | saliq fp32 ms | "
+             "| N x K | bits | M | saliq bf16 ms (v1) | F.linear bf16 ms | saliq / F.linear bf16 | saliq fp32 ms | "
              "F.linear fp32 ms | saliq / F.linear fp32 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for n, k in shapes:
@@ -87,19 +99,18 @@ def prefill_rows(threads: int, shapes: list, ms: list, bits_list: list, records:
                 x = torch.randn(m, k, generator=g)
                 xb = x.bfloat16()
 
-                def pm(xx, P):
-                    return lambda: cpp.packed_matmul(xx, P.qweight, P.qweight_hi, P.scales, P.zeros, bits, GROUP, k,
-                                                     None)
-                t = interleaved_medians({"saliq16": pm(xb, P16), "lin16": lambda: F.linear(xb, W16),
-                                         "saliq32": pm(x, P32), "lin32": lambda: F.linear(x, W32)},
+                t = interleaved_medians({"saliq16": packed_call(xb, P16, "cpu"), "lin16": lambda: F.linear(xb, W16),
+                                         "saliq32": packed_call(x, P32, "cpu"), "lin32": lambda: F.linear(x, W32),
+                                         "v1_16": packed_call(xb, P16, "v1")},
                                         rounds=5 if m <= 128 else 3)
                 r16, r32 = t["saliq16"] / t["lin16"], t["saliq32"] / t["lin32"]
-                lines.append(f"| {n} x {k} | {bits} | {m} | {t['saliq16'] * 1e3:.1f} | {t['lin16'] * 1e3:.1f} | "
-                             f"{r16:.2f} | {t['saliq32'] * 1e3:.1f} | {t['lin32'] * 1e3:.1f} | {r32:.2f} |")
+                lines.append(f"| {n} x {k} | {bits} | {m} | {t['saliq16'] * 1e3:.1f} ({t['v1_16'] * 1e3:.1f}) | "
+                             f"{t['lin16'] * 1e3:.1f} | {r16:.2f} | {t['saliq32'] * 1e3:.1f} | "
+                             f"{t['lin32'] * 1e3:.1f} | {r32:.2f} |")
                 print(lines[-1], flush=True)
                 records.append({"section": "prefill", "threads": threads, "N": n, "K": k, "bits": bits, "M": m,
                                 "group_size": GROUP, "saliq_bf16_s": t["saliq16"], "linear_bf16_s": t["lin16"],
-                                "saliq_fp32_s": t["saliq32"], "linear_fp32_s": t["lin32"],
+                                "saliq_fp32_s": t["saliq32"], "linear_fp32_s": t["lin32"], "v1_bf16_s": t["v1_16"],
                                 "ratio_bf16": r16, "ratio_fp32": r32, "load_average": os.getloadavg()[0]})
     return lines + [""]
 
@@ -143,8 +154,8 @@ def main(argv=None):
         lines += [f"{threads} thread(s): copy bandwidth {bw:.1f} GB/s (best of 7 before the cases)", "",
                   "| N x K | bits | M | copy GB/s (same rounds) | read GB/s (same rounds) | exact fp32 ms | "
                   "auto fp32 ms (% copy, % read) | auto bf16 ms (% copy) | F.linear fp32 ms | F.linear bf16 ms | "
-                  "x fp32 (exact / auto) | x bf16 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "x fp32 (exact / auto) | x bf16 | v1 auto fp32 / bf16 ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for n, k in shapes:
             g = torch.Generator().manual_seed(n + k)
             W = torch.randn(n, k, generator=g) * 0.02
@@ -163,18 +174,17 @@ def main(argv=None):
                     x = torch.randn(m, k, generator=g)
                     xb = x.bfloat16()
 
-                    def pm(xx, P):
-                        return lambda: cpp.packed_matmul(xx, P.qweight, P.qweight_hi, P.scales, P.zeros, bits,
-                                                         GROUP, k, None)
                     rounds = 21 if m == 1 else 9
                     t = interleaved_medians({
-                        "exact": with_gemv("exact", pm(x, P32)), "int8x3": with_gemv("auto", pm(x, P32)),
-                        "int8x2": with_gemv("auto", pm(xb, P16)), "lin32": lambda: F.linear(x, W),
+                        "exact": with_gemv("exact", packed_call(x, P32, "cpu")),
+                        "int8x3": with_gemv("auto", packed_call(x, P32, "cpu")),
+                        "int8x2": with_gemv("auto", packed_call(xb, P16, "cpu")), "lin32": lambda: F.linear(x, W),
                         "lin16": lambda: F.linear(xb, Wb), "copy": lambda: copy_dst.copy_(copy_src),
-                        "read": read_src.sum},
+                        "read": read_src.sum, "v1_int8x3": with_gemv("auto", packed_call(x, P32, "v1")),
+                        "v1_int8x2": with_gemv("auto", packed_call(xb, P16, "v1"))},
                         rounds=rounds, before_each=lambda: flush.add_(1.0))
                     bw_rounds = 2 * copy_src.nbytes / t["copy"] / 1e9
-                    calls += 3 * (rounds + 1)  # three saliq settings, each warmed once then timed every round
+                    calls += 5 * (rounds + 1)  # five saliq calls, each warmed once then timed every round
                     cpp.set_cpu_gemv("auto")
                     read_gbs = read_src.nbytes / t["read"] / 1e9
                     pct = lambda b, sec: 100 * b / sec / 1e9 / bw_rounds  # noqa: E731
@@ -183,13 +193,15 @@ def main(argv=None):
                         f"{t['int8x3'] * 1e3:.3f} ({pct(b32, t['int8x3']):.0f}%, {100 * t['read'] / t['int8x3']:.0f}%) | "
                         f"{t['int8x2'] * 1e3:.3f} ({pct(b16, t['int8x2']):.0f}%) | "
                         f"{t['lin32'] * 1e3:.3f} | {t['lin16'] * 1e3:.3f} | {t['lin32'] / t['exact']:.1f}x / "
-                        f"{t['lin32'] / t['int8x3']:.1f}x | {t['lin16'] / t['int8x2']:.1f}x |")
+                        f"{t['lin32'] / t['int8x3']:.1f}x | {t['lin16'] / t['int8x2']:.1f}x | "
+                        f"{t['v1_int8x3'] * 1e3:.3f} / {t['v1_int8x2'] * 1e3:.3f} |")
                     print(lines[-1], flush=True)
                     records.append({"section": "decode", "threads": threads, "N": n, "K": k, "bits": bits, "M": m,
                                     "group_size": GROUP, "exact_fp32_s": t["exact"], "int8x3_fp32_s": t["int8x3"],
                                     "int8x2_bf16_s": t["int8x2"], "linear_fp32_s": t["lin32"],
                                     "linear_bf16_s": t["lin16"], "copy_gbs": bw, "copy_gbs_same_rounds": bw_rounds,
                                     "read_s": t["read"], "read_gbs_same_rounds": read_gbs,
+                                    "v1_int8x3_fp32_s": t["v1_int8x3"], "v1_int8x2_bf16_s": t["v1_int8x2"],
                                     "load_average": os.getloadavg()[0]})
         if threads > 1:  # a stalled join (a worker descheduled by the host) runs the next calls on one thread
             serial = _C.decode_serial_calls() - serial_before

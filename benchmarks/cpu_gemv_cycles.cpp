@@ -5,7 +5,9 @@
 // buffer is streamed before each call and the median reported (weights from DRAM, as in a decode step).
 //
 //   make gemv-cycles                                            # the standard cases
-//   build/cpu_gemv_cycles FORM N K BITS DIGITS [M] [CALLS] [cold]   # FORM: avx2 | avx2vnni | vnni | novbmi | mad
+//   build/cpu_gemv_cycles FORM N K BITS DIGITS [M] [CALLS] [cold|warm] [cpu|v1]
+//   # FORM: avx2 | avx2vnni | vnni | novbmi | mad; the words in the CPU word order (as a QuantLinear on the CPU
+//   # keeps them, csrc/cpu/word_order.h; the default) or in format v1
 //
 // Each form runs as the plan picks it under that form's cap (plan_packed_gemv, packed_gemv_block); the clock is
 // measured (cpu_clock.h), so cycles mean the same on every machine.
@@ -23,7 +25,8 @@ using namespace saliq;
 
 int main(int argc, char** argv) {
   if (argc < 6) {
-    std::fprintf(stderr, "usage: %s avx2|avx2vnni|vnni|novbmi|mad N K BITS DIGITS [M=1] [CALLS=2000] [cold]\n",
+    std::fprintf(stderr,
+                 "usage: %s avx2|avx2vnni|vnni|novbmi|mad N K BITS DIGITS [M=1] [CALLS=2000] [cold|warm] [cpu|v1]\n",
                  argv[0]);
     return 2;
   }
@@ -51,6 +54,7 @@ int main(int argc, char** argv) {
   const int64_t N = atol(argv[2]), K = atol(argv[3]), M = argc > 6 ? atol(argv[6]) : 1;
   const int bits = atoi(argv[4]), parts = atoi(argv[5]), calls = argc > 7 ? atoi(argv[7]) : 2000;
   const bool cold = argc > 8 && std::strcmp(argv[8], "cold") == 0;
+  const bool v1 = argc > 9 && std::strcmp(argv[9], "v1") == 0;
   set_gemv_precision((GemvPrecision)parts);
   const int64_t group = 64, G = K / group, per_word = bits == 4 ? 8 : 16;
   std::mt19937 rng(1);
@@ -69,6 +73,9 @@ int main(int argc, char** argv) {
   p.M = M, p.K = K, p.k_padded = K, p.N = N, p.G = G, p.group_len = group, p.bits = bits;
   p.qweight = qweight.data();
   p.qweight_hi = bits == 3 ? qweight_hi.data() : nullptr;
+  // random words: either order is a valid weight; what differs is where each word is read
+  p.lo = {N, K / per_word, v1 ? 1 : cpu_order_band(bits == 4 ? 4 : 2)};
+  p.hi = {N, K / 32, v1 ? 1 : cpu_order_band(1)};
   p.scales = scales.data();
   p.scale_type = ScaleType::F32;
   p.zeros = zeros.data();
@@ -100,9 +107,10 @@ int main(int argc, char** argv) {
   const double t = cold ? times[times.size() / 2] : times[0];
   const double hz = clock_hz();
   const double word_rows = (double)(K / per_word) * (double)((n1 - n0) / 16) * (double)M;
-  std::printf("%s %ld x %ld, %d-bit, %d digit(s), M = %ld: %.1f us (%s), %.1f cycles per word row of 16 columns "
-              "(clock %.2f GHz); plan with its activation digits %.1f us\n",
-              argv[1], (long)N, (long)K, bits, parts, (long)M, t * 1e6, cold ? "median, from DRAM" : "best",
+  std::printf("%s %ld x %ld, %d-bit, %d digit(s), M = %ld, %s: %.1f us (%s), %.1f cycles per word row of 16 "
+              "columns (clock %.2f GHz); plan with its activation digits %.1f us\n",
+              argv[1], (long)N, (long)K, bits, parts, (long)M, v1 ? "format v1" : "CPU word order", t * 1e6,
+              cold ? "median, from DRAM" : "best",
               t * hz / word_rows, hz / 1e9, prep * 1e6);
   return 0;
 }
