@@ -48,15 +48,23 @@ def _strips(v1: torch.Tensor, flat: torch.Tensor, n: int, h: int):
     return whole, tail
 
 
-def plane_to_cpu_order(words: torch.Tensor, width: int) -> torch.Tensor:
-    """A plane in format v1, int32 [rows, N], -> the same words in the CPU word order, int32 [rows * N]."""
-    rows, n = words.shape
-    out = torch.empty(rows * n, dtype=words.dtype, device=words.device)
+def _copy_words(v1: torch.Tensor, flat: torch.Tensor, width: int, into_cpu_order: bool) -> None:
+    """Copy a plane between format v1 [rows, N] and the CPU word order [rows * N] (both contiguous), a run of bands
+    at a time."""
+    rows, n = v1.shape
     for b0, b1, h in _bands(rows, n, band_rows(width)):
         nb = (b1 - b0) // h
-        src = words[b0:b1].reshape(nb, h, n)
-        for v1, cpu in _strips(src, out[b0 * n:b1 * n].view(nb, h * n), n, h):
-            cpu.copy_(v1)
+        for v1_part, cpu_part in _strips(v1[b0:b1].view(nb, h, n), flat[b0 * n:b1 * n].view(nb, h * n), n, h):
+            if into_cpu_order:
+                cpu_part.copy_(v1_part)
+            else:
+                v1_part.copy_(cpu_part)
+
+
+def plane_to_cpu_order(words: torch.Tensor, width: int) -> torch.Tensor:
+    """A plane in format v1, int32 [rows, N], -> the same words in the CPU word order, int32 [rows * N]."""
+    out = torch.empty(words.numel(), dtype=words.dtype, device=words.device)
+    _copy_words(words.contiguous(), out, width, into_cpu_order=True)
     return out
 
 
@@ -67,11 +75,7 @@ def plane_to_v1(flat: torch.Tensor, width: int, in_features: int, n: int) -> tor
         raise ValueError(f"a plane in the CPU word order must be 1-D with {rows} x {n} = {rows * n} words, "
                          f"got shape {tuple(flat.shape)}")
     out = torch.empty(rows, n, dtype=flat.dtype, device=flat.device)
-    for b0, b1, h in _bands(rows, n, band_rows(width)):
-        nb = (b1 - b0) // h
-        dst = out[b0:b1].view(nb, h, n)
-        for v1, cpu in _strips(dst, flat[b0 * n:b1 * n].view(nb, h * n), n, h):
-            v1.copy_(cpu)
+    _copy_words(out, flat, width, into_cpu_order=False)
     return out
 
 

@@ -70,7 +70,7 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
   // Format v1: prefetch the same columns of the next panel, read after this panel's pass over the whole block;
   // the hardware streams along each row meanwhile. The CPU word order reads a block's panels as one stream (a
   // run per panel): prefetch along it, kAhead words past each piece a row reads (one thread, 11008 x 4096 and
-  // 4096 x 11008: 1.08-1.37x faster than format v1, where the next panel's pieces gave 0.99-1.16x; docs/NOTES.md)
+  // 4096 x 11008: 1.08-1.39x faster than format v1, where the next panel's pieces gave 0.99-1.16x; docs/NOTES.md)
   const int64_t ahead = std::max<int64_t>(1, (g_end - g_begin) * p.group_len / kPerWord);
   constexpr int64_t kAhead = (8 << 10) / 4;
   const saliq::PrefetchTo to = a.prefetch;
