@@ -10,7 +10,10 @@ median, its range, and the ratio.
 
     git worktree add /tmp/before <rev> && (cd /tmp/before && python setup.py -q build_ext --inplace)
     python benchmarks/decode_ab.py /tmp/before . [--rounds 4] [--threads 2] [--dtype float32] [--isa avx2]
-        [--shapes 11008x4096,4096x11008] [--bits 2,3] [--m 1] [--out FILE]
+        [--shapes 11008x4096,4096x11008] [--bits 2,3] [--m 1] [--words layer|v1] [--out FILE]
+
+--words layer (the default) times each build on the words as its QuantLinear keeps them on the CPU: the CPU word
+order (saliq/word_order.py) where the build has it, format v1 in a build from before it.
 
 Two code paths of one build: the same tree twice, `--isa` for the first and `--isa-after` for the second
 (`python benchmarks/decode_ab.py . . --isa avx2 --isa-after avx2vnni`).
@@ -46,9 +49,10 @@ def child(args) -> None:
             gen = torch.Generator().manual_seed(n + k + bits)  # both builds time the same weights
             p = random_packed(n, k, bits, 64, dtype, device="cpu", generator=gen)
             x = torch.randn(args.m, k, generator=gen).to(dtype)
+            qw, qh = words_as(args.words, p)
 
             def call():
-                return cpp.packed_matmul(x, p.qweight, p.qweight_hi, p.scales, p.zeros, bits, 64, k, None)
+                return cpp.packed_matmul(x, qw, qh, p.scales, p.zeros, bits, 64, k, None)
 
             call()
             times = []
@@ -61,9 +65,22 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
+def words_as(words: str, p):
+    """The packed words as the build's QuantLinear keeps them on the CPU ("layer": the CPU word order in a build that
+    has it, saliq/word_order.py; format v1 in one from before it) or in format v1 ("v1")."""
+    if words == "layer":
+        try:
+            from saliq import word_order
+        except ImportError:
+            return p.qweight, p.qweight_hi
+        return word_order.to_cpu_order(p.qweight, p.qweight_hi, p.bits)
+    return p.qweight, p.qweight_hi
+
+
 def run_build(tree: Path, args, isa: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--dtype", args.dtype,
-           "--m", str(args.m), "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls)]
+           "--m", str(args.m), "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls),
+           "--words", args.words]
     cmd += ["--isa", isa] if isa else []
     env = dict(os.environ, PYTHONPATH=str(tree))
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
@@ -78,6 +95,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--isa", default="", help="cap the CPU path (saliq.cpp_backend.set_cpu_isa)")
+    ap.add_argument("--words", default="layer", choices=["layer", "v1"],
+                    help="the order of the packed words: as the build's QuantLinear keeps them on the CPU, or format v1")
     ap.add_argument("--isa-after", default=None, help="the second tree's cap, when not --isa")
     ap.add_argument("--shapes", default="11008x4096,4096x11008")
     ap.add_argument("--bits", default="2,3")
@@ -99,8 +118,9 @@ def main() -> None:
     paths = args.isa or "auto"
     if isa_after != args.isa:
         paths = f"{paths} (before) / {isa_after or 'auto'} (after)"
-    head = (f"M = {args.m} packed_matmul, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, "
-            f"caches flushed, {args.rounds} rounds alternated, median of {args.calls} calls per process")
+    words = "as each build's QuantLinear keeps them" if args.words == "layer" else "format v1"
+    head = (f"M = {args.m} packed_matmul, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, words "
+            f"{words}, caches flushed, {args.rounds} rounds alternated, median of {args.calls} calls per process")
     lines = [head, "", "| case | before ms (range) | after ms (range) | before / after |", "|---|---|---|---|"]
     for case in runs["before"][0]:
         b = [r[case] * 1e3 for r in runs["before"]]
