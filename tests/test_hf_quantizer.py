@@ -79,6 +79,8 @@ def test_from_pretrained_after_import_matches_the_reference_loader_bit_for_bit(c
     model = AutoModelForCausalLM.from_pretrained(ck)
     for m in (loaded, model):
         assert set(_block_linears(m)) == {QuantLinear} and len(_block_linears(m)) == 14
+        # loaded on the CPU, the layers keep the CPU word order (saliq/word_order.py), whose kernels read faster
+        assert all(q.qweight.dim() == 1 for q in m.modules() if isinstance(q, QuantLinear))
         assert torch.equal(_logits(m), ref)
     assert type(model.config.quantization_config).__name__ == "SaliqConfig"
     assert model.config.quantization_config.method == "apiq" and model.hf_quantizer is not None
