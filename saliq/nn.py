@@ -251,7 +251,9 @@ class QuantLinear(nn.Module):
         return word_order.to_v1(self.qweight, self.qweight_hi, self.spec.bits, self.in_features, self.out_features)
 
     def _set_word_order(self, cpu: bool) -> None:
-        if self.qweight.is_meta or word_order.is_cpu_order(self.qweight) == cpu:
+        # the conversion is plain torch: it runs on any device, the meta device too; a layer whose planes are on
+        # different devices is part-way through a load, and is ordered when it finishes (finish_loading)
+        if word_order.is_cpu_order(self.qweight) == cpu or self.qweight.device != self.qweight_hi.device:
             return
         if cpu:
             self.qweight, self.qweight_hi = word_order.to_cpu_order(self.qweight, self.qweight_hi, self.spec.bits)
@@ -287,9 +289,9 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) / .cuda() convert every float buffer, the fp32 corrections too, and keep the CPU slices of the
-        # old device: derive them again from the converted buffers (against the new scales, in fp32). fn sees the
-        # words in format v1 (a move to another device keeps that), and a layer on the CPU orders them again.
-        self._set_word_order(False)
+        # old device: derive them again from the converted buffers (against the new scales, in fp32). The words
+        # move as they are; on the new device they take its order (the CPU word order on the CPU, else format v1),
+        # so a dtype change on the CPU converts nothing.
         out = super()._apply(fn, *args, **kwargs)
         self._use_cpu_word_order_on_cpu()
         # only a layer whose corrections were derived (a complete one: not mid-load, nothing on the meta device)
