@@ -19,10 +19,14 @@ namespace saliq {
 struct PlaneOrder {
   int64_t N = 0, rows = 0, band = 1;  // band: word rows per band, a power of two (1: format v1)
 
+  // First row b0 and rows h of row r's band; rows past the plane (prefetches) get h = 1.
+  int64_t band_start(int64_t r) const { return r & ~(band - 1); }
+  int64_t band_rows(int64_t b0) const { return std::max<int64_t>(1, std::min(band, rows - b0)); }
+
   // Index of word (r, n), any r < rows, n < N.
   int64_t index(int64_t r, int64_t n) const {
     if (band == 1) return r * N + n;
-    const int64_t b0 = r & ~(band - 1), h = std::min(band, rows - b0), n0 = n & ~int64_t{15};
+    const int64_t b0 = band_start(r), h = band_rows(b0), n0 = n & ~int64_t{15};
     return b0 * N + n0 * h + (r - b0) * std::min<int64_t>(16, N - n0) + (n - n0);
   }
 
@@ -35,17 +39,15 @@ struct PlaneOrder {
     const int32_t* at(int64_t n) const { return base + (n & ~int64_t{15}) * h + (n & 15); }
   };
   Row row(const int32_t* plane, int64_t r) const {
-    const int64_t b0 = r & ~(band - 1);
-    const int64_t h = std::max<int64_t>(1, std::min(band, rows - b0));
-    return {plane + b0 * N + (r - b0) * 16, h};
+    const int64_t b0 = band_start(r);
+    return {plane + b0 * N + (r - b0) * 16, band_rows(b0)};
   }
 
   // For prefetching: a tile of `words` columns from column n (whole strips) reads the h rows of row r's band as
   // one run of h * words words; this is its (r - b0)-th piece of `words` words (format v1: row r's own words).
   const int32_t* tile_piece(const int32_t* plane, int64_t r, int64_t n, int64_t words) const {
-    const int64_t b0 = r & ~(band - 1);
-    const int64_t h = std::max<int64_t>(1, std::min(band, rows - b0));
-    return plane + b0 * N + n * h + (r - b0) * words;
+    const int64_t b0 = band_start(r);
+    return plane + b0 * N + n * band_rows(b0) + (r - b0) * words;
   }
 
   // A tile's words over a run of rows (the rest of one band; format v1: any rows), for kernels that load a few
@@ -58,9 +60,8 @@ struct PlaneOrder {
     const int32_t* at(int64_t dr, int c) const { return first + dr * row_step + (c >> 4) * strip_step + (c & 15); }
   };
   Tile tile(const int32_t* plane, int64_t r, int64_t n) const {
-    if (band == 1) return {plane + r * N + n, N, 16};
-    const int64_t b0 = r & ~(band - 1), h = std::min(band, rows - b0);
-    return {plane + b0 * N + n * h + (r - b0) * 16, 16, 16 * h};
+    const Row w = row(plane, r);
+    return {w.at(n), band == 1 ? N : 16, 16 * w.h};
   }
   // The end of the run of rows from r that one Tile covers, at most `limit`.
   int64_t run_end(int64_t r, int64_t limit) const {
@@ -71,11 +72,11 @@ struct PlaneOrder {
   // piece tile_piece(r, n, words), carried on into the next band's run (CPU word order only).
   const int32_t* ahead_in_block(const int32_t* plane, int64_t r, int64_t n, int64_t words, int64_t n_first,
                                 int64_t cols, int64_t ahead) const {
-    const int64_t b0 = r & ~(band - 1), h = std::max<int64_t>(1, std::min(band, rows - b0));
+    const int64_t b0 = band_start(r), h = band_rows(b0);
     const int64_t run = cols * h, pos = (n - n_first) * h + (r - b0) * words + ahead;
     if (pos < run) return plane + b0 * N + n_first * h + pos;
-    const int64_t b1 = b0 + band, h1 = std::max<int64_t>(1, std::min(band, rows - b1));
-    return plane + b1 * N + n_first * h1 + (pos - run);
+    const int64_t b1 = b0 + band;
+    return plane + b1 * N + n_first * band_rows(b1) + (pos - run);
   }
 };
 
