@@ -187,6 +187,23 @@ def test_dense_linear_matches_f_linear(dtype, shape, bias):
     assert_close_rel(out, expected, TOL[dtype], f"{dtype} {shape} bias={bias}")
 
 
+def test_every_half_of_an_fp16_weight_is_read_exactly(isa):
+    """fp16 rows are converted to fp32 before the dot products (F16C on the AVX2 and AVX-512 paths, bit arithmetic on
+    the portable one): with one-hot rows of x the output is the weight itself, for every finite half (subnormals
+    included) at every place of a row: in a vector of 16, of 8, or the tail. Infinities and NaN come through too."""
+    halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = halves[torch.isfinite(halves)]
+    k = 40  # two vectors of 16 (or five of 8) and a tail of 8 (or none)
+    W = finite[: finite.numel() // k * k].reshape(-1, k)
+    out = cpp._C.dense_linear(torch.eye(k), W, None)
+    assert torch.equal(out, W.float().t()), isa
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=torch.float16)
+    W = torch.ones(3, k, dtype=torch.float16)
+    W[:, 17] = special
+    out = cpp._C.dense_linear(torch.eye(k)[17:18], W, None)[0]
+    assert out[0] == float("inf") and out[1] == float("-inf") and out[2].isnan(), isa
+
+
 def test_dense_linear_results_do_not_depend_on_the_thread_count():
     W = torch.randn(4096, 576, generator=gen(0))  # 9 MiB: shared by the threads
     x = torch.randn(1, 576, generator=gen(1))

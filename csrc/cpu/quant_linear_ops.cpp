@@ -22,8 +22,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/half_to_float.h"
 #include "cpu/ops.h"
 #include "cpu/packed_gemv.h"
 #include "cpu/work_pool.h"
@@ -37,9 +39,9 @@ inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
 // t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1) (t is [M, r]); x rows are ldx apart. The LoRA
-// down-projection, and the dense GEMV of dense_linear_cpu (A = W, r = N).
+// down-projection, and the dense GEMV of dense_linear_cpu (A = W, r = N). T: fp32 or bf16 (dot_rows converts fp16).
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void dot_rows(
+__attribute__((target_clones("avx512f", "avx2", "default"))) void dot_rows_simd(
     const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t r, float scale, int64_t j0, int64_t j1,
     float* t) {
   for (int64_t j = j0; j < j1; ++j) {
@@ -54,9 +56,9 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void dot_rows(
   }
 }
 
-// y[m, n] += sum_j B[n, j] t[m, j] for columns n in [n0, n1).
+// y[m, n] += sum_j B[n, j] t[m, j] for columns n in [n0, n1). T: fp32 or bf16 (lora_up_columns converts fp16).
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void lora_up_columns(
+__attribute__((target_clones("avx512f", "avx2", "default"))) void lora_up_simd(
     const float* t, int64_t M, int64_t r, const T* B, int64_t N, int64_t n0, int64_t n1, float* y) {
   for (int64_t n = n0; n < n1; ++n) {
     const T* b = B + n * r;
@@ -66,6 +68,39 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void lora_up_column
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < r; ++j) acc += to_float(b[j]) * tm[j];
       y[m * N + n] += acc;
+    }
+  }
+}
+
+// fp32 and bf16 operands are read as they are (their conversions vectorise); fp16 rows are converted to fp32 first
+// (half_to_float.h), A one row at a time, B in runs of 64 columns.
+template <typename T>
+void dot_rows(const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t r, float scale, int64_t j0,
+              int64_t j1, float* t) {
+  if constexpr (!std::is_same_v<T, c10::Half>) {
+    dot_rows_simd(x, M, ldx, A, K, r, scale, j0, j1, t);
+  } else {
+    thread_local std::vector<float> row;
+    row.resize(K);
+    for (int64_t j = j0; j < j1; ++j) {
+      halves_to_floats(reinterpret_cast<const uint16_t*>(A + j * K), row.data(), K);
+      dot_rows_simd<float>(x, M, ldx, row.data(), K, r, scale, 0, 1, t + j);  // t + j: column j of t
+    }
+  }
+}
+
+template <typename T>
+void lora_up_columns(const float* t, int64_t M, int64_t r, const T* B, int64_t N, int64_t n0, int64_t n1, float* y) {
+  if constexpr (!std::is_same_v<T, c10::Half>) {
+    lora_up_simd(t, M, r, B, N, n0, n1, y);
+  } else {
+    constexpr int64_t kColumns = 64;
+    thread_local std::vector<float> rows;
+    rows.resize(kColumns * r);
+    for (int64_t c0 = n0; c0 < n1; c0 += kColumns) {
+      const int64_t c1 = std::min(n1, c0 + kColumns);
+      halves_to_floats(reinterpret_cast<const uint16_t*>(B + c0 * r), rows.data(), (c1 - c0) * r);
+      lora_up_simd<float>(t, M, r, rows.data(), N, 0, c1 - c0, y + c0);  // y + c0: columns from c0
     }
   }
 }
