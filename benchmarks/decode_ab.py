@@ -10,10 +10,15 @@ median, its range, and the ratio.
 
     git worktree add /tmp/before <rev> && (cd /tmp/before && python setup.py -q build_ext --inplace)
     python benchmarks/decode_ab.py /tmp/before . [--rounds 4] [--threads 2] [--dtype float32] [--isa avx2]
-        [--shapes 11008x4096,4096x11008] [--bits 2,3] [--m 1] [--words layer|v1] [--out FILE]
+        [--shapes 11008x4096,4096x11008] [--bits 2,3] [--m 1] [--words layer|v1] [--lora RANK] [--out FILE]
 
 --words layer (the default) times each build on the words as its QuantLinear keeps them on the CPU: the CPU word
-order (saliq/word_order.py) where the build has it, format v1 in a build from before it.
+order (saliq/word_order.py) where the build has it, format v1 in a build from before it. --lora RANK times
+packed_linear, QuantLinear's forward with LoRA factors of that rank, in place of packed_matmul.
+
+On a VM even the file a build is loaded from moves multi-threaded timings: fresh copies of one saliq/ directory
+(the same _C binary) measured 0.32 and 0.41 ms on 2 threads, each copy steadily (docs/NOTES.md). Compare builds as
+several fresh copies of each tree's saliq/ (a tree is any directory holding one), not one of each.
 
 Two code paths of one build: the same tree twice, `--isa` for the first and `--isa-after` for the second
 (`python benchmarks/decode_ab.py . . --isa avx2 --isa-after avx2vnni`).
@@ -51,8 +56,15 @@ def child(args) -> None:
             x = torch.randn(args.m, k, generator=gen).to(dtype)
             qw, qh = words_as(args.words, p)
 
-            def call():
-                return cpp.packed_matmul(x, qw, qh, p.scales, p.zeros, bits, 64, k, None)
+            if args.lora:  # QuantLinear's forward with its LoRA factors (rank args.lora), in x's dtype
+                a = (torch.randn(args.lora, k, generator=gen) * 0.02).to(dtype)
+                b = (torch.randn(n, args.lora, generator=gen) * 0.02).to(dtype)
+
+                def call():
+                    return cpp.packed_linear(x, qw, qh, p.scales, p.zeros, bits, 64, k, None, a, b, 0.25)
+            else:
+                def call():
+                    return cpp.packed_matmul(x, qw, qh, p.scales, p.zeros, bits, 64, k, None)
 
             call()
             times = []
@@ -80,7 +92,7 @@ def words_as(words: str, p):
 def run_build(tree: Path, args, isa: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--dtype", args.dtype,
            "--m", str(args.m), "--shapes", args.shapes, "--bits", args.bits, "--calls", str(args.calls),
-           "--words", args.words]
+           "--words", args.words, "--lora", str(args.lora)]
     cmd += ["--isa", isa] if isa else []
     env = dict(os.environ, PYTHONPATH=str(tree))
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
@@ -102,6 +114,7 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--m", type=int, default=1, help="rows of x (batched decode)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank: time packed_linear with LoRA factors of this rank")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,7 +132,8 @@ def main() -> None:
     if isa_after != args.isa:
         paths = f"{paths} (before) / {isa_after or 'auto'} (after)"
     words = "as each build's QuantLinear keeps them" if args.words == "layer" else "format v1"
-    head = (f"M = {args.m} packed_matmul, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, words "
+    op = f"packed_linear (LoRA rank {args.lora})" if args.lora else "packed_matmul"
+    head = (f"M = {args.m} {op}, {args.dtype} x, {args.threads} thread(s), cpu path {paths}, words "
             f"{words}, caches flushed, {args.rounds} rounds alternated, median of {args.calls} calls per process")
     lines = [head, "", "| case | before ms (range) | after ms (range) | before / after |", "|---|---|---|---|"]
     for case in runs["before"][0]:

@@ -261,6 +261,21 @@ def test_decode_ab_benchmark_smoke_run(tmp_path):
     assert all(float(row.split(" | ")[3].rstrip(" |")) > 0 for row in rows)
 
 
+def test_decode_ab_benchmark_times_the_layer_with_its_lora_factors(tmp_path):
+    """--lora RANK times packed_linear (QuantLinear's forward) with LoRA factors of that rank, and says so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ab.md"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "decode_ab.py"), str(root), str(root), "--rounds", "1",
+                    "--calls", "2", "--shapes", "64x128", "--bits", "3", "--lora", "4", "--dtype", "bfloat16",
+                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
+    assert out.read_text().startswith("M = 1 packed_linear (LoRA rank 4), bfloat16 x")
+    assert any(line.startswith("| 64x128 3-bit |") for line in out.read_text().splitlines())
+
+
 def test_gemv_cycles_tool_builds_and_runs(tmp_path):
     """benchmarks/cpu_gemv_cycles.cpp (`make gemv-cycles`) compiles against csrc/ as it is and times a case of each
     form the CPU has (it says so for a form the CPU lacks)."""

@@ -113,6 +113,27 @@ def test_results_do_not_depend_on_the_thread_count():
     assert_close_rel(one, expected(x, p, None, A, B, 0.25), TOL[torch.float32], "576 x 576")
 
 
+def test_a_large_lora_rank_shares_one_parallel_region_with_the_blocks():
+    """The rows of x A^T (64 claimed pieces at rank 512) and the column blocks run in one parallel region, each block
+    adding its LoRA columns once every row of x A^T is done. A new x on every call (the rows' buffer is reused from
+    call to call, so a block that read it early would see the previous call's rows): the same bits as one thread."""
+    n, k = 512, 2048
+    p = random_packed(n, k, 2, 64, torch.float32)
+    xs = [torch.randn(1, k, generator=gen(i)) for i in range(20)]
+    A, B = lora(n, k, 512, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [fused(x, p, None, A, B, 0.25) for x in xs]
+        torch.set_num_threads(max(2, threads))
+        many = [fused(x, p, None, A, B, 0.25) for x in xs]
+    finally:
+        torch.set_num_threads(threads)
+    for x, a, b in zip(xs, one, many):
+        assert torch.equal(a, b)
+    assert_close_rel(one[0], expected(xs[0], p, None, A, B, 0.25), TOL[torch.float32], "rank 512")
+
+
 def test_non_contiguous_inputs_are_accepted():
     n, k = 64, 128
     p = random_packed(n, k, 2, 64, torch.float32)
