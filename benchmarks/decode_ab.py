@@ -16,8 +16,8 @@ median, its range, and the ratio.
 order (saliq/word_order.py) where the build has it, format v1 in a build from before it. --lora RANK times
 packed_linear, QuantLinear's forward with LoRA factors of that rank, in place of packed_matmul.
 
-On a VM even the file a build is loaded from moves multi-threaded timings: fresh copies of one saliq/ directory
-(the same _C binary) measured 0.32 and 0.41 ms on 2 threads, each copy steadily (docs/NOTES.md). Compare builds as
+On a VM even the file a build is loaded from moves multi-threaded timings: two directories holding byte-identical
+_C binaries measured 0.33 and 0.42 ms (medians) on 2 threads, each steadily (docs/NOTES.md). Compare builds as
 several fresh copies of each tree's saliq/ (a tree is any directory holding one), not one of each.
 
 Two code paths of one build: the same tree twice, `--isa` for the first and `--isa-after` for the second

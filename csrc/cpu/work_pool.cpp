@@ -13,9 +13,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// A join that waits longer than this after the caller's last index (and longer than two of the caller's own
-// indices: a block of the wide int8 GEMV takes a few hundred microseconds) waited for a thread that was not
-// running.
+// A join that waits longer than this after the caller's last index (and longer than twice the caller's longest
+// index: a block of the wide int8 GEMV takes a few hundred microseconds) waited for a thread that was not running.
+// The longest, not the mean: a call's indices differ in size (QuantLinear's LoRA rows take microseconds, its
+// blocks hundreds), and a healthy worker is at most one of them behind.
 constexpr auto kStall = std::chrono::microseconds(300);
 constexpr int64_t kMinBackoff = 64, kMaxBackoff = 1 << 14;
 
@@ -57,12 +58,11 @@ void run_claimed(int64_t n, int threads, void (*fn)(void* ctx, int64_t i), void*
     return;
   }
   std::atomic<int64_t> next{0}, done{0};
-  Clock::time_point caller_start, caller_done;
-  int64_t caller_indices = 0;
+  Clock::time_point caller_done;
+  Clock::duration caller_longest{};
 #pragma omp parallel num_threads(threads)
   {
-    const Clock::time_point start = Clock::now();
-    Clock::time_point finished = start;
+    Clock::time_point finished = Clock::now();  // of this thread's latest index (or the region's start)
     Clock::duration longest{};
     int64_t mine = 0;
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
@@ -73,12 +73,11 @@ void run_claimed(int64_t n, int threads, void (*fn)(void* ctx, int64_t i), void*
       longest = std::max(longest, now - finished);
       finished = now;
     }
-    if (omp_get_thread_num() == 0) caller_start = start, caller_done = finished, caller_indices = mine;
+    if (omp_get_thread_num() == 0) caller_done = finished, caller_longest = longest;
     if (done.fetch_add(mine, std::memory_order_acq_rel) + mine < n) wait_for_last(done, n, longest);
   }
-  const auto per_index = caller_indices ? (caller_done - caller_start) / caller_indices : Clock::duration::zero();
   const auto waited = Clock::now() - caller_done;
-  const bool stalled = waited > kStall && waited > 2 * per_index;
+  const bool stalled = waited > kStall && waited > 2 * caller_longest;
   t_stalls = ((t_stalls << 1) | (stalled ? 1u : 0u)) & 0xFFu;
   if (stalled && __builtin_popcount(t_stalls) >= kStallsToBackOff) {
     t_serial_left = t_backoff;
