@@ -208,9 +208,32 @@ def test_dense_linear_matches_f_linear(dtype, shape, bias):
     assert_close_rel(out, expected, TOL[dtype], f"{dtype} {shape} bias={bias}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 15, 17, 40, 130])  # under a vector, a vector and a tail, whole vectors
+def test_dense_rows_on_every_path_match_f_linear(isa, dtype, k):
+    """The dense GEMV (dense_rows.h: rows four at a time, then the last ones alone; AVX-512, AVX2 or portable) at odd
+    lengths and row counts, against F.linear in float64."""
+    g = gen(k)
+    for n in (1, 3, 6, 9):
+        W = torch.randn(n, k, generator=g).to(dtype)
+        x = torch.randn(3, k, generator=g)
+        out = cpp._C.dense_linear(x, W, None)
+        expected = torch.nn.functional.linear(x.double(), W.double()).float()
+        assert_close_rel(out, expected, TOL[torch.float32], f"{isa} {dtype} n={n} k={k}")
+
+
+def test_a_dense_row_gives_the_same_bits_wherever_it_falls(isa):
+    """Rows are summed four at a time and the last ones alone; a row's bits must not depend on which (how callers
+    split the rows, e.g. among threads, must not change results): dropping the first row shifts every later row
+    into another position."""
+    W = torch.randn(11, 300, generator=gen(5)).bfloat16()
+    x = torch.randn(2, 300, generator=gen(6))
+    assert torch.equal(cpp._C.dense_linear(x, W, None)[:, 1:], cpp._C.dense_linear(x, W[1:], None)), isa
+
+
 def test_every_half_of_an_fp16_weight_is_read_exactly(isa):
-    """fp16 rows are converted to fp32 before the dot products (F16C on the AVX2 and AVX-512 paths, bit arithmetic on
-    the portable one): with one-hot rows of x the output is the weight itself, for every finite half (subnormals
+    """fp16 rows are widened to fp32 for the dot products (F16C on the AVX2 and AVX-512 paths, bit arithmetic on the
+    portable one): with one-hot rows of x the output is the weight itself, for every finite half (subnormals
     included) at every place of a row: in a vector of 16, of 8, or the tail. Infinities and NaN come through too."""
     halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     finite = halves[torch.isfinite(halves)]

@@ -8,18 +8,6 @@
 namespace saliq {
 namespace {
 
-// c10's portable fp16 -> fp32 (fp16_ieee_to_fp32_value)
-float half_bits_to_float(uint16_t h) {
-  const uint32_t w = (uint32_t)h << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = __builtin_bit_cast(float, (two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float subnormal = __builtin_bit_cast(float, (two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude =
-      two_w < (1u << 27) ? __builtin_bit_cast(uint32_t, subnormal) : __builtin_bit_cast(uint32_t, normalized);
-  return __builtin_bit_cast(float, sign | magnitude);
-}
-
 __attribute__((target("avx512f"))) void halves_to_floats_avx512(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)

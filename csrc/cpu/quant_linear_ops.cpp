@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/dense_rows.h"
 #include "cpu/half_to_float.h"
 #include "cpu/ops.h"
 #include "cpu/packed_gemv.h"
@@ -38,24 +39,6 @@ namespace {
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
-
-// t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1) (t is [M, r]); x rows are ldx apart. The LoRA
-// down-projection, and the dense GEMV of dense_linear_cpu (A = W, r = N). T: fp32 or bf16 (dot_rows converts fp16).
-template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void dot_rows_simd(
-    const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t r, float scale, int64_t j0, int64_t j1,
-    float* t) {
-  for (int64_t j = j0; j < j1; ++j) {
-    const T* a = A + j * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * ldx;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += to_float(a[k]) * xm[k];
-      t[m * r + j] = scale * acc;
-    }
-  }
-}
 
 // y[m, n] += sum_j B[n, j] t[m, j] for columns n in [n0, n1). T: fp32 or bf16 (lora_up_columns converts fp16).
 template <typename T>
@@ -73,23 +56,19 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void lora_up_simd(
   }
 }
 
-// fp32 and bf16 operands are read as they are (their conversions vectorise); fp16 rows are converted to fp32 first
-// (half_to_float.h), A one row at a time, B in runs of 64 columns.
+// t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1) (t is [M, r]); x rows are ldx apart. The LoRA
+// down-projection, and the dense GEMV of dense_linear_cpu (A = W, r = N): dense_rows.h.
 template <typename T>
 void dot_rows(const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t r, float scale, int64_t j0,
               int64_t j1, float* t) {
-  if constexpr (!std::is_same_v<T, c10::Half>) {
-    dot_rows_simd(x, M, ldx, A, K, r, scale, j0, j1, t);
-  } else {
-    thread_local std::vector<float> row;
-    row.resize(K);
-    for (int64_t j = j0; j < j1; ++j) {
-      halves_to_floats(reinterpret_cast<const uint16_t*>(A + j * K), row.data(), K);
-      dot_rows_simd<float>(x, M, ldx, row.data(), K, r, scale, 0, 1, t + j);  // t + j: column j of t
-    }
-  }
+  constexpr DenseType type = std::is_same_v<T, c10::Half>       ? DenseType::F16
+                             : std::is_same_v<T, c10::BFloat16> ? DenseType::BF16
+                                                                : DenseType::F32;
+  dense_rows(x, M, ldx, A, type, K, r, scale, j0, j1, t);
 }
 
+// fp32 and bf16 factors are read as they are (their conversions vectorise); fp16 rows of B are converted to fp32
+// first, in runs of 64 columns (half_to_float.h).
 template <typename T>
 void lora_up_columns(const float* t, int64_t M, int64_t r, const T* B, int64_t N, int64_t n0, int64_t n1, float* y) {
   if constexpr (!std::is_same_v<T, c10::Half>) {
