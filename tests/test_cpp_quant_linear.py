@@ -211,8 +211,8 @@ def test_dense_linear_matches_f_linear(dtype, shape, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 15, 17, 40, 130])  # under a vector, a vector and a tail, whole vectors
 def test_dense_rows_on_every_path_match_f_linear(isa, dtype, k):
-    """The dense GEMV (dense_rows.h: rows four at a time, then the last ones alone; AVX-512, AVX2 or portable) at odd
-    lengths and row counts, against F.linear in float64."""
+    """The dense GEMV (dense_rows.h: four FMA chains over alternate blocks of a row, then the tail; AVX-512, AVX2 or
+    portable) at odd lengths and row counts, against F.linear in float64."""
     g = gen(k)
     for n in (1, 3, 6, 9):
         W = torch.randn(n, k, generator=g).to(dtype)
@@ -223,9 +223,8 @@ def test_dense_rows_on_every_path_match_f_linear(isa, dtype, k):
 
 
 def test_a_dense_row_gives_the_same_bits_wherever_it_falls(isa):
-    """Rows are summed four at a time and the last ones alone; a row's bits must not depend on which (how callers
-    split the rows, e.g. among threads, must not change results): dropping the first row shifts every later row
-    into another position."""
+    """A row's bits must not depend on where it falls among the rows a call is given (how callers split the rows,
+    among threads say, must not change results): dropping the first row moves every later one."""
     W = torch.randn(11, 300, generator=gen(5)).bfloat16()
     x = torch.randn(2, 300, generator=gen(6))
     assert torch.equal(cpp._C.dense_linear(x, W, None)[:, 1:], cpp._C.dense_linear(x, W[1:], None)), isa
