@@ -303,14 +303,14 @@ class QuantLinear(nn.Module):
 
     def finish_loading(self) -> None:
         """After buffers were filled from a checkpoint: widen zero points stored as 4-bit pairs or int8 to the int16
-        the kernels read, put the words of a layer on the CPU in the CPU word order, and derive the sparse
-        corrections."""
+        the kernels read, derive the sparse corrections, and put the words of a layer on the CPU in the CPU word
+        order (last: the corrections read the loaded format-v1 words as they are, not a copy)."""
         if self.zeros.dtype == torch.uint8:
             self.zeros = storage.unpack_nibbles(self.zeros, self.spec.num_groups(self.in_features))
         elif self.zeros.dtype != torch.int16:
             self.zeros = self.zeros.to(torch.int16)
-        self._use_cpu_word_order_on_cpu()
         self.refresh_sparse()
+        self._use_cpu_word_order_on_cpu()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QuantSpec,

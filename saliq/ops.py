@@ -243,9 +243,7 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
             torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad) or (
                 lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad)))):
         impl = backends.resolve("packed_matmul", x2.device.type, *args)
-        if qweight.dim() == 1 and not getattr(impl, "cpu_word_order", False):
-            words = _words_for(impl, qweight, qweight_hi, bits, in_features, scales.shape[1])
-            args = (x2, *words, *args[3:])
+        args = (x2, *_words_for(impl, qweight, qweight_hi, bits, in_features, scales.shape[1]), *args[3:])
         with_extras = getattr(impl, "with_extras", None)
         if with_extras is not None and (lora_A is not None or sparse is not None):
             # the LoRA term and the reserved weights inside the decode kernel's launch (cuda)

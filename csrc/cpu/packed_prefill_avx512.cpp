@@ -118,11 +118,10 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
     if (g + kPrefetchGroups < G) {  // the tile's words, scales and zeros of a group ahead, into L2
       const int64_t gp = g + kPrefetchGroups, kb = gp * group_len, ke = std::min(kb + group_len, K);
       for (int64_t r = kb / kPerWord; r < (ke + kPerWord - 1) / kPerWord; ++r)
-        prefetch_lines(CO ? lo.tile_piece(qweight, r, n0, nt) : qweight + r * N + n0, nt * 4, PrefetchTo::kL2);
+        prefetch_lines(lo.tile_piece(qweight, r, n0, nt), nt * 4, PrefetchTo::kL2);
       if (BITS == 3)
         for (int64_t r = kb / 32; r < (ke + 31) / 32; ++r)
-          prefetch_lines(CO ? hi.tile_piece(qweight_hi, r, n0, nt) : qweight_hi + r * N + n0, nt * 4,
-                         PrefetchTo::kL2);
+          prefetch_lines(hi.tile_piece(qweight_hi, r, n0, nt), nt * 4, PrefetchTo::kL2);
       prefetch_lines(static_cast<const char*>(scales) + (gp * N + n0) * scale_bytes, nt * scale_bytes,
                      PrefetchTo::kL2);
       prefetch_lines(zeros + gp * N + n0, nt * 2, PrefetchTo::kL2);

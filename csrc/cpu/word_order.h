@@ -12,7 +12,6 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <type_traits>
 
 namespace saliq {
 
