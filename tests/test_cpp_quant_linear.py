@@ -60,6 +60,21 @@ def test_half_activations_and_lora_dtypes(isa, dtype, lora_dtype, m):
     assert_close_rel(out, expected(x, p, bias, A, B, 2.0), TOL[dtype], f"{isa} x {dtype} LoRA {lora_dtype} M={m}")
 
 
+# ranks under a vector (the demo keeps 1 and 2: plain loops), one vector, a vector and a tail
+@pytest.mark.parametrize("rank", [1, 2, 7, 16, 17])
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3])
+def test_every_lora_rank_and_dtype_on_every_path(isa, rank, lora_dtype, m):
+    n, k = 200, 128
+    p = random_packed(n, k, 2, 64, torch.float32, seed=rank)
+    x = torch.randn(m, k, generator=gen(m))
+    A, B = lora(n, k, rank, lora_dtype, seed=rank)
+    bias = torch.randn(n, generator=gen(4))
+    out = fused(x, p, bias, A, B, 3.0)
+    assert_close_rel(out, expected(x, p, bias, A.float(), B.float(), 3.0), TOL[torch.float32],
+                     f"{isa} rank {rank} LoRA {lora_dtype} M={m}")
+
+
 def test_bf16_lora_on_fp32_activations_is_close_to_the_fp32_lora():
     """LoRA stored in bf16 (half the bytes) under fp32 activations: products and sums stay fp32, so the result is
     the reference computed with the bf16-rounded factors."""
@@ -233,14 +248,16 @@ def test_a_dense_row_gives_the_same_bits_wherever_it_falls(isa):
 def test_every_half_of_an_fp16_weight_is_read_exactly(isa):
     """fp16 rows are widened to fp32 for the dot products (F16C on the AVX2 and AVX-512 paths, bit arithmetic on the
     portable one): with one-hot rows of x the output is the weight itself, for every finite half (subnormals
-    included) at every place of a row: in a vector of 16, of 8, or the tail. Infinities and NaN come through too."""
+    included) at every place of a row: in a vector of 16, of 8, the tail, or a row shorter than a vector. Infinities
+    and NaN come through too."""
     halves = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     finite = halves[torch.isfinite(halves)]
-    k = 40  # two vectors of 16 (or five of 8) and a tail of 8 (or none)
-    W = finite[: finite.numel() // k * k].reshape(-1, k)
-    out = cpp._C.dense_linear(torch.eye(k), W, None)
-    assert torch.equal(out, W.float().t()), isa
+    for k in (40, 5):  # two vectors of 16 (or five of 8) and a tail of 8 (or none); a row under a vector
+        W = finite[: finite.numel() // k * k].reshape(-1, k)
+        out = cpp._C.dense_linear(torch.eye(k), W, None)
+        assert torch.equal(out, W.float().t()), (isa, k)
     special = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=torch.float16)
+    k = 40
     W = torch.ones(3, k, dtype=torch.float16)
     W[:, 17] = special
     out = cpp._C.dense_linear(torch.eye(k)[17:18], W, None)[0]

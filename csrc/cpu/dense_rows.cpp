@@ -17,15 +17,22 @@ float element(const void* A, int64_t i) {
   return half_bits_to_float(bits);
 }
 
-// Portable: per row one running sum in k order.
-template <DenseType TY>
-void rows_portable(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t r, float scale,
+// The row's sum, scaled, stored or added into t
+template <bool ACC>
+inline void put(float* t, float scale, float sum) {
+  if constexpr (ACC) *t += scale * sum;
+  else *t = scale * sum;
+}
+
+// Portable, and the rows shorter than a vector on every path: per row one running sum in k order.
+template <DenseType TY, bool ACC>
+void rows_portable(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale,
                    int64_t j0, int64_t j1, float* t) {
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.0f;
       for (int64_t k = 0; k < K; ++k) acc += element<TY>(A, j * K + k) * x[m * ldx + k];
-      t[m * r + j] = scale * acc;
+      put<ACC>(t + m * ldt + j, scale, acc);
     }
 }
 
@@ -42,8 +49,8 @@ inline __m512 load16(const void* A, int64_t i, __mmask16 mask) {
 }
 
 // Row j against every row of x: four accumulators in turn over blocks of 16 (four FMA chains), then the masked tail.
-template <DenseType TY>
-void row_avx512(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t r, float scale, int64_t j,
+template <DenseType TY, bool ACC>
+void row_avx512(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale, int64_t j,
                 float* t) {
   const int64_t whole = K & ~int64_t{63}, sixteens = K & ~int64_t{15};
   const __mmask16 tail = (__mmask16)((1u << (K - sixteens)) - 1u);
@@ -59,7 +66,7 @@ void row_avx512(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K
     if (tail)
       acc[0] = _mm512_fmadd_ps(load16<TY>(A, row + sixteens, tail), _mm512_maskz_loadu_ps(tail, xm + sixteens), acc[0]);
     const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    t[m * r + j] = scale * _mm512_reduce_add_ps(sum);
+    put<ACC>(t + m * ldt + j, scale, _mm512_reduce_add_ps(sum));
   }
 }
 
@@ -82,8 +89,8 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
-template <DenseType TY>
-void row_avx2(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t r, float scale, int64_t j,
+template <DenseType TY, bool ACC>
+void row_avx2(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale, int64_t j,
               float* t) {
   const int64_t whole = K & ~int64_t{31}, eights = K & ~int64_t{7};
   const int64_t row = j * K;
@@ -97,34 +104,40 @@ void row_avx2(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, 
       acc[q] = _mm256_fmadd_ps(load8<TY>(A, row + k), _mm256_loadu_ps(xm + k), acc[q]);
     float s = sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for (int64_t k = eights; k < K; ++k) s += element<TY>(A, row + k) * xm[k];
-    t[m * r + j] = scale * s;
+    put<ACC>(t + m * ldt + j, scale, s);
   }
 }
 
 #pragma GCC pop_options
 
-template <DenseType TY>
-void rows_of_type(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t r, float scale,
+template <DenseType TY, bool ACC>
+void rows_of_type(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale,
                   int64_t j0, int64_t j1, float* t) {
-  switch (active_isa()) {
-    case CpuIsa::Avx512:
-      for (int64_t j = j0; j < j1; ++j) row_avx512<TY>(x, M, ldx, A, K, r, scale, j, t);
-      return;
-    case CpuIsa::Avx2:
-      for (int64_t j = j0; j < j1; ++j) row_avx2<TY>(x, M, ldx, A, K, r, scale, j, t);
-      return;
-    default: rows_portable<TY>(x, M, ldx, A, K, r, scale, j0, j1, t);
+  const CpuIsa isa = active_isa();
+  if (isa == CpuIsa::Avx512 && K >= 16) {
+    for (int64_t j = j0; j < j1; ++j) row_avx512<TY, ACC>(x, M, ldx, A, K, ldt, scale, j, t);
+  } else if (isa == CpuIsa::Avx2 && K >= 8) {
+    for (int64_t j = j0; j < j1; ++j) row_avx2<TY, ACC>(x, M, ldx, A, K, ldt, scale, j, t);
+  } else {
+    rows_portable<TY, ACC>(x, M, ldx, A, K, ldt, scale, j0, j1, t);
   }
+}
+
+template <DenseType TY>
+void rows_of_type(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale,
+                  int64_t j0, int64_t j1, float* t, bool accumulate) {
+  if (accumulate) rows_of_type<TY, true>(x, M, ldx, A, K, ldt, scale, j0, j1, t);
+  else rows_of_type<TY, false>(x, M, ldx, A, K, ldt, scale, j0, j1, t);
 }
 
 }  // namespace
 
-void dense_rows(const float* x, int64_t M, int64_t ldx, const void* A, DenseType type, int64_t K, int64_t r,
-                float scale, int64_t j0, int64_t j1, float* t) {
+void dense_rows(const float* x, int64_t M, int64_t ldx, const void* A, DenseType type, int64_t K, int64_t ldt,
+                float scale, int64_t j0, int64_t j1, float* t, bool accumulate) {
   switch (type) {
-    case DenseType::BF16: rows_of_type<DenseType::BF16>(x, M, ldx, A, K, r, scale, j0, j1, t); return;
-    case DenseType::F16: rows_of_type<DenseType::F16>(x, M, ldx, A, K, r, scale, j0, j1, t); return;
-    default: rows_of_type<DenseType::F32>(x, M, ldx, A, K, r, scale, j0, j1, t);
+    case DenseType::BF16: rows_of_type<DenseType::BF16>(x, M, ldx, A, K, ldt, scale, j0, j1, t, accumulate); return;
+    case DenseType::F16: rows_of_type<DenseType::F16>(x, M, ldx, A, K, ldt, scale, j0, j1, t, accumulate); return;
+    default: rows_of_type<DenseType::F32>(x, M, ldx, A, K, ldt, scale, j0, j1, t, accumulate);
   }
 }
 

@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "cpu/dense_rows.h"
-#include "cpu/half_to_float.h"
 #include "cpu/ops.h"
 #include "cpu/packed_gemv.h"
 #include "cpu/work_pool.h"
@@ -40,49 +39,16 @@ inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
-// y[m, n] += sum_j B[n, j] t[m, j] for columns n in [n0, n1). T: fp32 or bf16 (lora_up_columns converts fp16).
+// t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1) (t is [M, ldt]); x rows are ldx apart; with
+// `accumulate` added into t instead. The LoRA down-projection (t = scale x A^T), the up-projection (y += t B^T: A = B,
+// x = t, K = r) and the dense GEMV of dense_linear_cpu (A = W, ldt = N): dense_rows.h.
 template <typename T>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void lora_up_simd(
-    const float* t, int64_t M, int64_t r, const T* B, int64_t N, int64_t n0, int64_t n1, float* y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* b = B + n * r;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* tm = t + m * r;
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < r; ++j) acc += to_float(b[j]) * tm[j];
-      y[m * N + n] += acc;
-    }
-  }
-}
-
-// t[m, j] = scale * sum_k A[j, k] x[m, k] for rows j in [j0, j1) (t is [M, r]); x rows are ldx apart. The LoRA
-// down-projection, and the dense GEMV of dense_linear_cpu (A = W, r = N): dense_rows.h.
-template <typename T>
-void dot_rows(const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t r, float scale, int64_t j0,
-              int64_t j1, float* t) {
+void dot_rows(const float* x, int64_t M, int64_t ldx, const T* A, int64_t K, int64_t ldt, float scale, int64_t j0,
+              int64_t j1, float* t, bool accumulate = false) {
   constexpr DenseType type = std::is_same_v<T, c10::Half>       ? DenseType::F16
                              : std::is_same_v<T, c10::BFloat16> ? DenseType::BF16
                                                                 : DenseType::F32;
-  dense_rows(x, M, ldx, A, type, K, r, scale, j0, j1, t);
-}
-
-// fp32 and bf16 factors are read as they are (their conversions vectorise); fp16 rows of B are converted to fp32
-// first, in runs of 64 columns (half_to_float.h).
-template <typename T>
-void lora_up_columns(const float* t, int64_t M, int64_t r, const T* B, int64_t N, int64_t n0, int64_t n1, float* y) {
-  if constexpr (!std::is_same_v<T, c10::Half>) {
-    lora_up_simd(t, M, r, B, N, n0, n1, y);
-  } else {
-    constexpr int64_t kColumns = 64;
-    thread_local std::vector<float> rows;
-    rows.resize(kColumns * r);
-    for (int64_t c0 = n0; c0 < n1; c0 += kColumns) {
-      const int64_t c1 = std::min(n1, c0 + kColumns);
-      halves_to_floats(reinterpret_cast<const uint16_t*>(B + c0 * r), rows.data(), (c1 - c0) * r);
-      lora_up_simd<float>(t, M, r, rows.data(), N, 0, c1 - c0, y + c0);  // y + c0: columns from c0
-    }
-  }
+  dense_rows(x, M, ldx, A, type, K, ldt, scale, j0, j1, t, accumulate);
 }
 
 // x [M, K] of any float dtype -> fp32 rows of k_padded (zero past K), and the per-group sums of x.
@@ -149,7 +115,7 @@ void run(const PackedGemvProblem& p, const at::Tensor& A, const at::Tensor& B, f
     packed_gemv_block(p, plan, i, &n0, &n1);
     if (r > 0) {
       while (downs_left.load(std::memory_order_acquire) > 0) cpu_relax();
-      lora_up_columns<T>(t, p.M, r, b, p.N, n0, n1, p.y);
+      dot_rows<T>(t, p.M, r, b, r, p.N, 1.0f, n0, n1, p.y, /*accumulate=*/true);
     }
   };
   run_claimed(downs + blocks + chunks, threads, work);
