@@ -27,7 +27,15 @@ _device_support: dict[str, Callable[[str], bool]] = {
 # chooser (op, device_type) -> callable(*args) -> backend name, for dispatch measured by shape.
 _default_order = {"cpu": ["cpp", "ref"], "cuda": ["triton", "cuda", "ref"]}
 _choosers: dict[tuple[str, str], Callable[..., str]] = {}
+# the default's choice per (op, device type) where no chooser decides, as (backend, impl, the backends before it in
+# the order, which lacked the op): a decode step resolves hundreds of small calls, and the walk over the order cost
+# ~1.5 us each. Cleared by register() and set_chooser(); an entry is also checked against the registry when used,
+# so that a registry changed in place (tests patch these dicts) is followed.
+_resolved: dict[tuple[str, str], tuple[str, Callable, tuple[str, ...]]] = {}
 _state = threading.local()
+# use_backend blocks open in any thread: while none is, forced() skips the thread-local lookup
+_forcing = 0
+_forcing_lock = threading.Lock()
 
 
 def _check_backend(name: str) -> str:
@@ -42,6 +50,7 @@ def register(backend: str, op: str, fn: Callable) -> None:
     if op not in OPS:
         raise ValueError(f"op={op!r} is unknown; allowed: {OPS}")
     _impls[backend][op] = fn
+    _resolved.clear()
 
 
 def set_chooser(op: str, device_type: str, chooser: Optional[Callable[..., str]]) -> None:
@@ -50,6 +59,7 @@ def set_chooser(op: str, device_type: str, chooser: Optional[Callable[..., str]]
         _choosers.pop((op, device_type), None)
     else:
         _choosers[(op, device_type)] = chooser
+    _resolved.clear()
 
 
 def available(op: str, device_type: str) -> list[str]:
@@ -60,21 +70,26 @@ def available(op: str, device_type: str) -> list[str]:
 
 def forced() -> Optional[str]:
     """The backend forced by use_backend() or SALIQ_BACKEND, if any."""
-    name = getattr(_state, "forced", None) or os.environ.get("SALIQ_BACKEND") or None
+    name = (getattr(_state, "forced", None) if _forcing else None) or os.environ.get("SALIQ_BACKEND") or None
     return _check_backend(name) if name else None
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]):
     """Force every saliq op inside the block to run on backend `name` (None restores the defaults)."""
+    global _forcing
     if name is not None:
         _check_backend(name)
     previous = getattr(_state, "forced", None)
+    with _forcing_lock:
+        _forcing += 1
     _state.forced = name
     try:
         yield
     finally:
         _state.forced = previous
+        with _forcing_lock:
+            _forcing -= 1
 
 
 # Optional backends register themselves on import; each module is tried once, on the first dispatch.
@@ -101,8 +116,13 @@ def load_optional_backends() -> dict[str, str]:
 def resolve(op: str, device_type: str, *args) -> Callable:
     """The implementation of `op` to run for tensors on `device_type`; `args` are the op's full arguments
     (a chooser may time candidates on them)."""
-    load_optional_backends()
     name = forced()
+    if name is None:
+        hit = _resolved.get((op, device_type))
+        if hit is not None and (op, device_type) not in _choosers and _impls[hit[0]].get(op) is hit[1] and (
+                not hit[2] or not any(op in _impls[b] for b in hit[2])):
+            return hit[1]
+    load_optional_backends()
     if name is not None:
         if not _device_support[name](device_type):
             hint = " (set TRITON_INTERPRET=1 to run Triton on the CPU)" if name == "triton" else ""
@@ -112,10 +132,13 @@ def resolve(op: str, device_type: str, *args) -> Callable:
     chooser = _choosers.get((op, device_type))
     if chooser is not None and name is None:
         return _impls[chooser(*args)][op]
-    for candidate in _default_order.get(device_type, ["ref"]):
-        if op in _impls[candidate] and _device_support[candidate](device_type):
-            return _impls[candidate][op]
-    return _impls["ref"][op]
+    order = _default_order.get(device_type, ["ref"])
+    winner = next((b for b in order if op in _impls[b] and _device_support[b](device_type)), "ref")
+    # Triton runs on the CPU by an environment variable (TRITON_INTERPRET): a choice that may involve it is not kept
+    if name is None and not (device_type == "cpu" and "triton" in order):
+        before = tuple(order[:order.index(winner)]) if winner in order else tuple(order)
+        _resolved[(op, device_type)] = (winner, _impls[winner][op], before)
+    return _impls[winner][op]
 
 
 def _register_ref() -> None:

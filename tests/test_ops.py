@@ -153,6 +153,37 @@ def test_backend_registry_forcing_and_errors(monkeypatch):
         ops.dequantize(p)
 
 
+def test_a_kept_resolution_follows_the_registry_and_the_forcing(monkeypatch):
+    """resolve() keeps the default's choice per (op, device) (a decode step resolves hundreds of calls), so it must
+    still see a replaced implementation, an op gained by a backend earlier in the order, use_backend and
+    SALIQ_BACKEND."""
+    monkeypatch.delenv("SALIQ_BACKEND", raising=False)
+    real = backends.resolve("dequantize", "cpu")
+    assert backends.resolve("dequantize", "cpu") is real  # kept
+
+    def spy(*args):
+        return ref.dequantize(*args)
+
+    monkeypatch.setitem(backends._impls["cpp"], "dequantize", spy)
+    assert backends.resolve("dequantize", "cpu") is spy
+    monkeypatch.undo()
+    assert backends.resolve("dequantize", "cpu") is real
+    monkeypatch.delitem(backends._impls["cpp"], "dequantize")
+    assert backends.resolve("dequantize", "cpu") is backends._impls["ref"]["dequantize"]
+    monkeypatch.undo()  # cpp, earlier in the order, has the op again
+    assert backends.resolve("dequantize", "cpu") is real
+    with ops.use_backend("ref"):
+        assert backends.resolve("dequantize", "cpu") is backends._impls["ref"]["dequantize"]
+        with ops.use_backend(None):
+            assert backends.resolve("dequantize", "cpu") is real
+    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        with ops.use_backend("cuda"):
+            backends.resolve("dequantize", "cpu")
+    assert backends._forcing == 0 and backends.resolve("dequantize", "cpu") is real
+    monkeypatch.setenv("SALIQ_BACKEND", "ref")
+    assert backends.resolve("dequantize", "cpu") is backends._impls["ref"]["dequantize"]
+
+
 def test_chooser_picks_backend_by_shape(monkeypatch):
     seen = []
 
