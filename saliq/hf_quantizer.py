@@ -253,8 +253,6 @@ def _tied_names(model) -> set:
 
 def _check_loaded(name, m):
     """QuantLinear checks its buffers once, when built, and trusts them afterwards: check the loaded ones."""
-    import torch
-
     from . import validate
 
     if any(t.is_meta for k, t in m.named_buffers() if not k.endswith(("_i32", "_correction"))):
@@ -262,9 +260,7 @@ def _check_loaded(name, m):
     try:
         if m.reserved:
             validate.reserved_weights(*m.sparse, m.out_features, m.in_features)
-        m.finish_loading()  # int8 zero points widened, reserved-weight corrections derived
-        x = torch.empty((1, m.in_features), dtype=m.scales.dtype, device=m.qweight.device)
-        validate.packed_linear_args(x, m.packed, m.bias, m.lora_A, m.lora_B)
+        m.finish_loading(check=True)  # int8 zero points widened, checked, reserved-weight corrections derived
     except ValueError as e:
         raise CheckpointError(f"{name}: {e}") from None
 

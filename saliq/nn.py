@@ -301,14 +301,19 @@ class QuantLinear(nn.Module):
             self.refresh_sparse()
         return out
 
-    def finish_loading(self) -> None:
+    def finish_loading(self, check: bool = False) -> None:
         """After buffers were filled from a checkpoint: widen zero points stored as 4-bit pairs or int8 to the int16
         the kernels read, derive the sparse corrections, and put the words of a layer on the CPU in the CPU word
-        order (last: the corrections read the loaded format-v1 words as they are, not a copy)."""
+        order (last: the corrections read the loaded format-v1 words as they are, not a copy). check: first
+        validate the packed weight, bias and LoRA as the kernels will trust them (ValueError), on the words as
+        loaded (after the reordering `packed` would be a copy of them)."""
         if self.zeros.dtype == torch.uint8:
             self.zeros = storage.unpack_nibbles(self.zeros, self.spec.num_groups(self.in_features))
         elif self.zeros.dtype != torch.int16:
             self.zeros = self.zeros.to(torch.int16)
+        if check:
+            x = torch.empty((1, self.in_features), dtype=self.scales.dtype, device=self.qweight.device)
+            validate.packed_linear_args(x, self.packed, self.bias, self.lora_A, self.lora_B)
         self.refresh_sparse()
         self._use_cpu_word_order_on_cpu()
 

@@ -84,6 +84,32 @@ def test_rtn_quant_linear_close_to_linear_and_state_dict_round_trip(bits):
     assert set(ql.state_dict()) <= {"qweight", "qweight_hi", "scales", "zeros", "bias"}
 
 
+def test_finish_loading_checks_the_loaded_buffers_before_ordering_the_words(monkeypatch):
+    """A checkpoint's layer is checked as loaded (format v1 words), then ordered for the CPU: the check must not
+    copy the words back to format v1 (a copy of every layer's words at load), and must refuse bad buffers."""
+    from saliq import word_order
+
+    ql = QuantLinear.from_linear(torch.nn.Linear(128, 40), QuantSpec(3, 64))
+    ql.lora_A, ql.lora_B = torch.randn(4, 128), torch.randn(40, 4)
+    state = ql.state_dict()
+    fresh = QuantLinear.empty(128, 40, QuantSpec(3, 64), bias=True, dtype=torch.float32)
+    for name, t in state.items():
+        setattr(fresh, name, t.clone())
+    monkeypatch.setattr(word_order, "to_v1", lambda *a: pytest.fail("format-v1 copy of the words at load"))
+    fresh.finish_loading(check=True)
+    assert word_order.is_cpu_order(fresh.qweight)
+    monkeypatch.undo()
+    x = torch.randn(2, 128)
+    assert torch.equal(fresh(x), ql(x))
+    bad = QuantLinear.empty(128, 40, QuantSpec(3, 64), bias=True, dtype=torch.float32)
+    for name, t in state.items():
+        setattr(bad, name, t.clone())
+    bad.lora_B = torch.randn(41, 4)
+    with pytest.raises(ValueError, match=r"lora_B \(41, 4\) must be"):
+        bad.finish_loading(check=True)
+    assert not word_order.is_cpu_order(bad.qweight)  # refused before anything was derived or reordered
+
+
 def test_quant_linear_half_precision_and_size():
     lin = torch.nn.Linear(512, 64).half()
     ql = QuantLinear.from_linear(lin, QuantSpec(2, 64))
