@@ -245,6 +245,21 @@ def test_a_dense_row_gives_the_same_bits_wherever_it_falls(isa):
     assert torch.equal(cpp._C.dense_linear(x, W, None)[:, 1:], cpp._C.dense_linear(x, W[1:], None)), isa
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [5, 100, 576, 1030])  # rows of x taken 4, 4, 4 and 2 at a time (1 on AVX2 from 1030)
+def test_a_row_of_x_gets_the_same_bits_alone_or_in_a_batch(isa, dtype, k):
+    """dense_rows takes several rows of x against each row of W where they fit in L1; each (row of W, row of x) must
+    still sum in the same order, so batching decode requests changes no output."""
+    W = torch.randn(37, k, generator=gen(8)).to(dtype)
+    x = torch.randn(4, k, generator=gen(9)).to(dtype)
+    if dtype == torch.bfloat16 and k > 1024:
+        x = x.float()  # bf16 rows of this length go to oneDNN's GEMM (dense_linear_cpu); keep this kernel's path
+        W = W.float()
+    batch = cpp._C.dense_linear(x, W, None)
+    for i in range(4):
+        assert torch.equal(batch[i:i + 1], cpp._C.dense_linear(x[i:i + 1], W, None)), (isa, dtype, k, i)
+
+
 def test_every_half_of_an_fp16_weight_is_read_exactly(isa):
     """fp16 rows are widened to fp32 for the dot products (F16C on the AVX2 and AVX-512 paths, bit arithmetic on the
     portable one): with one-hot rows of x the output is the weight itself, for every finite half (subnormals

@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "cpu/cpu_features.h"
 #include "cpu/half_to_float.h"
 
@@ -38,6 +40,10 @@ void rows_portable(const float* x, int64_t M, int64_t ldx, const void* A, int64_
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+// GCC 12's AVX-512 intrinsics build on _mm*_undefined_*, which -Wuninitialized reports wherever they are inlined
+// (GCC bug 105593, fixed in 13): here _mm512_reduce_add_ps, since rows of x are taken together
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // 16 elements of A from index i, widened to fp32; `mask` selects the ones to read (the rest are zero)
 template <DenseType TY>
@@ -48,28 +54,46 @@ inline __m512 load16(const void* A, int64_t i, __mmask16 mask) {
   return _mm512_cvtph_ps(h);
 }
 
-// Row j against every row of x: four accumulators in turn over blocks of 16 (four FMA chains), then the masked tail.
-template <DenseType TY, bool ACC>
-void row_avx512(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale, int64_t j,
+// Row j against rows m0 .. m0 + MT - 1 of x: per row of x four accumulators in turn over blocks of 16 (four FMA
+// chains), then the masked tail; each block of A is loaded and widened once for the MT rows (the demo's LM head,
+// 49152 x 576 fp32 at M = 4, one thread: 4.7-5.2 -> 4.0-4.2 ms, docs/NOTES.md). Every (j, m) sums in the same order
+// whatever MT is, so a row of x gets the same bits alone or in a batch.
+template <DenseType TY, bool ACC, int MT>
+void row_avx512(const float* x, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale, int64_t j, int64_t m0,
                 float* t) {
   const int64_t whole = K & ~int64_t{63}, sixteens = K & ~int64_t{15};
   const __mmask16 tail = (__mmask16)((1u << (K - sixteens)) - 1u);
   const int64_t row = j * K;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * ldx;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < whole; k += 64)
-      for (int q = 0; q < 4; ++q)
-        acc[q] = _mm512_fmadd_ps(load16<TY>(A, row + k + 16 * q, 0xFFFF), _mm512_loadu_ps(xm + k + 16 * q), acc[q]);
-    for (int64_t k = whole, q = 0; k < sixteens; k += 16, ++q)
-      acc[q] = _mm512_fmadd_ps(load16<TY>(A, row + k, 0xFFFF), _mm512_loadu_ps(xm + k), acc[q]);
-    if (tail)
-      acc[0] = _mm512_fmadd_ps(load16<TY>(A, row + sixteens, tail), _mm512_maskz_loadu_ps(tail, xm + sixteens), acc[0]);
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    put<ACC>(t + m * ldt + j, scale, _mm512_reduce_add_ps(sum));
+  const float* xm[MT];
+  __m512 acc[MT][4];
+  for (int m = 0; m < MT; ++m) {
+    xm[m] = x + (m0 + m) * ldx;
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < whole; k += 64)
+    for (int q = 0; q < 4; ++q) {
+      const __m512 a = load16<TY>(A, row + k + 16 * q, 0xFFFF);
+      for (int m = 0; m < MT; ++m) acc[m][q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xm[m] + k + 16 * q), acc[m][q]);
+    }
+  // the last whole blocks (at most 3), each into its own chain; q a constant, so acc stays in registers
+#pragma GCC unroll 3
+  for (int q = 0; q < 3; ++q) {
+    const int64_t k = whole + 16 * q;
+    if (k >= sixteens) break;
+    const __m512 a = load16<TY>(A, row + k, 0xFFFF);
+    for (int m = 0; m < MT; ++m) acc[m][q] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xm[m] + k), acc[m][q]);
+  }
+  if (tail) {
+    const __m512 a = load16<TY>(A, row + sixteens, tail);
+    for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(tail, xm[m] + sixteens), acc[m][0]);
+  }
+  for (int m = 0; m < MT; ++m) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+    put<ACC>(t + (m0 + m) * ldt + j, scale, _mm512_reduce_add_ps(sum));
   }
 }
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -89,22 +113,34 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
-template <DenseType TY, bool ACC>
-void row_avx2(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale, int64_t j,
+// As row_avx512 on 8 lanes; at most two rows of x at once (16 ymm registers: 8 accumulators, A, x, sums)
+template <DenseType TY, bool ACC, int MT>
+void row_avx2(const float* x, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale, int64_t j, int64_t m0,
               float* t) {
   const int64_t whole = K & ~int64_t{31}, eights = K & ~int64_t{7};
   const int64_t row = j * K;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * ldx;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t k = 0; k < whole; k += 32)
-      for (int q = 0; q < 4; ++q)
-        acc[q] = _mm256_fmadd_ps(load8<TY>(A, row + k + 8 * q), _mm256_loadu_ps(xm + k + 8 * q), acc[q]);
-    for (int64_t k = whole, q = 0; k < eights; k += 8, ++q)
-      acc[q] = _mm256_fmadd_ps(load8<TY>(A, row + k), _mm256_loadu_ps(xm + k), acc[q]);
-    float s = sum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (int64_t k = eights; k < K; ++k) s += element<TY>(A, row + k) * xm[k];
-    put<ACC>(t + m * ldt + j, scale, s);
+  const float* xm[MT];
+  __m256 acc[MT][4];
+  for (int m = 0; m < MT; ++m) {
+    xm[m] = x + (m0 + m) * ldx;
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < whole; k += 32)
+    for (int q = 0; q < 4; ++q) {
+      const __m256 a = load8<TY>(A, row + k + 8 * q);
+      for (int m = 0; m < MT; ++m) acc[m][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xm[m] + k + 8 * q), acc[m][q]);
+    }
+#pragma GCC unroll 3
+  for (int q = 0; q < 3; ++q) {  // the last whole blocks (at most 3): q a constant, acc in registers
+    const int64_t k = whole + 8 * q;
+    if (k >= eights) break;
+    const __m256 a = load8<TY>(A, row + k);
+    for (int m = 0; m < MT; ++m) acc[m][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xm[m] + k), acc[m][q]);
+  }
+  for (int m = 0; m < MT; ++m) {
+    float s = sum8(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+    for (int64_t k = eights; k < K; ++k) s += element<TY>(A, row + k) * xm[m][k];
+    put<ACC>(t + (m0 + m) * ldt + j, scale, s);
   }
 }
 
@@ -114,10 +150,25 @@ template <DenseType TY, bool ACC>
 void rows_of_type(const float* x, int64_t M, int64_t ldx, const void* A, int64_t K, int64_t ldt, float scale,
                   int64_t j0, int64_t j1, float* t) {
   const CpuIsa isa = active_isa();
+  // rows of x side by side only while they fit in 16 KB of L1 next to A's stream: with 4 rows of K = 4096 (64 KB) a
+  // 4096 x 4096 fp32 GEMV at M = 4 took twice as long as row by row
+  const int64_t fit = std::max<int64_t>(1, (16 << 10) / (K * (int64_t)sizeof(float)));
   if (isa == CpuIsa::Avx512 && K >= 16) {
-    for (int64_t j = j0; j < j1; ++j) row_avx512<TY, ACC>(x, M, ldx, A, K, ldt, scale, j, t);
+    const int64_t step = std::min<int64_t>(4, fit);
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t m = 0; m < M; m += step) switch (std::min(step, M - m)) {
+          case 4: row_avx512<TY, ACC, 4>(x, ldx, A, K, ldt, scale, j, m, t); break;
+          case 3: row_avx512<TY, ACC, 3>(x, ldx, A, K, ldt, scale, j, m, t); break;
+          case 2: row_avx512<TY, ACC, 2>(x, ldx, A, K, ldt, scale, j, m, t); break;
+          default: row_avx512<TY, ACC, 1>(x, ldx, A, K, ldt, scale, j, m, t);
+        }
   } else if (isa == CpuIsa::Avx2 && K >= 8) {
-    for (int64_t j = j0; j < j1; ++j) row_avx2<TY, ACC>(x, M, ldx, A, K, ldt, scale, j, t);
+    const int64_t step = std::min<int64_t>(2, fit);
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t m = 0; m < M; m += step) {
+        if (step == 2 && m + 2 <= M) row_avx2<TY, ACC, 2>(x, ldx, A, K, ldt, scale, j, m, t);
+        else row_avx2<TY, ACC, 1>(x, ldx, A, K, ldt, scale, j, m, t);
+      }
   } else {
     rows_portable<TY, ACC>(x, M, ldx, A, K, ldt, scale, j0, j1, t);
   }
