@@ -7,7 +7,8 @@
 // core, and fp16 rows were converted one element at a time (16.3 ms). Here each row runs four FMA chains over
 // alternate blocks of its length, and bf16 / fp16 are widened in registers (F16C for fp16). A row at a time, not
 // four side by side: four rows' streams read from DRAM slower than one (bf16 4096 x 4096, one thread: 1.43-1.49 ms
-// against 1.25-1.28 for the old single chain). Rows shorter than a vector (a LoRA up-projection of rank 1 or 2, the
+// against 1.25-1.28 for the old single chain); up to four rows of x share each block of a row where they fit in
+// 16 KB (dense_rows.cpp). Rows shorter than a vector (a LoRA up-projection of rank 1 or 2, the
 // ranks the demo keeps) run as plain loops: a masked vector and its reduction cost ~15 cycles a row where the row
 // has one or two products (rank 1, 1536 columns: ~6 us against ~1.5).
 #pragma once
