@@ -3,9 +3,10 @@
 A saliq model keeps its LM head in float; at decode (M <= cpp_backend.DENSE_MAX_ROWS) it runs saliq's GEMV
 (csrc/cpu/dense_rows.h: rows of W split across the threads, four FMA chains a row, bf16 / fp16 widened in
 registers), elsewhere F.linear. Caches are flushed before every timed call (the weight comes from DRAM, as in a
-decode step, where the other layers' weights pass through the caches in between). Cases: the demo model's LM head [49152, 576] and a 4096 x 4096 layer, fp32 / bf16 /
-fp16, M = 1 and 4. Both sides read the whole weight once per call, so the copy bandwidth (measured first) gives each
-its share; the speedups are printed at the end and written to benchmarks/results/.
+decode step, where the other layers' weights pass through the caches in between). Cases: the demo model's LM head
+[49152, 576] and a 4096 x 4096 layer, fp32 / bf16 / fp16, M = 1 and 4. Both sides read the whole weight once per
+call, so the copy bandwidth (measured first) gives each its share; the speedups are printed at the end and written
+to benchmarks/results/.
 
     python -m pytest benchmarks/bench_cpu_dense_linear.py --benchmark-enable -q
     SALIQ_BENCH_THREADS=1 python -m pytest ...   # pin both sides to one thread
@@ -13,15 +14,13 @@ its share; the speedups are printed at the end and written to benchmarks/results
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
-from common import copy_bandwidth_gbs, cpu_cache_flush_bytes, print_uncaptured
+from common import (copy_bandwidth_gbs, cpu_bench_header, cpu_bench_payload, cpu_bench_threads, cpu_cache_flush_bytes,
+                    print_uncaptured, write_bench_results)
 
 from saliq import cpp_backend as cpp  # noqa: E402  (saliq._C not built: a collection error, not a skip)
 
@@ -30,7 +29,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MS = [1, 4]
 PROVIDERS = ["saliq", "linear"]
 RESULTS: dict = {}
-BENCH_THREADS = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
 _cache: dict = {}
 _flush: list = []
 
@@ -53,21 +51,14 @@ def weight(n, k, dtype):
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
-    threads = torch.get_num_threads()
-    if BENCH_THREADS:
-        torch.set_num_threads(BENCH_THREADS)
-    RESULTS["copy_gbs"] = copy_bandwidth_gbs()
-    try:
+    with cpu_bench_threads() as ran_on:
+        RESULTS["copy_gbs"] = copy_bandwidth_gbs()
         yield
-    finally:
-        measured_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
+    measured_threads = ran_on[0]
     cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and v is not None}
     if not cases:
         return
-    lines = [f"CPU dense_linear, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-             f"{measured_threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
-             f"cpu path {cpp.cpu_isa()}, copy bandwidth {RESULTS['copy_gbs']:.1f} GB/s", "",
+    lines = [cpu_bench_header("dense_linear", measured_threads, RESULTS["copy_gbs"]), "",
              "| N x K | dtype | M | saliq ms (% copy) | F.linear ms (% copy) | speedup |",
              "|---|---|---|---|---|---|"]
     for n, k in SHAPES:
@@ -81,16 +72,9 @@ def report(request):
                              f"({pct(f):.0f}%) | {f / s:.2f}x |")
     text = "\n".join(lines)
     print_uncaptured(request, text)
-    out_dir = os.environ.get("SALIQ_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "cpu_dense_linear.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out_dir, "cpu_dense_linear.json"), "w") as f:
-        json.dump({"date": str(datetime.date.today()), "threads": measured_threads,
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu_path": cpp.cpu_isa(),
-                   "copy_gbs": RESULTS["copy_gbs"],
-                   "cases": [dict(zip(("provider", "N", "K", "dtype", "M"), key), seconds=v)
-                             for key, v in cases.items()]}, f, indent=1)
+    write_bench_results("cpu_dense_linear", text, cpu_bench_payload(
+        measured_threads, RESULTS["copy_gbs"],
+        cases=[dict(zip(("provider", "N", "K", "dtype", "M"), key), seconds=v) for key, v in cases.items()]))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -15,12 +15,11 @@ spin-waiting, every parallel region (saliq's and F.linear's alike) can stall for
 from __future__ import annotations
 
 import datetime
-import json
 import os
 
 import pytest
 import torch
-from common import print_uncaptured
+from common import cpu_bench_threads, print_uncaptured, write_bench_results
 
 from saliq import backends, ops, ref
 from saliq.spec import QuantSpec
@@ -34,9 +33,8 @@ CASES = [  # (N, K, bits, group, saliency)
 ]
 RESULTS: dict = {}
 EXPECTED: dict = {}
-# Threads for both saliq and the baselines (0: torch default). The ratios use the best round of each case:
-# on a shared machine, preemption only ever adds time.
-BENCH_THREADS = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
+# The ratios use the best round of each case: on a shared machine, preemption only ever adds time. Both sides run
+# on SALIQ_BENCH_THREADS threads (common.cpu_bench_threads; unset: torch's default).
 
 
 def round_ste(x):
@@ -69,14 +67,9 @@ def inputs(n, k, group, saliency):
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
-    threads = torch.get_num_threads()
-    if BENCH_THREADS:
-        torch.set_num_threads(BENCH_THREADS)
-    try:
+    with cpu_bench_threads() as ran_on:
         yield
-    finally:
-        measured_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
+    measured_threads = ran_on[0]
     lines = [f"CPU fake_quant_lwc forward+backward, {datetime.date.today()}, {measured_threads} threads "
              f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})", "",
              "| N x K | bits | group | saliency | eager composite ms | saliq cpp ms | speedup |", "|---|---|---|---|---|---|---|"]
@@ -93,12 +86,8 @@ def report(request):
         return
     text = "\n".join(lines)
     print_uncaptured(request, text)
-    out_dir = os.environ.get("SALIQ_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "cpu_fake_quant.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out_dir, "cpu_fake_quant.json"), "w") as f:
-        json.dump({"date": str(datetime.date.today()), "threads": measured_threads, "cases": rows}, f, indent=1)
+    write_bench_results("cpu_fake_quant", text,
+                        {"date": str(datetime.date.today()), "threads": measured_threads, "cases": rows})
 
 
 @pytest.mark.parametrize("provider", ["eager", "saliq"])

@@ -15,15 +15,13 @@ spin-waiting, every parallel region (saliq's and F.linear's alike) can stall for
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import time
 
 import pytest
 import torch
-from common import copy_bandwidth_gbs, print_uncaptured
+from common import (copy_bandwidth_gbs, cpu_bench_header, cpu_bench_payload, cpu_bench_threads, print_uncaptured,
+                    write_bench_results)
 import torch.nn.functional as F
 
 from saliq import packing
@@ -37,9 +35,8 @@ MS = [1, 8]
 GROUP = 64
 PROVIDERS = ["saliq_fp32", "saliq_bf16", "linear_fp32", "linear_bf16"]
 RESULTS: dict = {}
-# Threads for both saliq and the baselines (0: torch default). The ratios use the best round of each case:
-# on a shared machine, preemption only ever adds time.
-BENCH_THREADS = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
+# The ratios use the best round of each case: on a shared machine, preemption only ever adds time. Both sides run
+# on SALIQ_BENCH_THREADS threads (common.cpu_bench_threads; unset: torch's default).
 _cache: dict = {}
 
 
@@ -72,22 +69,14 @@ def bytes_moved(provider, n, k, bits, m):
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
-    threads = torch.get_num_threads()
-    if BENCH_THREADS:
-        torch.set_num_threads(BENCH_THREADS)
-    RESULTS["copy_gbs"] = copy_bandwidth_gbs()
-    try:
+    with cpu_bench_threads() as ran_on:
+        RESULTS["copy_gbs"] = copy_bandwidth_gbs()
         yield
-    finally:
-        measured_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
+    measured_threads = ran_on[0]
     cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and v is not None}
     if not cases:
         return
-    lines = [f"CPU packed_linear, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-             f"{measured_threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
-             f"cpu path {cpp.cpu_isa()}, copy bandwidth "
-             f"{RESULTS['copy_gbs']:.1f} GB/s", "",
+    lines = [cpu_bench_header("packed_linear", measured_threads, RESULTS["copy_gbs"]), "",
              "| N x K | bits | M | saliq fp32 ms | saliq bf16 ms | F.linear fp32 ms | F.linear bf16 ms | "
              "fp32 speedup | bf16 speedup | saliq fp32 GB/s (% copy) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -105,16 +94,9 @@ def report(request):
                     f"{gbs:.1f} ({100 * gbs / RESULTS['copy_gbs']:.0f}%) |")
     text = "\n".join(lines)
     print_uncaptured(request, text)
-    out_dir = os.environ.get("SALIQ_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "cpu_packed_linear.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out_dir, "cpu_packed_linear.json"), "w") as f:
-        json.dump({"date": str(datetime.date.today()), "threads": measured_threads,
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu_path": cpp.cpu_isa(),
-                   "copy_gbs": RESULTS["copy_gbs"],
-                   "cases": [dict(zip(("provider", "N", "K", "bits", "M"), key), seconds=v) for key, v in cases.items()]},
-                  f, indent=1)
+    write_bench_results("cpu_packed_linear", text, cpu_bench_payload(
+        measured_threads, RESULTS["copy_gbs"],
+        cases=[dict(zip(("provider", "N", "K", "bits", "M"), key), seconds=v) for key, v in cases.items()]))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

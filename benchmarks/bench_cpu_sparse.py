@@ -24,16 +24,14 @@ with the load average, which on a shared machine explains a slow round.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 
 import pytest
 import torch
-from common import copy_bandwidth_gbs, print_uncaptured
+from common import (copy_bandwidth_gbs, cpu_bench_header, cpu_bench_payload, cpu_bench_threads, print_uncaptured,
+                    write_bench_results)
 
 from saliq import ops, packing
 from saliq.sparse_slices import csr_slices
@@ -47,7 +45,6 @@ PROVIDERS = ["gemv", "layer", "sliced_", "sparse_", "sparse"]
 BITS, GROUP, DENSITY = 2, 64, 0.005
 BAR = 0.15
 LLC_BYTES = 32 << 20  # rotation target; larger than the last-level cache of the machines this runs on
-BENCH_THREADS = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
 RESULTS: dict = {}
 _cache: dict = {}
 
@@ -110,25 +107,18 @@ def rotating(fn, items):
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
-    threads = torch.get_num_threads()
-    if BENCH_THREADS:
-        torch.set_num_threads(BENCH_THREADS)
-    RESULTS["copy_gbs"] = copy_bandwidth_gbs()
-    load_before = os.getloadavg()
-    try:
+    with cpu_bench_threads() as ran_on:
+        RESULTS["copy_gbs"] = copy_bandwidth_gbs()
+        load_before = os.getloadavg()
         yield
-    finally:
-        measured_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
+    measured_threads = ran_on[0]
     load_after = os.getloadavg()
     cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and k[0] in PROVIDERS and v is not None}
     if not cases:
         return
-    lines = [f"CPU sparse_addmm vs packed GEMV, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-             f"{measured_threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), cpu path "
-             f"{cpp.cpu_isa()}, copy bandwidth {RESULTS['copy_gbs']:.1f} GB/s, load average "
-             f"{load_before[0]:.2f} before / {load_after[0]:.2f} after; {100 * DENSITY:g}% density, {BITS}-bit g{GROUP}, "
-             f"M=1, operands rotated beyond the cache", "",
+    lines = [cpu_bench_header("sparse_addmm vs packed GEMV", measured_threads, RESULTS["copy_gbs"]) +
+             f", load average {load_before[0]:.2f} before / {load_after[0]:.2f} after; {100 * DENSITY:g}% density, "
+             f"{BITS}-bit g{GROUP}, M=1, operands rotated beyond the cache", "",
              "| N x K | x | nnz | GEMV ms (interleaved median) | layer ms (GEMV + reserved) | (layer - GEMV) / GEMV | "
              f"bar < {100 * BAR:.0f}% | GEMV ms (min) | layer ms (min) | sliced_ ms (separate) | sparse_ ms (CSR) | "
              "sparse ms (checked) | sliced_ / GEMV | sparse_ / GEMV |",
@@ -151,14 +141,9 @@ def report(request):
                          f"{100 * t['sliced_'] / t['gemv']:.1f}% | {100 * t['sparse_'] / t['gemv']:.1f}% |")
     text = "\n".join(lines)
     print_uncaptured(request, text)
-    out_dir = os.environ.get("SALIQ_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "cpu_sparse.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out_dir, "cpu_sparse.json"), "w") as f:
-        json.dump({"date": str(datetime.date.today()), "threads": measured_threads, "cpu_path": cpp.cpu_isa(),
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "copy_gbs": RESULTS["copy_gbs"],
-                   "load_average": [load_before[0], load_after[0]], "density": DENSITY, "cases": rows}, f, indent=1)
+    write_bench_results("cpu_sparse", text, cpu_bench_payload(
+        measured_threads, RESULTS["copy_gbs"], load_average=[load_before[0], load_after[0]], density=DENSITY,
+        cases=rows))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -5,6 +5,7 @@ Importing this module selects the Triton interpreter when there is no GPU (befor
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import json
@@ -244,3 +245,48 @@ def print_uncaptured(request, text):
         return
     with capman.global_and_fixture_disabled():
         print("\n" + text, flush=True)
+
+
+@contextlib.contextmanager
+def cpu_bench_threads():
+    """torch on SALIQ_BENCH_THREADS threads inside the block (unset or 0: as it is), restored after; yields a list that
+    holds, once the block ends, the thread count the cases ran on."""
+    before = torch.get_num_threads()
+    wanted = int(os.environ.get("SALIQ_BENCH_THREADS", "0"))
+    if wanted:
+        torch.set_num_threads(wanted)
+    ran_on: list = []
+    try:
+        yield ran_on
+    finally:
+        ran_on.append(torch.get_num_threads())
+        torch.set_num_threads(before)
+
+
+def write_bench_results(stem: str, text: str, payload: dict) -> None:
+    """A CPU benchmark's table and data as STEM.md and STEM.json in SALIQ_BENCH_RESULTS (default
+    benchmarks/results)."""
+    out_dir = os.environ.get("SALIQ_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def cpu_bench_header(title: str, threads: int, copy_gbs: float) -> str:
+    """The first line of a CPU benchmark's table: what ran, when, on which CPU, threads and OpenMP waiting, saliq's
+    SIMD path, and the copy bandwidth the shares divide by."""
+    from saliq import cpp_backend as cpp
+
+    return (f"CPU {title}, {datetime.date.today()}, {platform.processor() or platform.machine()}, {threads} threads "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), cpu path {cpp.cpu_isa()}, copy "
+            f"bandwidth {copy_gbs:.1f} GB/s")
+
+
+def cpu_bench_payload(threads: int, copy_gbs: float, **fields) -> dict:
+    """The JSON of a CPU benchmark: the header's facts, then `fields`."""
+    from saliq import cpp_backend as cpp
+
+    return {"date": str(datetime.date.today()), "threads": threads, "cpu_path": cpp.cpu_isa(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "copy_gbs": copy_gbs, **fields}
