@@ -276,6 +276,27 @@ def test_decode_ab_benchmark_times_the_layer_with_its_lora_factors(tmp_path):
     assert any(line.startswith("| 64x128 3-bit |") for line in out.read_text().splitlines())
 
 
+def test_decode_blocks_benchmark_smoke_run(tmp_path):
+    """benchmarks/cpu_decode_blocks.py on shrunken blocks: a row per bit width and thread count, with the copy, both
+    activation dtypes' times and the speedups, and the JSON records the same passes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out, js = tmp_path / "blocks.md", tmp_path / "blocks.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_decode_blocks.py"), "--blocks", "2", "--bits", "2,3",
+                    "--threads", "1", "--rounds", "1", "--shrink", "16", "--out", str(out), "--json", str(js)],
+                   check=True, capture_output=True, text=True, timeout=300, cwd=root / "benchmarks")
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 | ")]
+    assert [row.split(" | ")[1] for row in rows] == ["2", "3"]
+    records = json.loads(js.read_text())["records"]
+    assert [(r["threads"], r["bits"], r["blocks"]) for r in records] == [(1, 2, 2), (1, 3, 2)]
+    assert all(min(r["saliq_fp32_s"], r["saliq_bf16_s"], r["linear_fp32_s"], r["copy_gbs"]) > 0 for r in records)
+    assert records[1]["saliq_fp32_bytes"] > records[0]["saliq_fp32_bytes"]  # 3-bit reads more than 2-bit
+
+
 def test_gemv_cycles_tool_builds_and_runs(tmp_path):
     """benchmarks/cpu_gemv_cycles.cpp (`make gemv-cycles`) compiles against csrc/ as it is and times a case of each
     form the CPU has (it says so for a form the CPU lacks)."""
