@@ -1,5 +1,6 @@
-"""Helpers of the Triton benchmarks and the GPU report: device set-up, timing, the device's measured copy
-bandwidth and fp16 matmul rate, byte floors, the eager ApiQ-style composite, and result files.
+"""Helpers of the benchmarks and the GPU report: device set-up, timing, the device's measured copy bandwidth and
+fp16 matmul rate, byte floors, the eager ApiQ-style composite, and result files; for the CPU suites their thread
+count, table header and result files.
 
 Importing this module selects the Triton interpreter when there is no GPU (before any kernel is imported).
 """

@@ -246,7 +246,7 @@ def test_a_dense_row_gives_the_same_bits_wherever_it_falls(isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("k", [5, 100, 576, 1030])  # rows of x taken 4, 4, 4 and 2 at a time (1 on AVX2 from 1030)
+@pytest.mark.parametrize("k", [5, 100, 576, 1030])  # plain loops, then rows of x 4, 4 and 3 at a time (AVX2: 2)
 def test_a_row_of_x_gets_the_same_bits_alone_or_in_a_batch(isa, dtype, k):
     """dense_rows takes several rows of x against each row of W where they fit in L1; each (row of W, row of x) must
     still sum in the same order, so batching decode requests changes no output."""
