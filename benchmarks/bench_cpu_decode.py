@@ -27,7 +27,6 @@ Run it when the machine is otherwise idle: the load average is printed before an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import CPU_COPY_BYTES, copy_bandwidth_gbs, cpu_cache_flush_bytes
+from common import CPU_COPY_BYTES, copy_bandwidth_gbs, cpu_cache_flush_bytes, write_report_files
 
 from saliq import _C
 from saliq import cpp_backend as cpp
@@ -213,15 +212,10 @@ def main(argv=None):
     lines.append(f"load average after {load_after[0]:.2f}")
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        meta = {"cpu": platform.processor() or platform.machine(), "cpu_path": cpp.cpu_isa(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_before": load_before,
-                "load_average_after": load_after, "threads": args.threads}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "records": records}, f, indent=1)
+    meta = {"cpu": platform.processor() or platform.machine(), "cpu_path": cpp.cpu_isa(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_before": load_before,
+            "load_average_after": load_after, "threads": args.threads}
+    write_report_files(text, {"meta": meta, "records": records}, args.out, args.json)
     return records
 
 

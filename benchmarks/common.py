@@ -275,6 +275,16 @@ def write_bench_results(stem: str, text: str, payload: dict) -> None:
         json.dump(payload, f, indent=1)
 
 
+def write_report_files(text: str, payload, md_path: Optional[str], json_path: Optional[str]) -> None:
+    """A script's table to md_path and its data to json_path, each where given (--out, --json)."""
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(text + "\n")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(payload, f, indent=1)
+
+
 def cpu_bench_header(title: str, threads: int, copy_gbs: float) -> str:
     """The first line of a CPU benchmark's table: what ran, when, on which CPU, threads and OpenMP waiting, saliq's
     SIMD path, and the copy bandwidth the shares divide by."""

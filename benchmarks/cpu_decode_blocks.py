@@ -18,7 +18,6 @@ libgomp's default waiting (OMP_WAIT_POLICY unset), as `saliq generate` runs: the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -26,14 +25,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import random_packed, write_report_files
+
 from saliq.nn import QuantLinear
 
 SHAPES = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # (N out, K in): q k v o, gate up, down
 
 
 def quant_stack(shapes: list, bits: int, dtype: torch.dtype, g: torch.Generator) -> list:
-    from common import random_packed
-
     return [QuantLinear(random_packed(n, k, bits, 64, dtype, device="cpu", generator=g)).eval() for n, k in shapes]
 
 
@@ -107,12 +106,8 @@ def main(argv=None) -> dict:
     lines.append(f"\nload average after {os.getloadavg()[0]:.2f}")
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"records": records, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}, f, indent=1)
+    write_report_files(text, {"records": records, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}, args.out,
+                       args.json)
     return {"records": records}
 
 

@@ -253,7 +253,7 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
             if y is not None:
                 if sparse is not None and sp[0] is None:
                     y = sparse_addmm_trusted_(y, x2, *sparse)
-                return y.reshape(*x.shape[:-1], scales.shape[1])
+                return y if flat else y.reshape(*x.shape[:-1], scales.shape[1])
         with_lora = getattr(impl, "with_lora", None)
         if with_lora is not None:  # the backend applies bias and LoRA in the same call (cpp)
             with_slices = getattr(with_lora, "with_slices", None)
@@ -273,7 +273,7 @@ def packed_linear_trusted(x: Tensor, qweight: Tensor, qweight_hi: Tensor, scales
         y = torch.addmm(y, x2 @ lora_A.t(), lora_B.t(), alpha=lora_scale)
     if sparse is not None:
         y = sparse_addmm_trusted_(y, x2, *sparse)
-    return y.reshape(*x.shape[:-1], scales.shape[1])
+    return y if flat else y.reshape(*x.shape[:-1], scales.shape[1])
 
 
 def dense_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
