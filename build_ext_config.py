@@ -8,10 +8,14 @@
   static CUDA runtime. The macro SALIQ_WITH_CUDA tells the C++ side that the launchers exist.
 
 The toolkit is found from CUDA_HOME / CUDA_PATH, else from `nvcc` on PATH; SALIQ_NO_CUDA=1 skips it.
-libstdc++ is always linked dynamically: some Python builds put `-static-libstdc++` in the flags every
-extension is linked with, and a second, static libstdc++ beside the one torch has loaded crashed (SIGSEGV in
-std::codecvt) the first time an error message formatted a number.
-MAX_JOBS bounds the parallel compiler processes (C++ via ninja, nvcc via a thread pool).
+SALIQ_CUDA_ARCHS (e.g. "sm_90a") builds a subset of the targets: one GPU's build in about half the time.
+libstdc++ is always linked dynamically, against the one torch has loaded: a second, static libstdc++ inside
+saliq._C crashed (SIGSEGV in std::codecvt) the first time an error message formatted a number. Some Python
+builds put `-static-libstdc++` in the flags every extension is linked with (dropped), and some compilers link
+their own libstdc++ statically with no flag on the line at all (seen on an H200 machine's GCC), so the shared
+library is also named first on the link line, where its symbols resolve before any static copy.
+MAX_JOBS bounds the parallel compiler processes (C++ via ninja, nvcc via a thread pool; each nvcc compiles its
+two targets in parallel).
 """
 from __future__ import annotations
 
@@ -27,10 +31,10 @@ from typing import Optional
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
-CUDA_GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
 CUDA_ARCHS = ("sm_80", "sm_90a")
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo"]
+# --threads 2: the two targets of a file compile in parallel (the decode kernel's files hold most instances)
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-lineinfo", "--threads", "2"]
 
 
 def _rel(path: str) -> str:
@@ -79,6 +83,21 @@ def find_cuda_toolkit() -> Optional[dict]:
     return None
 
 
+def cuda_archs() -> list[str]:
+    """The targets to build: CUDA_ARCHS, or the subset SALIQ_CUDA_ARCHS names (comma or space separated)."""
+    wanted = os.environ.get("SALIQ_CUDA_ARCHS", "").replace(",", " ").split() or list(CUDA_ARCHS)
+    unknown = [a for a in wanted if a not in CUDA_ARCHS]
+    if unknown:
+        raise ValueError(f"SALIQ_CUDA_ARCHS={os.environ['SALIQ_CUDA_ARCHS']!r} names {unknown}; the kernels are "
+                         f"built for {list(CUDA_ARCHS)} or a subset of them")
+    return wanted
+
+
+def cuda_gencode() -> list[str]:
+    """nvcc -gencode arguments for cuda_archs()."""
+    return [arg for a in cuda_archs() for arg in ("-gencode", f"arch=compute_{a[3:]},code={a}")]
+
+
 def compile_cuda_objects(toolkit: dict, build_dir: str) -> list[str]:
     """nvcc -c every csrc/cuda/*.cu into build_dir; returns the object paths (recompiles when stale)."""
     sources = sorted(glob(os.path.join(CSRC, "cuda", "*.cu")))
@@ -91,7 +110,7 @@ def compile_cuda_objects(toolkit: dict, build_dir: str) -> list[str]:
         obj = os.path.join(build_dir, os.path.basename(src) + ".o")
         if os.path.exists(obj) and os.path.getmtime(obj) >= max(os.path.getmtime(src), newest_header):
             return obj
-        cmd = [toolkit["nvcc"], "-c", src, "-o", obj, "-I", CSRC, *NVCC_FLAGS, *CUDA_GENCODE]
+        cmd = [toolkit["nvcc"], "-c", src, "-o", obj, "-I", CSRC, *NVCC_FLAGS, *cuda_gencode()]
         print("saliq: " + " ".join(_rel(c) if c.startswith(ROOT) else c for c in cmd), flush=True)
         subprocess.run(cmd, check=True)
         return obj
@@ -103,6 +122,23 @@ def compile_cuda_objects(toolkit: dict, build_dir: str) -> list[str]:
 def without_static_libstdcxx(cmd: list[str]) -> list[str]:
     """A link command with `-static-libstdc++` removed (see the module docstring)."""
     return [a for a in cmd if a != "-static-libstdc++"]
+
+
+def loaded_libstdcxx(maps: str = "/proc/self/maps") -> Optional[str]:
+    """Path of the libstdc++ shared object this process (which has imported torch) has loaded, or None."""
+    try:
+        with open(maps) as f:
+            paths = {line.split()[-1] for line in f if "libstdc++.so" in line}
+    except OSError:
+        return None
+    return sorted(paths)[0] if paths else None
+
+
+def dynamic_libstdcxx_args(path: Optional[str]) -> list[str]:
+    """Link arguments that put the shared libstdc++ first on the link line, so its symbols resolve there even
+    when the toolchain adds a static one later (see the module docstring): the library torch runs with when
+    known, else whatever -lstdc++ finds."""
+    return ["-Wl,--push-state,--no-as-needed", path or "-lstdc++", "-Wl,--pop-state"]
 
 
 def ext_modules():
@@ -133,6 +169,10 @@ def cmdclass():
                 if cmd and "-static-libstdc++" in cmd:
                     print(f"saliq: linking libstdc++ dynamically (dropped -static-libstdc++ from {attr})", flush=True)
                     setattr(self.compiler, attr, without_static_libstdcxx(cmd))
+            libstdcxx = loaded_libstdcxx()
+            print(f"saliq: linking libstdc++ dynamically ({libstdcxx or '-lstdc++'})", flush=True)
+            for ext in self.extensions:
+                ext.extra_link_args = list(ext.extra_link_args or []) + dynamic_libstdcxx_args(libstdcxx)
             toolkit = find_cuda_toolkit()
             for ext in self.extensions:
                 if ext.name != "saliq._C":

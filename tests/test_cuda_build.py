@@ -55,17 +55,40 @@ def test_libstdcxx_is_linked_dynamically():
     assert "libstdc++.so" in dynamic, dynamic
 
 
+def test_cuda_archs_follow_the_environment(monkeypatch):
+    monkeypatch.delenv("SALIQ_CUDA_ARCHS", raising=False)
+    assert build_ext_config.cuda_archs() == ["sm_80", "sm_90a"]
+    monkeypatch.setenv("SALIQ_CUDA_ARCHS", "sm_90a")
+    assert build_ext_config.cuda_gencode() == ["-gencode", "arch=compute_90a,code=sm_90a"]
+    monkeypatch.setenv("SALIQ_CUDA_ARCHS", "sm_80,sm_86")
+    with pytest.raises(ValueError, match=r"SALIQ_CUDA_ARCHS='sm_80,sm_86' names \['sm_86'\]"):
+        build_ext_config.cuda_archs()
+
+
+def test_the_link_names_the_loaded_libstdcxx_first(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 12 /usr/lib/libstdc++.so.6.0.33\n"
+                    "7f02-7f03 r-xp 00000000 08:01 13 /usr/lib/libc.so.6\n")
+    path = build_ext_config.loaded_libstdcxx(str(maps))
+    assert path == "/usr/lib/libstdc++.so.6.0.33"
+    assert build_ext_config.dynamic_libstdcxx_args(path) == [
+        "-Wl,--push-state,--no-as-needed", path, "-Wl,--pop-state"]
+    assert build_ext_config.loaded_libstdcxx(str(tmp_path / "absent")) is None
+    assert "-lstdc++" in build_ext_config.dynamic_libstdcxx_args(None)
+
+
 def test_extension_was_built_with_cuda():
     assert cpp.WITH_CUDA, "a CUDA toolkit is present but saliq._C was built without CUDA: rebuild"
 
 
 @needs_toolkit
 def test_cuda_code_for_sm80_and_sm90a():
+    """Every target of the build (both unless SALIQ_CUDA_ARCHS named one) is in the binary."""
     tool = find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump to inspect the binary")
     listing = subprocess.run([tool, "--list-elf", cpp._C.__file__], capture_output=True, text=True, check=True).stdout
-    for arch in build_ext_config.CUDA_ARCHS:
+    for arch in build_ext_config.cuda_archs():
         assert f".{arch}." in listing, f"no {arch} cubin in {cpp._C.__file__}:\n{listing}"
     kernels = subprocess.run([tool, "--dump-resource-usage", cpp._C.__file__], capture_output=True, text=True,
                              check=True).stdout
