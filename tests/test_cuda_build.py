@@ -169,47 +169,29 @@ def _hot_loop(sass: str) -> list[str]:
 
 
 @needs_toolkit
-@pytest.mark.parametrize("bits,stages,budget", [(2, 0, 135), (3, 0, 220), (4, 0, 100),
-                                                (2, 4, 165), (3, 4, 230), (4, 4, 115)])
-def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, stages, budget):
-    """The tensor-core decode kernel (fp16, M = 1, whole shapes), read from its sm_90a SASS, for the register loop
-    (stages 0) and the cp.async ring (stages 4): per step (16 bytes of packed words a lane) at most one packed fma
-    per code pair (3-bit: two), 3 mmas per 16 k of the 4 columns, the words loaded or copied 16 bytes at a time
-    past L1, no local memory, and at most `budget` instructions of the hot loop. At H200 bandwidth a warp may
-    spend about 128 instructions per 512 bytes it loads (16 bytes per lane): 2-bit, whose 16-byte loads carry the
-    fewest bytes per code, sat at 141 when it reached 46% of copy bandwidth at 8192x28672 on an H200 and at 129
-    since its loads need no predicate (3-bit 222 -> 211, 4-bit 92 -> 91); the ring's copies, shared-memory reads
-    and slot bookkeeping add 9-30 (2-bit 158, 3-bit 220, 4-bit 107). The budgets are today's counts plus a small
+@pytest.mark.parametrize("bits,budget", [(2, 135), (3, 220), (4, 100)])
+def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, budget):
+    """The tensor-core decode kernel (fp16, M = 1, whole shapes), read from its sm_90a SASS: per 16-byte load of
+    packed words at most one packed fma per code pair (3-bit: two), 3 mmas per 16 k of the 4 columns, no local
+    memory, and at most `budget` instructions of the hot loop. At H200 bandwidth a warp may spend about 128
+    instructions per 512 bytes it loads (16 bytes per lane): 2-bit, whose 16-byte loads carry the fewest
+    bytes per code, sat at 141 when it reached 46% of copy bandwidth at 8192x28672 on an H200 and at 129 since
+    its loads need no predicate (3-bit 222 -> 211, 4-bit 92 -> 91); the budgets are today's counts plus a small
     margin, so a change that adds work to the loop fails here first."""
     tool = find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump to inspect the binary")
-    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1ELi{stages}E")
-    assert sass, f"no sm_90a fp16 {bits}-bit decode_mma_kernel (M = 1, fast path, stages {stages}) in {cpp._C.__file__}"
+    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1E")
+    assert sass, f"no sm_90a fp16 {bits}-bit decode_mma_kernel (M = 1, fast path) in {cpp._C.__file__}"
     loop = _hot_loop(sass)
+    loads = sum("LDG.E.NA.128" in t for t in loop) // (2 if bits == 3 else 1)  # 3-bit: plus the 1-bit plane
+    assert loads >= 1, "the packed words are not loaded 16 bytes at a time, bypassing L1"
+    pairs = loads * 4 * (8 if bits != 4 else 4)  # 4 words per load, code pairs per word
     count = lambda op: sum(t.split()[0 if not t.startswith("@") else 1].startswith(op) for t in loop)  # noqa: E731
-    mmas_per_step = 3 * (4 if bits != 4 else 2)
-    steps = count("HMMA") // mmas_per_step
-    assert steps >= 1 and count("HMMA") == steps * mmas_per_step, "unexpected mma count"
-    word_loads = "LDG.E.NA.128" if stages == 0 else "LDGSTS.E.BYPASS.128"
-    loads = sum(word_loads in t for t in loop) // (2 if bits == 3 else 1)  # 3-bit: plus the 1-bit plane
-    assert loads == steps, f"{loads} 16-byte word loads ({word_loads}) for {steps} steps"
-    pairs = steps * 4 * (8 if bits != 4 else 4)  # 4 words a step, code pairs per word
     assert count("HFMA2") <= pairs * (2 if bits == 3 else 1), "more than one packed fma per code pair"
+    assert count("HMMA") == loads * 3 * (4 if bits != 4 else 2), "unexpected mma count"
     assert not any(op in t for t in loop for op in ("LDL", "STL")), "registers spilled to local memory"
-    assert len(loop) / steps <= budget, f"{len(loop) / steps:.0f} instructions per step > {budget}"
-
-
-@needs_toolkit
-def test_decode_stages_setting_takes_the_built_loops_only():
-    previous = cpp._C.cuda_decode_mma_set_stages(4)
-    try:
-        assert cpp._C.cuda_decode_mma_set_stages(0) == 4
-        with pytest.raises(ValueError, match="stages must be 0 .register loop., 3, 4 or 6, got 5"):
-            cpp._C.cuda_decode_mma_set_stages(5)
-        assert cpp._C.cuda_decode_mma_set_stages(6) == 0, "a refused value changed the setting"
-    finally:
-        cpp._C.cuda_decode_mma_set_stages(previous)
+    assert len(loop) / loads <= budget, f"{len(loop) / loads:.0f} instructions per 16-byte load > {budget}"
 
 
 @needs_toolkit

@@ -172,37 +172,6 @@ def test_decode_kernel_strided_x_and_every_warp_count(bits, dtype):
         assert_close_rel(out, expected, TOL[dtype], f"warps={warps}")
 
 
-@pytest.fixture
-def decode_stages():
-    """Sets the decode kernel's loop for whole shapes (cuda_decode_mma_set_stages); restores it afterwards."""
-    previous = cpp._C.cuda_decode_mma_set_stages(4)
-    yield lambda stages: cpp._C.cuda_decode_mma_set_stages(stages)
-    cpp._C.cuda_decode_mma_set_stages(previous)
-
-
-@pytest.mark.parametrize("stages", [0, 3, 4, 6])
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_kernel_loops_match_ref(decode_stages, stages, bits, group_size, dtype):
-    """Both loops of the whole-shape path, the register loop (0) and the cp.async ring (3, 4, 6 slots), at
-    M = 1, 5 and 16, with the launcher's warps and with 1, 3 and 16 warps per CTA (a warp with no step, a ring
-    that does not fit 16 warps on an SM): against ref, deterministic."""
-    decode_stages(stages)
-    n, k = 96, 1024
-    p = random_packed(n, k, bits, group_size, dtype, seed=bits * 7 + stages)
-    for m in (1, 5, 16):
-        x = torch.randn(m, k, device="cuda").to(dtype)
-        bias = torch.randn(n, device="cuda").to(dtype)
-        args = (x, p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], bits, group_size, k, bias)
-        expected = ref.packed_matmul(*args)
-        for warps in (0, 1, 3, 16):
-            poison()
-            out = cpp.cuda_packed_matmul(*args, warps=warps)
-            assert_close_rel(out, expected, TOL[dtype], f"M={m} warps={warps}")
-            assert torch.equal(out, cpp.cuda_packed_matmul(*args, warps=warps)), "not deterministic"
-
-
 @pytest.mark.parametrize("bits", [2, 3])
 def test_decode_kernel_exact_on_integer_inputs(bits):
     """Small-integer x and scales that are powers of two make every product and sum exact in fp32: the kernel

@@ -72,12 +72,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_decode_mma_warps", [](bool bf16, int64_t M, int64_t K, int64_t N, int64_t group_len, int64_t bits) {
     return saliq_cuda_decode_mma_warps(bf16 ? SALIQ_BF16 : SALIQ_F16, M, K, N, group_len, (int)bits);
   }, "warps per CTA the decode kernel chooses for this shape on the current GPU");
-  m.def("cuda_decode_mma_set_stages", [](int64_t stages) {
-    const int previous = saliq_cuda_decode_mma_set_stages((int)stages);
-    TORCH_CHECK_VALUE(previous >= 0, "stages must be 0 (register loop), 3, 4 or 6, got ", stages);
-    return previous;
-  }, "the decode kernel's loop for whole shapes: cp.async ring depth 3, 4 or 6, or 0 for the register loop; "
-     "returns the previous setting (process-wide, for benchmarks)");
   m.def("cuda_dequantize", &saliq::dequantize_cuda, "W [N, K] = (q - z) * s from format v1, into out when given");
   m.def("cuda_fake_quant_lwc_fwd", &saliq::fake_quant_lwc_fwd_cuda);
   m.def("cuda_fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cuda);

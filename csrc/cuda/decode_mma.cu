@@ -9,9 +9,6 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-// Ring depth of the pipelined loop for whole shapes (0: the register loop); saliq_cuda_decode_mma_set_stages.
-int g_stages = 4;
-
 int multiprocessors() {
   static int cached[kMaxDevices] = {0};
   int device = 0;
@@ -64,8 +61,7 @@ int decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int6
   const bool fast = flags == (kVecWeights | kVecX) && N % kColumns == 0 && K % step_k == 0 && offsets_fit;
   Launch a{x, (int)M, ldx, K, N, shift, groups, qweight, qweight_hi, scales, bias, zeros,
            sp_rowptr, sp_cols, sp_vals, lora_t, lora_B, (int)lora_r, lora_scale,
-           y, flags, warps, multiprocessors(), fast, g_stages, reinterpret_cast<cudaStream_t>(stream),
-           query_warps};
+           y, flags, warps, multiprocessors(), fast, reinterpret_cast<cudaStream_t>(stream), query_warps};
   const bool bf16 = dtype == SALIQ_BF16;
   switch (bits) {
     case 2: return launch_b2(a, bf16);
@@ -94,11 +90,4 @@ extern "C" int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int6
                              static_cast<const int32_t*>(p), p, static_cast<const int16_t*>(p), nullptr, nullptr,
                              nullptr, nullptr, nullptr, nullptr, 0, 0.0f, nullptr, 0, 0, &warps);
   return err == 0 ? warps : -err;
-}
-
-extern "C" int saliq_cuda_decode_mma_set_stages(int stages) {
-  if (stages != 0 && stages != 3 && stages != 4 && stages != 6) return -1;
-  const int previous = g_stages;
-  g_stages = stages;
-  return previous;
 }

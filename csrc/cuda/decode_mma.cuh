@@ -128,23 +128,6 @@ __device__ __forceinline__ uint4 load_stream(const uint32_t* p) {
   return v;
 }
 
-// Asynchronous copies into shared memory (sm_80+), each lane its own bytes: the pipelined loop's loads.
-__device__ __forceinline__ void copy_async16(uint32_t dst, const void* src) {  // L2 only, like load_stream
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_async8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ uint4 load_shared16(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-  return v;
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void copy_async_wait() {  // all but the newest N groups have landed
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // ------------------------------------------------------------------ code pairs -> exact fp16 / bf16 integers
 // Pair p of a word holds codes (p, p + per-half) of one column: the low 16 bits carry code p, the high 16 bits
 // code p + 8 (2-bit, and the low plane of 3-bit) or p + 4 (4-bit). A code of width W at bit position POS of each
@@ -274,115 +257,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // tile, even rows only), 1: M <= 8, 2: M <= 16 (two tiles). NG: groups per step (2 for 2/3-bit groups of 32,
 // else 1). FAST: every lane's columns, rows and steps are whole and every load is aligned (N % 32 == 0,
 // K % step == 0, kVecWeights and kVecX, 32-bit element offsets), so the loads need no bounds checks.
-// STAGES (FAST only; 0: loads into registers): the packed words, scales and zero points travel through a
-// per-lane ring of STAGES shared-memory slots filled by cp.async, so that STAGES - 1 slots of loads stay in
-// flight while the warp computes (the register loop has its loads in flight only between its compute phases).
 template <int MT> constexpr int tiles_of() { return MT == 2 ? 2 : 1; }
 // Steps whose loads a warp issues together: fewer with two 8-row tiles of x, which need twice the registers.
 template <int MT> constexpr int unroll_for() { return MT == 2 ? 2 : 4; }
-// Steps per slot of the pipelined loop.
-template <int MT> constexpr int steps_per_slot() { return MT == 2 ? 1 : 2; }
-// 16-byte vectors a lane copies per step: the words, the 3-bit high plane, and per group scales (.xy) and
-// zero points (.zw).
-template <int BITS, int NG> constexpr int vectors_per_step() { return 1 + (BITS == 3) + NG; }
-template <int BITS, int MT, int NG> constexpr int slot_bytes_per_warp() {
-  return steps_per_slot<MT>() * vectors_per_step<BITS, NG>() * 32 * 16;
-}
 
-// One step of one lane: x fragments, the codes decoded, the mmas and y += s (sum q x - z sum x) per group.
 template <typename T, int BITS, int MT, int NG, bool FAST>
-__device__ __forceinline__ void mma_step(float (&acc)[tiles_of<MT>()][2][4], const uint4& wv, const uint4& hv,
-                                         const uint2 (&sraw)[NG], const uint2 (&zraw)[NG],
-                                         const uint16_t* __restrict__ x, int M, int64_t ldx, int64_t K, bool xvec,
-                                         int64_t r, int g, int t, uint32_t spread_sel) {
-  constexpr int kPerWord = BITS == 4 ? 8 : 16;  // codes per 32-bit word
-  constexpr int kPairs = kPerWord / 2;           // code pairs per word
-  constexpr int kSub = kPairs / 2;               // mmas per tile and step
-  constexpr int kTiles = tiles_of<MT>();
-  constexpr uint32_t kOnes = Dt<T>::kOnes;
-
-  // x fragments: pair p = (x[k0 + p], x[k0 + p + kPairs]) of row m = 8 mt + g, the codes' pairing
-  uint32_t xp[kTiles][kPairs];
-#pragma unroll
-  for (int mt = 0; mt < kTiles; ++mt) {
-    uint32_t X[kPairs];
-    if constexpr (FAST) {
-      // rows of x past M read row M - 1 instead of zeros: the products of an mma column reach only that
-      // column's output row, and rows >= M are never written (no predicate, no zeroing per step)
-      const uint32_t m = (uint32_t)min(8 * mt + g, M - 1);
-      const uint16_t* p = x + (m * (uint32_t)ldx + (uint32_t)r * kPerWord);
-#pragma unroll
-      for (int i = 0; i < kPairs; i += 4) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + 2 * i));
-        X[i] = v.x; X[i + 1] = v.y; X[i + 2] = v.z; X[i + 3] = v.w;
-      }
-    } else {
-      load_x<kPairs>(X, x, 8 * mt + g, M, ldx, r * kPerWord, K, xvec);
-    }
-#pragma unroll
-    for (int p = 0; p < kPairs; ++p)
-      xp[mt][p] = prmt(X[p >> 1], X[(p >> 1) + kPairs / 2], (p & 1) ? 0x7632u : 0x5410u);
-  }
-
-  // weights: 4 columns x kPairs exact code pairs
-  const uint32_t w[4] = {wv.x, wv.y, wv.z, wv.w};
-  uint32_t wp[4][kPairs];
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    uint32_t hs = 0u;
-    if (BITS == 3) {
-      const uint32_t h = c == 0 ? hv.x : c == 1 ? hv.y : c == 2 ? hv.z : hv.w;
-      hs = prmt(h, 0u, spread_sel);
-    }
-    decode_word<T, BITS>(w[c], hs, wp[c]);
-  }
-
-#pragma unroll
-  for (int gi = 0; gi < NG; ++gi) {
-    // NG == 2: lanes t = 0, 1 hold the first group's word rows, t = 2, 3 the second's
-    const uint32_t keep = (NG == 1 || (t >> 1) == gi) ? 0xFFFFFFFFu : 0u;
-    float d[kTiles][2][4], dx[kTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kTiles; ++mt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        dx[mt][e] = 0.0f;
-        d[mt][0][e] = 0.0f;
-        d[mt][1][e] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kSub; ++i) {
-#pragma unroll
-      for (int mt = 0; mt < kTiles; ++mt) {
-        const uint32_t b0 = xp[mt][2 * i] & keep, b1 = xp[mt][2 * i + 1] & keep;
-        mma<T>(dx[mt], kOnes, kOnes, kOnes, kOnes, b0, b1);  // sum of x over the same k
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-          mma<T>(d[mt][j], wp[2 * j][2 * i], wp[2 * j + 1][2 * i], wp[2 * j][2 * i + 1], wp[2 * j + 1][2 * i + 1],
-                 b0, b1);
-      }
-    }
-    // y += s (sum q x - z sum x), per column; element e of tile j is column 2j + e / 2, row 2t + e % 2
-    const uint2 sr = sraw[gi], zr = zraw[gi];
-    const float s[4] = {to_f32<T>(sr.x & 0xFFFFu), to_f32<T>(sr.x >> 16), to_f32<T>(sr.y & 0xFFFFu),
-                        to_f32<T>(sr.y >> 16)};
-    const float z[4] = {(float)(int16_t)(zr.x & 0xFFFFu), (float)(int16_t)(zr.x >> 16),
-                        (float)(int16_t)(zr.y & 0xFFFFu), (float)(int16_t)(zr.y >> 16)};
-#pragma unroll
-    for (int mt = 0; mt < kTiles; ++mt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (MT == 0 && (e & 1)) continue;  // M = 1: odd rows of x are padding
-          const int c = 2 * j + (e >> 1);
-          acc[mt][j][e] = fmaf(s[c], fmaf(-z[c], dx[mt][e & 1], d[mt][j][e]), acc[mt][j][e]);
-        }
-  }
-}
-
-template <typename T, int BITS, int MT, int NG, bool FAST, int STAGES>
 __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     decode_mma_kernel(const uint16_t* __restrict__ x, int M, int64_t ldx, int64_t K, int64_t N, int group_shift,
                       int64_t groups, const uint32_t* __restrict__ qweight, const uint32_t* __restrict__ qweight_hi,
@@ -392,10 +271,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
                       const uint16_t* __restrict__ lora_t, const uint16_t* __restrict__ lora_B, int lora_r,
                       float lora_scale, T* __restrict__ y, int flags) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;  // codes per 32-bit word
+  constexpr int kPairs = kPerWord / 2;           // code pairs per word
+  constexpr int kSub = kPairs / 2;               // mmas per tile and step
   constexpr int kTiles = tiles_of<MT>();
   constexpr int U = unroll_for<MT>();
+  constexpr uint32_t kOnes = Dt<T>::kOnes;
   static_assert(NG == 1 || BITS != 4, "4-bit steps never span two groups");
-  static_assert(STAGES == 0 || (FAST && STAGES >= 2), "the pipelined loop serves whole shapes");
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -415,127 +296,127 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.0f;
 
-  extern __shared__ __align__(16) unsigned char pipe_smem[];
-  if constexpr (STAGES > 0) {
-    // Slot i of this warp holds steps (warp + nwarps * i) * S .. + S - 1; lane l's vector v of step u sits at
-    // ((slot * S + u) * V + v) * 32 + l (16-byte units), so each LDS.128 of a warp reads 512 contiguous bytes.
-    constexpr int S = steps_per_slot<MT>();
-    constexpr int V = vectors_per_step<BITS, NG>();
-    constexpr uint32_t kSlotBytes = slot_bytes_per_warp<BITS, MT, NG>();
-    const uint32_t ring = (uint32_t)__cvta_generic_to_shared(pipe_smem) + (uint32_t)warp * STAGES * kSlotBytes +
-                          (uint32_t)lane * 16u;
-    const int first = warp * S, stride = nwarps * S;
-    const int slots = first < steps ? (steps - first + stride - 1) / stride : 0;  // this warp's
-    // Slots are issued in order, so the words' addresses advance by a fixed stride: running pointers.
-    const uint32_t* wsrc = qweight + ((4u * (uint32_t)first + (uint32_t)t) * n32 + c32);
-    const uint32_t* hsrc = qweight_hi + ((2u * (uint32_t)first + (uint32_t)(t >> 1)) * n32 + c32);
-    const size_t wstride = (size_t)4 * stride * n32, hstride = (size_t)2 * stride * n32;
-    int next_step = first;  // first step of the next slot to issue
-    const auto issue = [&](int pos) {  // the next slot's copies into ring position pos
-      const uint32_t at = ring + (uint32_t)pos * kSlotBytes;
+  for (int s0 = warp * U; s0 < steps; s0 += nwarps * U) {
+    // issue every load of U steps first: the packed words are the DRAM stream
+    uint4 wv[U], hv[U];
+    uint2 sraw[U][NG], zraw[U][NG];
 #pragma unroll
-      for (int u = 0; u < S; ++u) {
-        const int step = next_step + u;
-        if (u > 0 && step >= steps) break;  // past the last step: that slot part is never read
-        const uint32_t v0 = at + (uint32_t)(u * V) * 512u;
-        copy_async16(v0, wsrc + (size_t)u * 4 * n32);
-        if (BITS == 3) copy_async16(v0 + 512u, hsrc + (size_t)u * 2 * n32);
+    for (int u = 0; u < U; ++u) {
+      const int step = s0 + u;
+      const int64_t r = 4 * (int64_t)step + t;
+      if constexpr (FAST) {
+        // 32-bit element offsets (the launcher checked that they fit): fewer address instructions per load.
+        // Past the last step the last step is loaded again (and not used): no predicate per load.
+        const uint32_t st = (uint32_t)min(step, steps - 1);
+        const uint32_t row = 4u * st + (uint32_t)t;
+        wv[u] = load_stream(qweight + (row * n32 + c32));
+        if (BITS == 3) hv[u] = load_stream(qweight_hi + ((row >> 1) * n32 + c32));
 #pragma unroll
         for (int gi = 0; gi < NG; ++gi) {
-          const uint32_t ga = (NG == 2 ? 2u * (uint32_t)step + gi : ((uint32_t)step >> group_shift)) * n32 + c32;
-          const uint32_t sz = v0 + (uint32_t)(1 + (BITS == 3) + gi) * 512u;
-          copy_async8(sz, scales + ga);
-          copy_async8(sz + 8u, zeros + ga);
+          const uint32_t at = (NG == 2 ? 2u * st + gi : (st >> group_shift)) * n32 + c32;
+          sraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(scales + at));
+          zraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(zeros + at));
         }
-      }
-      wsrc += wstride;
-      if (BITS == 3) hsrc += hstride;
-      next_step += stride;
-    };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) {
-      if (i < slots) issue(i);
-      copy_async_commit();  // empty groups too: the wait below counts groups
-    }
-    int read_pos = 0, write_pos = STAGES - 1;
-    for (int i = 0; i < slots; ++i) {
-      copy_async_wait<STAGES - 2>();  // slot i has landed (this lane's own copies: no barrier)
-      const uint32_t at = ring + (uint32_t)read_pos * kSlotBytes;
-      uint4 wv[S], hv[S];
-      uint2 sraw[S][NG], zraw[S][NG];
-#pragma unroll
-      for (int u = 0; u < S; ++u) {
-        const uint32_t v = at + (uint32_t)(u * V) * 512u;
-        wv[u] = load_shared16(v);
-        if (BITS == 3) hv[u] = load_shared16(v + 512u);
+      } else {
+        wv[u] = load_words(qweight, r, rows, N, col0, vec);
+        if (BITS == 3) hv[u] = load_words(qweight_hi, r < rows ? (r >> 1) : rows, rows, N, col0, vec);
 #pragma unroll
         for (int gi = 0; gi < NG; ++gi) {
-          const uint4 sz = load_shared16(v + (uint32_t)(1 + (BITS == 3) + gi) * 512u);
-          sraw[u][gi] = make_uint2(sz.x, sz.y);
-          zraw[u][gi] = make_uint2(sz.z, sz.w);
+          const int64_t grp = step >= steps ? groups : NG == 2 ? 2 * step + gi : (step >> group_shift);
+          load_scales(scales, zeros, grp, groups, N, col0, vec, sraw[u][gi], zraw[u][gi]);
         }
       }
-      // refill the position read in the previous iteration (its values are in registers and used)
-      if (i + STAGES - 1 < slots) issue(write_pos);
-      copy_async_commit();
-      read_pos = read_pos == STAGES - 1 ? 0 : read_pos + 1;
-      write_pos = write_pos == STAGES - 1 ? 0 : write_pos + 1;
-#pragma unroll
-      for (int u = 0; u < S; ++u) {
-        const int step = first + stride * i + u;
-        if (step >= steps) break;  // warp-uniform
-        mma_step<T, BITS, MT, NG, FAST>(acc, wv[u], hv[u], sraw[u], zraw[u], x, M, ldx, K, xvec,
-                                        4 * (int64_t)step + t, g, t, spread_sel);
-      }
     }
-    copy_async_wait<0>();
-    __syncthreads();  // the ring is reused for the warps' partial sums below
-  } else {
-    for (int s0 = warp * U; s0 < steps; s0 += nwarps * U) {
-      // issue every load of U steps first: the packed words are the DRAM stream
-      uint4 wv[U], hv[U];
-      uint2 sraw[U][NG], zraw[U][NG];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int step = s0 + u;
-        const int64_t r = 4 * (int64_t)step + t;
+    for (int u = 0; u < U; ++u) {
+      const int step = s0 + u;
+      if (step >= steps) break;  // warp-uniform
+      const int64_t r = 4 * (int64_t)step + t;
+
+      // x fragments: pair p = (x[k0 + p], x[k0 + p + kPairs]) of row m = 8 mt + g, the codes' pairing
+      uint32_t xp[kTiles][kPairs];
+#pragma unroll
+      for (int mt = 0; mt < kTiles; ++mt) {
+        uint32_t X[kPairs];
         if constexpr (FAST) {
-          // 32-bit element offsets (the launcher checked that they fit): fewer address instructions per load.
-          // Past the last step the last step is loaded again (and not used): no predicate per load.
-          const uint32_t st = (uint32_t)min(step, steps - 1);
-          const uint32_t row = 4u * st + (uint32_t)t;
-          wv[u] = load_stream(qweight + (row * n32 + c32));
-          if (BITS == 3) hv[u] = load_stream(qweight_hi + ((row >> 1) * n32 + c32));
+          // rows of x past M read row M - 1 instead of zeros: the products of an mma column reach only that
+          // column's output row, and rows >= M are never written (no predicate, no zeroing per step)
+          const uint32_t m = (uint32_t)min(8 * mt + g, M - 1);
+          const uint16_t* p = x + (m * (uint32_t)ldx + (uint32_t)r * kPerWord);
 #pragma unroll
-          for (int gi = 0; gi < NG; ++gi) {
-            const uint32_t at = (NG == 2 ? 2u * st + gi : (st >> group_shift)) * n32 + c32;
-            sraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(scales + at));
-            zraw[u][gi] = __ldg(reinterpret_cast<const uint2*>(zeros + at));
+          for (int i = 0; i < kPairs; i += 4) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(p + 2 * i));
+            X[i] = v.x; X[i + 1] = v.y; X[i + 2] = v.z; X[i + 3] = v.w;
           }
         } else {
-          wv[u] = load_words(qweight, r, rows, N, col0, vec);
-          if (BITS == 3) hv[u] = load_words(qweight_hi, r < rows ? (r >> 1) : rows, rows, N, col0, vec);
+          load_x<kPairs>(X, x, 8 * mt + g, M, ldx, r * kPerWord, K, xvec);
+        }
 #pragma unroll
-          for (int gi = 0; gi < NG; ++gi) {
-            const int64_t grp = step >= steps ? groups : NG == 2 ? 2 * step + gi : (step >> group_shift);
-            load_scales(scales, zeros, grp, groups, N, col0, vec, sraw[u][gi], zraw[u][gi]);
+        for (int p = 0; p < kPairs; ++p)
+          xp[mt][p] = prmt(X[p >> 1], X[(p >> 1) + kPairs / 2], (p & 1) ? 0x7632u : 0x5410u);
+      }
+
+      // weights: 4 columns x kPairs exact code pairs
+      const uint32_t w[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      uint32_t wp[4][kPairs];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        uint32_t hs = 0u;
+        if (BITS == 3) {
+          const uint32_t h = c == 0 ? hv[u].x : c == 1 ? hv[u].y : c == 2 ? hv[u].z : hv[u].w;
+          hs = prmt(h, 0u, spread_sel);
+        }
+        decode_word<T, BITS>(w[c], hs, wp[c]);
+      }
+
+#pragma unroll
+      for (int gi = 0; gi < NG; ++gi) {
+        // NG == 2: lanes t = 0, 1 hold the first group's word rows, t = 2, 3 the second's
+        const uint32_t keep = (NG == 1 || (t >> 1) == gi) ? 0xFFFFFFFFu : 0u;
+        float d[kTiles][2][4], dx[kTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kTiles; ++mt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dx[mt][e] = 0.0f;
+            d[mt][0][e] = 0.0f;
+            d[mt][1][e] = 0.0f;
           }
         }
-      }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int step = s0 + u;
-        if (step >= steps) break;  // warp-uniform
-        mma_step<T, BITS, MT, NG, FAST>(acc, wv[u], hv[u], sraw[u], zraw[u], x, M, ldx, K, xvec,
-                                        4 * (int64_t)step + t, g, t, spread_sel);
+        for (int i = 0; i < kSub; ++i) {
+#pragma unroll
+          for (int mt = 0; mt < kTiles; ++mt) {
+            const uint32_t b0 = xp[mt][2 * i] & keep, b1 = xp[mt][2 * i + 1] & keep;
+            mma<T>(dx[mt], kOnes, kOnes, kOnes, kOnes, b0, b1);  // sum of x over the same k
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+              mma<T>(d[mt][j], wp[2 * j][2 * i], wp[2 * j + 1][2 * i], wp[2 * j][2 * i + 1], wp[2 * j + 1][2 * i + 1],
+                     b0, b1);
+          }
+        }
+        // y += s (sum q x - z sum x), per column; element e of tile j is column 2j + e / 2, row 2t + e % 2
+        const uint2 sr = sraw[u][gi], zr = zraw[u][gi];
+        const float s[4] = {to_f32<T>(sr.x & 0xFFFFu), to_f32<T>(sr.x >> 16), to_f32<T>(sr.y & 0xFFFFu),
+                            to_f32<T>(sr.y >> 16)};
+        const float z[4] = {(float)(int16_t)(zr.x & 0xFFFFu), (float)(int16_t)(zr.x >> 16),
+                            (float)(int16_t)(zr.y & 0xFFFFu), (float)(int16_t)(zr.y >> 16)};
+#pragma unroll
+        for (int mt = 0; mt < kTiles; ++mt)
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              if (MT == 0 && (e & 1)) continue;  // M = 1: odd rows of x are padding
+              const int c = 2 * j + (e >> 1);
+              acc[mt][j][e] = fmaf(s[c], fmaf(-z[c], dx[mt][e & 1], d[mt][j][e]), acc[mt][j][e]);
+            }
       }
     }
   }
 
   // the warps' partial sums, added in warp order
-  // the pipelined loop's ring holds at least kMaxM * kColumns floats per warp (launch_typed sizes it so)
-  __shared__ float red_static[STAGES > 0 ? 1 : kMaxWarps][kMaxM][kColumns];
-  auto red = STAGES > 0 ? reinterpret_cast<float(*)[kMaxM][kColumns]>(pipe_smem) : red_static;
+  __shared__ float red[kMaxWarps][kMaxM][kColumns];
 #pragma unroll
   for (int mt = 0; mt < kTiles; ++mt)
 #pragma unroll
@@ -607,7 +488,6 @@ struct Launch {
   void* y;
   int flags, warps, sms;
   bool fast;
-  int stages;  // whole shapes: the pipelined loop's ring depth (3, 4 or 6), or 0 for the register loop
   cudaStream_t stream;
   int* query_warps;  // non-null: store the warps per CTA this call would use, launch nothing
 };
@@ -615,13 +495,14 @@ struct Launch {
 // Warps per CTA. Measured on an H200 (benchmarks/results/2026-11-26-nvidia-h200-decode-warps.md): the best
 // count puts about 16 warps on every SM in a single wave of CTAs, e.g. 16 for 128 CTAs (N = 4096), 8 for 256,
 // 6 for 344 at 2 bits but 4 at 3 bits, whose larger register count fits fewer CTAs per SM. So: the largest
-// count whose warps stay within 16 per SM and whose CTAs all fit at once (blocks_per_sm(w): CTAs of w warps an
-// SM holds, given the kernel's registers and shared memory); with more CTAs than that, 4.
-template <typename BlocksPerSm>
-int choose_warps(int64_t ctas, int sms, int64_t useful, BlocksPerSm blocks_per_sm) {
+// count whose warps stay within 16 per SM and whose CTAs all fit at once given the kernel's registers; with
+// more CTAs than that, 4.
+inline int choose_warps(int64_t ctas, int regs, int sms, int64_t useful) {
+  const int per_warp = (regs * 32 + 255) / 256 * 256;  // registers are allocated per warp in units of 256
+  const int warps_per_sm = per_warp > 0 ? 65536 / per_warp : 16;
   int chosen = 4;
   for (int w : {16, 12, 8, 6, 4}) {
-    if (ctas * w <= 16 * (int64_t)sms && ctas <= (int64_t)sms * blocks_per_sm(w)) {
+    if (ctas * w <= 16 * (int64_t)sms && ctas <= (int64_t)sms * (warps_per_sm / w)) {
       chosen = w;
       break;
     }
@@ -630,51 +511,28 @@ int choose_warps(int64_t ctas, int sms, int64_t useful, BlocksPerSm blocks_per_s
   return chosen;
 }
 
-// Dynamic shared memory of a launch: the pipelined loop's rings, which the warps' partial sums reuse.
-template <int BITS, int MT, int NG, int STAGES>
-constexpr int ring_bytes(int warps) {
-  constexpr int per_warp = STAGES * slot_bytes_per_warp<BITS, MT, NG>();
-  constexpr int red = kMaxM * kColumns * 4;
-  return STAGES == 0 ? 0 : warps * (per_warp > red ? per_warp : red);
-}
-
-template <typename T, int BITS, int MT, int NG, bool FAST, int STAGES>
+template <typename T, int BITS, int MT, int NG, bool FAST>
 int launch_typed(const Launch& a) {
-  const auto kernel = decode_mma_kernel<T, BITS, MT, NG, FAST, STAGES>;
+  const auto kernel = decode_mma_kernel<T, BITS, MT, NG, FAST>;
   const int64_t ctas = (a.N + kColumns - 1) / kColumns;
-  // per instance, computed once (a race only writes the same values twice): CTAs per SM for 1..16 warps
-  static int blocks[kMaxWarps + 1] = {0};
-  static bool ready = false;
-  if (!ready) {
-    if (STAGES > 0)
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           ring_bytes<BITS, MT, NG, STAGES>(kMaxWarps) < 227 * 1024
-                               ? ring_bytes<BITS, MT, NG, STAGES>(kMaxWarps) : 227 * 1024);
-    for (int w = 1; w <= kMaxWarps; ++w) {
-      int b = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, kernel, w * 32, ring_bytes<BITS, MT, NG, STAGES>(w)) !=
-          cudaSuccess)
-        b = 0;
-      blocks[w] = b;
-    }
-    cudaGetLastError();
-    ready = true;
-  }
   int warps = a.warps;
   if (warps <= 0) {
+    static int regs = 0;  // per instance; a race only writes the same value twice
+    if (regs == 0) {
+      cudaFuncAttributes attr;
+      regs = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.numRegs : 128;
+      cudaGetLastError();
+    }
     const int64_t per_word = BITS == 4 ? 8 : 16;
     const int64_t steps = ((a.K + per_word - 1) / per_word + 3) / 4;
-    const int per_iteration = STAGES > 0 ? steps_per_slot<MT>() : unroll_for<MT>();
-    warps = choose_warps(ctas, a.sms, (steps + per_iteration - 1) / per_iteration,
-                         [](int w) { return blocks[w]; });
+    warps = choose_warps(ctas, regs, a.sms, (steps + unroll_for<MT>() - 1) / unroll_for<MT>());
   }
   if (warps > kMaxWarps) warps = kMaxWarps;
-  while (warps > 1 && blocks[warps] == 0) --warps;  // a ring too large for one SM: fewer warps
   if (a.query_warps != nullptr) {
     *a.query_warps = warps;
     return 0;
   }
-  kernel<<<dim3((unsigned)ctas), warps * 32, ring_bytes<BITS, MT, NG, STAGES>(warps), a.stream>>>(
+  kernel<<<dim3((unsigned)ctas), warps * 32, 0, a.stream>>>(
       static_cast<const uint16_t*>(a.x), a.M, a.ldx, a.K, a.N, a.group_shift, a.groups,
       reinterpret_cast<const uint32_t*>(a.qweight), reinterpret_cast<const uint32_t*>(a.qweight_hi),
       static_cast<const uint16_t*>(a.scales), a.zeros, static_cast<const T*>(a.bias), a.sp_rowptr, a.sp_cols,
@@ -683,21 +541,15 @@ int launch_typed(const Launch& a) {
   return (int)cudaGetLastError();
 }
 
-template <typename T, int BITS, int NG, bool FAST, int STAGES>
+template <typename T, int BITS, int NG, bool FAST>
 int launch_rows(const Launch& a) {
-  if (a.M == 1) return launch_typed<T, BITS, 0, NG, FAST, STAGES>(a);
-  return a.M > 8 ? launch_typed<T, BITS, 2, NG, FAST, STAGES>(a) : launch_typed<T, BITS, 1, NG, FAST, STAGES>(a);
+  if (a.M == 1) return launch_typed<T, BITS, 0, NG, FAST>(a);
+  return a.M > 8 ? launch_typed<T, BITS, 2, NG, FAST>(a) : launch_typed<T, BITS, 1, NG, FAST>(a);
 }
 
 template <typename T, int BITS, int NG>
 int launch_fast(const Launch& a) {
-  if (!a.fast) return launch_rows<T, BITS, NG, false, 0>(a);
-  switch (a.stages) {
-    case 0: return launch_rows<T, BITS, NG, true, 0>(a);
-    case 3: return launch_rows<T, BITS, NG, true, 3>(a);
-    case 6: return launch_rows<T, BITS, NG, true, 6>(a);
-    default: return launch_rows<T, BITS, NG, true, 4>(a);
-  }
+  return a.fast ? launch_rows<T, BITS, NG, true>(a) : launch_rows<T, BITS, NG, false>(a);
 }
 
 template <typename T, int BITS>

@@ -38,10 +38,6 @@ int saliq_cuda_decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int6
                           float lora_scale, void* y, int warps, intptr_t stream);
 // The warps per CTA saliq_cuda_decode_mma chooses for this shape on the current device (negative: -error).
 int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int64_t N, int64_t group_len, int bits);
-// The decode kernel's loop for whole shapes from now on: 3, 4 or 6, the depth of the cp.async ring (default
-// 4), or 0 for the register loop. Returns the previous setting, or -1 (nothing changed) for another value.
-// Process-wide and not thread-safe: for benchmarks that compare the loops.
-int saliq_cuda_decode_mma_set_stages(int stages);
 
 // out[N, K] = (q - z) * s from packed format v1 (saliq/ref.py dequantize): fp32 arithmetic, one rounding to
 // out_dtype. scales [G, N] in scale_dtype; out contiguous; group_len: the group size, or K for one group.

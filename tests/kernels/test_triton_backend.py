@@ -159,3 +159,20 @@ def test_configs_measured_on_a_gpu_model_ship_with_the_package(monkeypatch, tmp_
     autotune.record("packed_matmul", key, mine, "cpu")
     monkeypatch.setattr(autotune, "_memory", {})
     assert autotune.lookup("packed_matmul", key, "cpu") == mine
+
+
+def test_shipped_dequantize_configs_are_candidates(monkeypatch):
+    """Every dequantize entry of the shipped tables is the CUDA kernel or a Triton configuration dequantize_into
+    offers (a stale entry would be ignored, and its bucket tuned again on first use)."""
+    import glob
+    import os
+
+    from saliq.kernels import dequantize as dq
+
+    monkeypatch.setattr(dq, "is_interpreter", lambda: False)
+    tables = glob.glob(os.path.join(os.path.dirname(autotune.__file__), "configs", "*.json"))
+    entries = [(name, cfg) for t in tables for name, cfg in json.loads(open(t).read())["entries"].items()
+               if name.startswith("dequantize|")]
+    assert entries, "no shipped dequantize entries"
+    for name, cfg in entries:
+        assert cfg == {"kind": "cuda"} or cfg in dq._candidates(), (name, cfg)
