@@ -6,7 +6,8 @@ Sections (one JSON record per case, `op` names the section):
   fp16 F.linear on the dequantized weight, both captured in CUDA graphs and fed rotating weight copies larger
   than the L2 (so every call reads DRAM, as a decode step does), plus the eager reference, torch.compile of it
   (a subset: compiling costs seconds) and the eager per-call time of the default path (Python included);
-- `packed_linear`, prefill sizes M = 256, 4096: the default path against fp16 F.linear, L2 flushed per call;
+- `packed_linear`, prefill sizes M = 256, 4096: the default path against fp16 F.linear, L2 flushed per call
+  (x_fp16), and both graph-timed with weights rotated past the L2 (x_fp16_graph: the GPU's time alone);
 - `dequantize`: the prefill's decode of W into the activation dtype, every Triton configuration against the
   CUDA kernel (x_triton = best Triton time / CUDA time), each checked bit for bit against ref;
 - `lora`: the LoRA term's cost on a decode call (QuantLinear with and without r = 64);
@@ -186,12 +187,31 @@ def bench_prefill(shapes, bits_list, ms_list, dtype, bw) -> list[dict]:
             err = _rel_err(y, ref.packed_matmul(x.float(), *args[:2], args[2].float(), *args[3:], None))
             t = time_ms(lambda: impl(x, *args, None))
             t16 = time_ms(lambda: F.linear(x, W16))
+            tg, tg16 = _prefill_graph_ms(impl, x, p, args, W16)
             rows.append(dict(
                 op="packed_linear", N=n, K=k, bits=bits, group=64, M=M, dtype=str(dtype)[6:], backend=backend,
                 ms=t, ms_fp16=t16, x_fp16=_ratio(t16, t), tflops=2 * M * n * k / (t * 1e-3) / 1e12,
                 tflops_fp16=2 * M * n * k / (t16 * 1e-3) / 1e12, err=err, config=_triton_config(x, p),
-                timing="CUDA events, L2 flushed"))
+                timing="CUDA events, L2 flushed", ms_graph=tg, ms_fp16_graph=tg16,
+                x_fp16_graph=None if tg is None else _ratio(tg16, tg)))
     return rows
+
+
+def _prefill_graph_ms(impl, x, p, args, W16):
+    """The prefill call and fp16 F.linear graph-timed as the decode rows are (weights rotated past the L2): the
+    GPU's time without the host's, which the eager timing counts whenever the GPU drains after the flush (a
+    Python-heavy path looks slower there than inside a model's forward, whose kernels queue up). (None, None)
+    when the path cannot be captured."""
+    try:
+        packed = [args] + [(p.qweight.clone(), p.qweight_hi.clone(), p.scales.clone(), p.zeros.clone(), *args[4:])
+                           for _ in range(copies_beyond_l2(p.nbytes()) - 1)]
+        dense = [W16] + [W16.clone() for _ in range(copies_beyond_l2(nbytes(W16)) - 1)]
+        tg = graph_time_ms([(lambda a=a: impl(x, *a, None)) for a in packed], replays=3, rounds=3)
+        tg16 = graph_time_ms([(lambda w=w: F.linear(x, w)) for w in dense], replays=3, rounds=3)
+        return tg, tg16
+    except RuntimeError as e:  # a capture the path does not allow: keep the eager figures
+        log(f"  prefill not graph-timed: {e}")
+        return None, None
 
 
 def bench_dequantize(shapes, bits_list, dtype, bw) -> list[dict]:
@@ -452,9 +472,11 @@ def main(argv=None) -> int:
           f"L2 {meta['l2_bytes'] >> 20} MiB; torch {torch.__version__}, triton {triton.__version__}. "
           f"x_* = speedup of saliq over that baseline (fp16 = F.linear on the dequantized fp16 weight); pct_bw = "
           f"bytes moved over time, as a share of the copy bandwidth; ideal_x_fp16 = 16 / bits per weight.\n\n"
-          "## Decode (CUDA graphs, weights rotated past the L2) and prefill (L2 flushed per call)\n\n"
+          "## Decode (CUDA graphs, weights rotated past the L2) and prefill (L2 flushed per call; x_fp16_graph: "
+          "graph-timed too)\n\n"
           + table("packed_linear", ["N", "K", "bits", "group", "M", "dtype", "backend", "ms", "ms_fp16", "x_fp16",
-                                    "ideal_x_fp16", "pct_bw", "x_eager", "x_compile", "us_call", "err"])
+                                    "ideal_x_fp16", "pct_bw", "x_eager", "x_compile", "us_call", "x_fp16_graph",
+                                    "err"])
           + "\n## Dequantize for the prefill (W in the activation dtype, L2 flushed): Triton (best config) and CUDA\n\n"
           + table("dequantize", ["N", "K", "bits", "group", "dtype", "ms_triton", "ms_cuda", "x_triton", "pct_bw"])
           + "\n## LoRA term on a decode call (r = 64, graph-timed)\n\n"

@@ -29,6 +29,8 @@ def test_smoke_report_writes_comparable_records(tmp_path):
         if r["op"] == "packed_linear":
             assert r["err"] < 1e-5, r  # fp32 on the CPU: the kernels agree with the reference
             assert "pct_bw" in r or r["M"] > 16
+            if r["M"] > 16:  # prefill: graph-timed beside the eager timing
+                assert r["ms_graph"] > 0 and r["ms_fp16_graph"] > 0 and r["x_fp16_graph"] > 0, r
     targets = [r for r in records if r["op"] == "target"]
     assert len(targets) == len(gpu_report.BARS)
     assert data["meta"]["copy_bandwidth_gbs"] > 0
