@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `make gpu-check`: everything a machine with a GPU should run, in one go, with the machine's own python as it is
-# (no virtualenv, no downloads). Builds saliq._C, writes the GPU report (benchmarks/results/<date>-<device>.md
-# and .json) while nothing else runs, then runs the GPU tests of the CUDA kernels and the Triton tests natively,
-# side by side (they check results, not time). Each step runs even when an earlier one failed; the exit status
-# says whether all passed. Logs go to $LOGS (default benchmarks/results/logs). About 5-7 minutes on an H100 /
-# H200.
+# (no virtualenv, no downloads). Builds saliq._C (for this GPU's target only), runs the tensor-core probe
+# (benchmarks/probes), writes the GPU report (benchmarks/results/<date>-<device>.md and .json) while nothing else
+# runs, then runs the GPU tests of the CUDA kernels and the Triton tests natively, side by side (they check
+# results, not time). Each step runs even when an earlier one failed; the exit status says whether all passed.
+# Logs go to $LOGS (default benchmarks/results/logs). About 5-6 minutes on an H100 / H200.
 set -u
 PY=${PY:-python3}
 LOGS=${LOGS:-benchmarks/results/logs}
@@ -27,6 +27,10 @@ $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch
 export SALIQ_CUDA_ARCHS=${SALIQ_CUDA_ARCHS-$($PY -c "import torch; print('sm_90a' if torch.cuda.get_device_capability() == (9, 0) else '')")}
 rm -f "$LOGS"/*.rc
 step build env MAX_JOBS=$(nproc) $PY -m pip install -v --no-build-isolation --no-deps -e .
+if command -v nvcc >/dev/null; then  # a few seconds: whether the tensor cores take subnormal codes exactly
+  step probe-mma bash -c 'nvcc -O2 -arch=native benchmarks/probes/mma_subnormals.cu -o "$1" && "$1"' _ \
+    "$LOGS/mma_subnormals"
+fi
 step report timeout ${REPORT_TIMEOUT:-360} $PY benchmarks/gpu_report.py --out benchmarks/results ${REPORT_ARGS:-}
 # Test workers: one OpenMP thread and no inductor compile pool each (16 workers on 16 cores;
 # the CUDA suite reached 100% on an H200 twice and then did not exit within its timeout).

@@ -195,6 +195,16 @@ def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, budget):
 
 
 @needs_toolkit
+def test_the_tensor_core_probe_compiles(tmp_path):
+    """benchmarks/probes/mma_subnormals.cu, which make gpu-check runs, builds for sm_90 (here: compiled only)."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "probes",
+                       "mma_subnormals.cu")
+    out = subprocess.run([TOOLKIT["nvcc"], "-O2", "-arch=sm_90", "-c", src, "-o", str(tmp_path / "probe.o")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@needs_toolkit
 def test_cuda_backend_registered():
     from saliq import backends
 
