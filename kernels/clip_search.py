@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import is_interpreter, next_pow2
-from .fake_quant import EXACT_OPTIONS, _group_quant, _group_tile, _int_div_args
+from .fake_quant import EXACT_OPTIONS, _group_quant, _group_tile, _int_div_args, tiles_are_even
 
 
 @triton.jit
@@ -38,9 +38,9 @@ def _group_error(w, sal, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexp
 def _clip_search_kernel(w_ptr, s_ptr, grid_ptr, best_max_ptr, best_min_ptr, R, g, STEPS: tl.constexpr,
                         QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
                         TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
     pid = tl.program_id(0)
-    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G)
+    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G, EVEN)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sal = w
     if HAS_S:
@@ -93,6 +93,7 @@ def search_rows(W: torch.Tensor, S: Optional[torch.Tensor], bits: int, group_len
     S_ = W if S is None else S.contiguous()  # placeholder: never read without S
     _clip_search_kernel[(triton.cdiv(R, block_r),)](
         W, S_, grid_t, best_max, best_min, R, group_len, STEPS=len(grid), **_int_div_args(bits, W.device),
-        SYMMETRIC=symmetric, HAS_S=S is not None, BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4, **EXACT_OPTIONS)
+        SYMMETRIC=symmetric, HAS_S=S is not None, BLOCK_R=block_r, BLOCK_G=block_g,
+        EVEN=tiles_are_even(R, group_len, block_r, block_g), num_warps=4, **EXACT_OPTIONS)
     G = k // group_len
     return best_max.view(n, G), best_min.view(n, G)

@@ -22,13 +22,15 @@ from .common import alloc, is_interpreter, next_pow2, sum_partials
 
 @triton.jit
 def _round_half_even(x):
-    # torch.round rounds ties to even; floor-based so that it is exact for every fp32 value
-    # (x + 0.5 would round up 0.49999997) and for |x| >= 2**23, which is already integral
-    f = tl.floor(x)
-    d = x - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return tl.where(up, f + 1.0, f)
+    # torch.round: to nearest, ties to even, the sign of x kept (-0.3 -> -0.0). For |x| < 2^23, |x| + 2^23 lies
+    # in [2^23, 2^24), where the fp32 spacing is 1, so that one rounded add (ties to even, and 2^23 is even)
+    # rounds |x| to an integer and the subtraction is exact; |x| >= 2^23 (and inf) is already integral. Three
+    # float operations and a sign copy, instead of two floors and a tie test (x + 0.5 would round 0.49999997 up).
+    a = tl.abs(x)
+    m = (a + 8388608.0) - 8388608.0
+    m = tl.where(a < 8388608.0, m, a)
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return (m.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -85,24 +87,35 @@ def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, IN
 
 
 @triton.jit
-def _group_tile(pid, R, g, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+def _group_tile(pid, R, g, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
     """Program pid's BLOCK_R group rows of g contiguous elements (of R): row indices, which rows exist, the
-    element mask and the element offsets of the [BLOCK_R, BLOCK_G] tile."""
+    element mask and the element offsets of the [BLOCK_R, BLOCK_G] tile. EVEN (BLOCK_R divides R and
+    g == BLOCK_G, see tiles_are_even): the masks are constants, which the compiler folds away with every
+    select and predicate they feed."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_G)
-    row_ok = rows < R
-    mask = row_ok[:, None] & (cols < g)[None, :]
+    if EVEN:
+        row_ok = tl.full((BLOCK_R,), 1, tl.int1)
+        mask = tl.full((BLOCK_R, BLOCK_G), 1, tl.int1)
+    else:
+        row_ok = rows < R
+        mask = row_ok[:, None] & (cols < g)[None, :]
     offs = rows.to(tl.int64)[:, None] * g + cols[None, :]
     return rows, row_ok, mask, offs
+
+
+def tiles_are_even(R: int, g: int, block_r: int, block_g: int) -> bool:
+    """Whether every [block_r, block_g] tile of R group rows of g elements is whole (_group_tile's EVEN)."""
+    return R % block_r == 0 and g == block_g
 
 
 @triton.jit
 def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partial_ptr, R, g,
                    QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
                    TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+                   HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
     pid = tl.program_id(0)
-    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G)
+    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G, EVEN)
     # upcast right after the load: all arithmetic is fp32, as in the reference
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
@@ -126,9 +139,9 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
                    QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
                    TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
                    HAS_DELTA: tl.constexpr, NEED_DW: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+                   BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
     pid = tl.program_id(0)
-    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G)
+    rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G, EVEN)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     gw = tl.load(gw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
@@ -244,7 +257,8 @@ def fake_quant_lwc_fwd(W: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, S: O
         _fq_fwd_kernel[grid](W, fmax, fmin, S_, D_, what, partials, R, g, **_int_div_args(bits, W.device),
                              SYMMETRIC=symmetric, HAS_S=S is not None,
                              HAS_DELTA=delta is not None and S is not None,
-                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g), num_warps=cfg["num_warps"],
+                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g),
+                             EVEN=tiles_are_even(R, g, cfg["BLOCK_R"], next_pow2(g)), num_warps=cfg["num_warps"],
                              **EXACT_OPTIONS)
         return partials
 
@@ -282,7 +296,8 @@ def fake_quant_lwc_bwd(grad_what: torch.Tensor, grad_reg: Optional[torch.Tensor]
                              W if dW is None else dW, dhi, dlo, W if (ddelta is None or not has_s) else ddelta,
                              R, g, **_int_div_args(bits, W.device), SYMMETRIC=symmetric,
                              HAS_S=has_s, HAS_DELTA=delta is not None and has_s, NEED_DW=need_dW,
-                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g), num_warps=cfg["num_warps"],
+                             BLOCK_R=cfg["BLOCK_R"], BLOCK_G=next_pow2(g),
+                             EVEN=tiles_are_even(R, g, cfg["BLOCK_R"], next_pow2(g)), num_warps=cfg["num_warps"],
                              **EXACT_OPTIONS)
 
     run(_config("fake_quant_bwd", W, g, bits, run))

@@ -19,14 +19,15 @@ def _errors(W, S, spec, fmax, fmin):
     return (d * S.double().reshape(Wg.shape) if S is not None else d).sum(-1)
 
 
-@pytest.mark.parametrize("bits,group_size,k", [(2, 64, 256), (3, 32, 96), (4, 128, 256), (2, -1, 100)])
+@pytest.mark.parametrize("bits,group_size,k,n", [(2, 64, 256, 37), (3, 32, 96, 37), (4, 128, 256, 37),
+                                                  (2, -1, 100, 37),
+                                                  (3, 64, 128, 128)])  # whole tiles only (tiles_are_even)
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("with_s", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_the_eager_search(bits, group_size, k, symmetric, with_s, dtype):
+def test_matches_the_eager_search(bits, group_size, k, n, symmetric, with_s, dtype):
     torch.manual_seed(bits * 10 + k + symmetric + 2 * with_s)
     spec = QuantSpec(bits, group_size, symmetric)
-    n = 37
     W = (torch.randn(n, k) * 0.05).to(dtype)
     W[3, 7] = 0.9  # an outlier: its group clips
     W[5] = 0.01  # constant rows: degenerate groups

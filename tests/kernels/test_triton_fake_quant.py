@@ -65,6 +65,26 @@ def test_forward_and_backward_match_ref(bits, group_size, symmetric, dtype):
     _check_bwd(W, hi, lo, S, delta, bits, group_size, symmetric)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_whole_tiles_match_ref(group_size, symmetric, dtype):
+    """Shapes whose tiles are all whole take the unmasked kernels (tiles_are_even): the same results as ref,
+    with ties to the group max / min and a constant group row included."""
+    block_r = fq._candidates(group_size)[0]["BLOCK_R"]
+    n, k = block_r, 2 * group_size  # R = 2 * block_r group rows: two whole tiles
+    assert fq.tiles_are_even(n * (k // group_size), group_size, block_r, group_size)
+    W, hi, lo, S, delta = _inputs(n, k, group_size, dtype, ties=True)
+    _check_fwd(W, hi, lo, S, delta, 3, group_size, symmetric)
+    _check_bwd(W, hi, lo, S, delta, 3, group_size, symmetric)
+
+
+def test_tiles_are_even_needs_whole_rows_and_groups():
+    assert fq.tiles_are_even(512, 64, 256, 64)
+    assert not fq.tiles_are_even(513, 64, 256, 64)  # a partial last tile
+    assert not fq.tiles_are_even(512, 100, 256, 128)  # groups shorter than the tile's width
+
+
 @pytest.mark.parametrize("with_s,with_delta,need_dW", [(False, False, False), (False, False, True),
                                                        (True, False, False), (True, True, False)])
 @pytest.mark.parametrize("bits", [2, 3])
