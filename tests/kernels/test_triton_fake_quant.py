@@ -79,6 +79,32 @@ def test_whole_tiles_match_ref(group_size, symmetric, dtype):
     _check_bwd(W, hi, lo, S, delta, 3, group_size, symmetric)
 
 
+def test_round_half_even_is_torch_round_bit_for_bit():
+    """The kernels' rounding on ties, signed zeros, values past 2^22 and 2^23, infinities and random fp32 bit
+    patterns: the bits torch.round gives."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _round_kernel(x_ptr, y_ptr, N: tl.constexpr):
+        o = tl.arange(0, N)
+        tl.store(y_ptr + o, fq._round_half_even(tl.load(x_ptr + o)))
+
+    special = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 0.5000001, 1.4999999, 0.0, -0.0,
+                            -0.3, 1e-45, -1e-45, 2.0**22 + 0.5, 2.0**22 + 1.5, 2.0**23 - 0.5, -(2.0**23 - 0.5),
+                            2.0**23 + 1.0, 1e30, -1e30, float("inf"), float("-inf")])
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (1 << 13,), generator=g, dtype=torch.int64).to(torch.int32)
+    patterns = bits.view(torch.float32)
+    halves = torch.arange(-4096, 4096, dtype=torch.float32) * 0.5
+    x = torch.cat([special, patterns[torch.isfinite(patterns)], halves])
+    n = 1 << (x.numel() - 1).bit_length()
+    x = torch.cat([x, torch.zeros(n - x.numel())]).to(DEVICE)
+    y = torch.empty_like(x)
+    _round_kernel[(1,)](x, y, n)
+    assert torch.equal(y.view(torch.int32), torch.round(x).view(torch.int32))
+
+
 def test_tiles_are_even_needs_whole_rows_and_groups():
     assert fq.tiles_are_even(512, 64, 256, 64)
     assert not fq.tiles_are_even(513, 64, 256, 64)  # a partial last tile
