@@ -24,7 +24,8 @@ step() {  # step NAME COMMAND...: run, log, write the exit status to $LOGS/NAME.
 }
 $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 # only this GPU's target (a Hopper: sm_90a), which halves the build; -v keeps the compile and link lines in the log
-export SALIQ_CUDA_ARCHS=${SALIQ_CUDA_ARCHS-$($PY -c "import torch; print('sm_90a' if torch.cuda.get_device_capability() == (9, 0) else '')")}
+hopper="import torch; print('sm_90a' if torch.cuda.get_device_capability() == (9, 0) else '')"
+export SALIQ_CUDA_ARCHS=${SALIQ_CUDA_ARCHS-$($PY -c "$hopper")}
 rm -f "$LOGS"/*.rc
 step build env MAX_JOBS=$(nproc) $PY -m pip install -v --no-build-isolation --no-deps -e .
 if command -v nvcc >/dev/null; then  # a few seconds: whether the tensor cores take subnormal codes exactly

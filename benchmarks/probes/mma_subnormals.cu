@@ -54,7 +54,10 @@ int main() {
     const uint32_t a = c.a | ((uint32_t)c.a << 16), b = c.b | ((uint32_t)c.b << 16);
     mma_all_equal<<<1, 32>>>(a, b, c.bf16, d);
     float h[128];
-    if (cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost) != cudaSuccess) { std::printf("kernel failed\n"); return 2; }
+    if (cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost) != cudaSuccess) {
+      std::printf("kernel failed\n");
+      return 2;
+    }
     const double av = c.bf16 ? bf16_value(c.a) : half_value(c.a), bv = c.bf16 ? bf16_value(c.b) : half_value(c.b);
     const double expect = 16.0 * av * bv;
     int exact = 1;
