@@ -67,7 +67,7 @@ MUTATIONS = [
     Mutation("ties-ref-up", "the reference rounds ties up (floor(u + 0.5))",
              "saliq/ref.py", "r = torch.round(u)", "r = torch.floor(u + 0.5)", [TIES, "-k", "ref"]),
     Mutation("ties-triton-up", "Triton _round_half_even rounds ties up",
-             "kernels/fake_quant.py", "up = (d > 0.5) | ((d == 0.5) & odd)", "up = d >= 0.5",
+             "kernels/fake_quant.py", "m = (a + 8388608.0) - 8388608.0", "m = tl.floor(a + 0.5)",
              [TIES, "-k", "triton"]),
     Mutation("ties-triton-zero-point-up", "Triton rounds the zero point half up",
              "kernels/fake_quant.py", "z = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(-xmin, s), -1e4), 1e4))",
