@@ -23,10 +23,10 @@ from .fake_quant import EXACT_OPTIONS, _group_quant, _group_tile, _int_div_args,
 
 @triton.jit
 def _group_error(w, sal, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr,
-                 INV_HALF: tl.constexpr, TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr,
-                 HAS_S: tl.constexpr):
+                 INV_HALF: tl.constexpr, TORCH_RECIP: tl.constexpr, FMA_DIV: tl.constexpr,
+                 SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr):
     _, _, _, _, _, _, _, _, _, _, _, _, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF, INV_QMAX, INV_HALF,
-                                                            TORCH_RECIP, SYMMETRIC)
+                                                            TORCH_RECIP, FMA_DIV, SYMMETRIC)
     d = what - w
     d = d * d
     if HAS_S:
@@ -37,7 +37,8 @@ def _group_error(w, sal, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexp
 @triton.jit
 def _clip_search_kernel(w_ptr, s_ptr, grid_ptr, best_max_ptr, best_min_ptr, R, g, STEPS: tl.constexpr,
                         QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
-                        TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
+                        TORCH_RECIP: tl.constexpr, FMA_DIV: tl.constexpr, SYMMETRIC: tl.constexpr,
+                        HAS_S: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
     pid = tl.program_id(0)
     rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G, EVEN)
@@ -49,11 +50,12 @@ def _clip_search_kernel(w_ptr, s_ptr, grid_ptr, best_max_ptr, best_min_ptr, R, g
     best_max = tl.full((BLOCK_R,), 0.0, tl.float32) + top
     best_min = best_max
     best = _group_error(w, sal, mask, best_max, best_min, QMAX, HALF, INV_QMAX, INV_HALF, TORCH_RECIP,
-                        SYMMETRIC, HAS_S)
+                        FMA_DIV, SYMMETRIC, HAS_S)
     # one shared factor for both ends
     for i in range(1, STEPS):
         f = tl.full((BLOCK_R,), 0.0, tl.float32) + tl.load(grid_ptr + i)
-        e = _group_error(w, sal, mask, f, f, QMAX, HALF, INV_QMAX, INV_HALF, TORCH_RECIP, SYMMETRIC, HAS_S)
+        e = _group_error(w, sal, mask, f, f, QMAX, HALF, INV_QMAX, INV_HALF, TORCH_RECIP, FMA_DIV, SYMMETRIC,
+                         HAS_S)
         better = e < best
         best = tl.where(better, e, best)
         best_max = tl.where(better, f, best_max)
@@ -62,15 +64,15 @@ def _clip_search_kernel(w_ptr, s_ptr, grid_ptr, best_max_ptr, best_min_ptr, R, g
         # then each end on its own, the other fixed at its best so far
         for i in range(0, STEPS):
             f = tl.full((BLOCK_R,), 0.0, tl.float32) + tl.load(grid_ptr + i)
-            e = _group_error(w, sal, mask, f, best_min, QMAX, HALF, INV_QMAX, INV_HALF, TORCH_RECIP, SYMMETRIC,
-                             HAS_S)
+            e = _group_error(w, sal, mask, f, best_min, QMAX, HALF, INV_QMAX, INV_HALF, TORCH_RECIP, FMA_DIV,
+                             SYMMETRIC, HAS_S)
             better = e < best
             best = tl.where(better, e, best)
             best_max = tl.where(better, f, best_max)
         for i in range(0, STEPS):
             f = tl.full((BLOCK_R,), 0.0, tl.float32) + tl.load(grid_ptr + i)
-            e = _group_error(w, sal, mask, best_max, f, QMAX, HALF, INV_QMAX, INV_HALF, TORCH_RECIP, SYMMETRIC,
-                             HAS_S)
+            e = _group_error(w, sal, mask, best_max, f, QMAX, HALF, INV_QMAX, INV_HALF, TORCH_RECIP, FMA_DIV,
+                             SYMMETRIC, HAS_S)
             better = e < best
             best = tl.where(better, e, best)
             best_min = tl.where(better, f, best_min)

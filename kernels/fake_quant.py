@@ -50,8 +50,25 @@ def _div_by_int(x, D: tl.constexpr, INV_D: tl.constexpr, TORCH_RECIP: tl.constex
 
 
 @triton.jit
+def _div_rows(w, s, FMA_DIV: tl.constexpr):
+    """w / s[:, None], rounded as an IEEE division (div_rn). FMA_DIV (GPU builds): s's reciprocal y = 1 / s
+    (div_rn) once per row, then per element q = w y, the exact residual e = w - q s (fma) and q + e y (fma),
+    which is the correctly rounded quotient when y is (Markstein's theorem; no overflow, and quotients above
+    2^-126: a smaller |w / s| may differ in its last bits, where round() gives 0 either way). Three
+    instructions an element instead of div.rn.f32's ~8 and its slow-path branch. The interpreter has no fused
+    multiply-add (numpy rounds the product), so it divides."""
+    if FMA_DIV:
+        y = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)[:, None]
+        q = w * y
+        e = tl.fma(-q, s[:, None], w)
+        return tl.fma(e, y, q)
+    else:
+        return tl.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
+
+
+@triton.jit
 def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr,
-                 INV_HALF: tl.constexpr, TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr):
+                 INV_HALF: tl.constexpr, TORCH_RECIP: tl.constexpr, FMA_DIV: tl.constexpr, SYMMETRIC: tl.constexpr):
     """Group statistics and the quantization of w [BLOCK_R, BLOCK_G] (fp32), as ref._forward_parts
     (the clamp bounds 1e-5, 1e4 are ref.SCALE_MIN, SCALE_MAX and ref.ZERO_BOUND; 2^-13 is
     ref.SCALE_FLOOR_FACTOR).
@@ -78,7 +95,7 @@ def _group_quant(w, mask, fmax, fmin, QMAX: tl.constexpr, HALF: tl.constexpr, IN
         s_lo = tl.minimum(tl.maximum(tl.maximum(tl.abs(xmax), tl.abs(xmin)) * 0.0001220703125, 1e-5), 1e4)
         s = tl.minimum(tl.maximum(s_raw, s_lo), 1e4)
         z = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(-xmin, s), -1e4), 1e4))
-    u = tl.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
+    u = _div_rows(w, s, FMA_DIV)
     r = _round_half_even(u)
     t = r + z[:, None]
     q = tl.minimum(tl.maximum(t, 0.0), QMAX * 1.0)
@@ -112,8 +129,9 @@ def tiles_are_even(R: int, g: int, block_r: int, block_g: int) -> bool:
 @triton.jit
 def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partial_ptr, R, g,
                    QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
-                   TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+                   TORCH_RECIP: tl.constexpr, FMA_DIV: tl.constexpr, SYMMETRIC: tl.constexpr,
+                   HAS_S: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+                   EVEN: tl.constexpr):
     pid = tl.program_id(0)
     rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G, EVEN)
     # upcast right after the load: all arithmetic is fp32, as in the reference
@@ -121,7 +139,7 @@ def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partia
     fmax = tl.load(fmax_ptr + rows, mask=row_ok, other=1.0)
     fmin = tl.load(fmin_ptr + rows, mask=row_ok, other=1.0)
     _, _, _, _, _, _, _, _, _, _, _, _, what = _group_quant(w, mask, fmax, fmin, QMAX, HALF, INV_QMAX, INV_HALF,
-                                                         TORCH_RECIP, SYMMETRIC)
+                                                         TORCH_RECIP, FMA_DIV, SYMMETRIC)
     tl.store(what_ptr + offs, what.to(what_ptr.dtype.element_ty), mask=mask)
     if HAS_S:
         # the penalty uses the fp32 What, before the cast to W's dtype
@@ -137,8 +155,8 @@ def _fq_fwd_kernel(w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr, what_ptr, partia
 def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr,
                    dw_ptr, dhi_ptr, dlo_ptr, ddelta_ptr, R, g,
                    QMAX: tl.constexpr, HALF: tl.constexpr, INV_QMAX: tl.constexpr, INV_HALF: tl.constexpr,
-                   TORCH_RECIP: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_S: tl.constexpr,
-                   HAS_DELTA: tl.constexpr, NEED_DW: tl.constexpr,
+                   TORCH_RECIP: tl.constexpr, FMA_DIV: tl.constexpr, SYMMETRIC: tl.constexpr,
+                   HAS_S: tl.constexpr, HAS_DELTA: tl.constexpr, NEED_DW: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
     pid = tl.program_id(0)
     rows, row_ok, mask, offs = _group_tile(pid, R, g, BLOCK_R, BLOCK_G, EVEN)
@@ -149,7 +167,7 @@ def _fq_bwd_kernel(gw_ptr, greg_ptr, w_ptr, fmax_ptr, fmin_ptr, s_ptr, delta_ptr
     # recompute the group statistics instead of saving them: W is read anyway, and nothing full-size is kept
     wmax, wmin, xmax, xmin, s_raw, s_lo, s, z, u, r, t, q, what = _group_quant(w, mask, fmax, fmin, QMAX,
                                                                                HALF, INV_QMAX, INV_HALF,
-                                                                               TORCH_RECIP, SYMMETRIC)
+                                                                               TORCH_RECIP, FMA_DIV, SYMMETRIC)
     if HAS_S:
         # d reg / d Weff = 2 grad_reg S (Weff - W): added to the incoming gradient of What
         sal = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -204,12 +222,13 @@ EXACT_OPTIONS = dict(enable_fp_fusion=False)
 
 
 def _int_div_args(bits: int, device) -> dict:
-    """Constexprs of _div_by_int for the divisors Q = 2^b - 1 and 2^(b-1) - 1: the fp32 reciprocals
-    (1.0f / D, computed in fp32 as torch computes them) and whether torch on `device` multiplies by them."""
+    """The division constexprs: for _div_by_int and the divisors Q = 2^b - 1 and 2^(b-1) - 1 the fp32
+    reciprocals (1.0f / D, computed in fp32 as torch computes them) and whether torch on `device` multiplies by
+    them; for _div_rows whether the build divides through the reciprocal and two fmas (a GPU build)."""
     qmax, half = (1 << bits) - 1, (1 << (bits - 1)) - 1
     one = torch.ones((), dtype=torch.float32)
     return dict(QMAX=qmax, HALF=half, INV_QMAX=(one / qmax).item(), INV_HALF=(one / half).item(),
-                TORCH_RECIP=torch.device(device).type == "cuda")
+                TORCH_RECIP=torch.device(device).type == "cuda", FMA_DIV=not is_interpreter())
 
 
 def _geometry(W: torch.Tensor, group_size: int):
