@@ -53,8 +53,8 @@ def _div_by_int(x, D: tl.constexpr, INV_D: tl.constexpr, TORCH_RECIP: tl.constex
 def _div_rows(w, s, FMA_DIV: tl.constexpr):
     """w / s[:, None], rounded as an IEEE division (div_rn). FMA_DIV (GPU builds): s's reciprocal y = 1 / s
     (div_rn) once per row, then per element q = w y, the exact residual e = w - q s (fma) and q + e y (fma),
-    which is the correctly rounded quotient when y is (Markstein's theorem; no overflow, and quotients above
-    2^-126: a smaller |w / s| may differ in its last bits, where round() gives 0 either way). Three
+    which is the correctly rounded quotient when y is (Markstein's theorem; no overflow, and a normal residual,
+    |w| >= 2^-102: below that the tiny quotient may differ in its last bits, which round() discards). Three
     instructions an element instead of div.rn.f32's ~8 and its slow-path branch. The interpreter has no fused
     multiply-add (numpy rounds the product), so it divides."""
     if FMA_DIV:
