@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from common import (copy_bandwidth_gbs, cpu_bench_header, cpu_bench_payload, cpu_bench_threads, cpu_cache_flush_bytes,
-                    print_uncaptured, write_bench_results)
+from common import (cpu_bench_header, cpu_bench_payload, cpu_bench_session, cpu_cache_flush_bytes, print_uncaptured,
+                    write_bench_results)
 
 from saliq import cpp_backend as cpp  # noqa: E402  (saliq._C not built: a collection error, not a skip)
 
@@ -51,11 +51,7 @@ def weight(n, k, dtype):
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
-    with cpu_bench_threads() as ran_on:
-        RESULTS["copy_gbs"] = copy_bandwidth_gbs()
-        yield
-    measured_threads = ran_on[0]
-    cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and v is not None}
+    measured_threads, cases = yield from cpu_bench_session(RESULTS)
     if not cases:
         return
     lines = [cpu_bench_header("dense_linear", measured_threads, RESULTS["copy_gbs"]), "",

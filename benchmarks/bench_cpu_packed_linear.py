@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from common import (copy_bandwidth_gbs, cpu_bench_header, cpu_bench_payload, cpu_bench_threads, print_uncaptured,
+from common import (cpu_bench_header, cpu_bench_payload, cpu_bench_session, print_uncaptured,
                     write_bench_results)
 import torch.nn.functional as F
 
@@ -36,7 +36,7 @@ GROUP = 64
 PROVIDERS = ["saliq_fp32", "saliq_bf16", "linear_fp32", "linear_bf16"]
 RESULTS: dict = {}
 # The ratios use the best round of each case: on a shared machine, preemption only ever adds time. Both sides run
-# on SALIQ_BENCH_THREADS threads (common.cpu_bench_threads; unset: torch's default).
+# on SALIQ_BENCH_THREADS threads (common.cpu_bench_session; unset: torch's default).
 _cache: dict = {}
 
 
@@ -69,11 +69,7 @@ def bytes_moved(provider, n, k, bits, m):
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
-    with cpu_bench_threads() as ran_on:
-        RESULTS["copy_gbs"] = copy_bandwidth_gbs()
-        yield
-    measured_threads = ran_on[0]
-    cases = {k: v for k, v in RESULTS.items() if isinstance(k, tuple) and v is not None}
+    measured_threads, cases = yield from cpu_bench_session(RESULTS)
     if not cases:
         return
     lines = [cpu_bench_header("packed_linear", measured_threads, RESULTS["copy_gbs"]), "",

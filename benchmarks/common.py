@@ -1,6 +1,6 @@
 """Helpers of the benchmarks and the GPU report: device set-up, timing, the device's measured copy bandwidth and
-fp16 matmul rate, byte floors, the eager ApiQ-style composite, and result files; for the CPU suites their thread
-count, table header and result files.
+fp16 matmul rate, byte floors, operands copied past the L2, the eager ApiQ-style composite, and result files; for
+the CPU suites their fixture body (thread count, copy bandwidth, timed cases), table header and result files.
 
 Importing this module selects the Triton interpreter when there is no GPU (before any kernel is imported).
 """
@@ -75,6 +75,20 @@ def copies_beyond_l2(nbytes_one: int, factor: float = 3.0) -> int:
     if not HAS_GPU:
         return 1
     return max(1, -(-int(factor * l2_bytes()) // max(int(nbytes_one), 1)))
+
+
+def packed_args_beyond_l2(p, bits: int, group_size: int, in_features: int) -> list[tuple]:
+    """The packed ops' arguments after x for PackedWeight p, (qweight, qweight_hi, scales, zeros, bits, group,
+    K), and copies with clones of its tensors: together more than the L2 (copies_beyond_l2), to be read in turn."""
+    tail = (bits, group_size, in_features)
+    return [(p.qweight, p.qweight_hi, p.scales, p.zeros, *tail)] + [
+        (p.qweight.clone(), p.qweight_hi.clone(), p.scales.clone(), p.zeros.clone(), *tail)
+        for _ in range(copies_beyond_l2(p.nbytes()) - 1)]
+
+
+def tensor_beyond_l2(t: torch.Tensor) -> list[torch.Tensor]:
+    """t and clones of it, together more than the L2 (copies_beyond_l2), to be read in turn."""
+    return [t] + [t.clone() for _ in range(copies_beyond_l2(nbytes(t)) - 1)]
 
 
 def graph_time_ms(calls: list[Callable[[], object]], replays: int = 10, rounds: int = 5) -> float:
@@ -262,6 +276,17 @@ def cpu_bench_threads():
     finally:
         ran_on.append(torch.get_num_threads())
         torch.set_num_threads(before)
+
+
+def cpu_bench_session(results: dict):
+    """The body of a CPU suite's module fixture around its cases: the thread count set (cpu_bench_threads) and
+    the copy bandwidth measured into results["copy_gbs"]. Use `threads, cases = yield from
+    cpu_bench_session(RESULTS)`: after the suite, the thread count the cases ran on and the timed cases (tuple
+    keys; skipped cases hold None)."""
+    with cpu_bench_threads() as ran_on:
+        results["copy_gbs"] = copy_bandwidth_gbs()
+        yield
+    return ran_on[0], {k: v for k, v in results.items() if isinstance(k, tuple) and v is not None}
 
 
 def write_bench_results(stem: str, text: str, payload: dict) -> None:

@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import copies_beyond_l2, graph_time_ms, nbytes, random_packed
+from common import graph_time_ms, packed_args_beyond_l2, random_packed, tensor_beyond_l2
 import saliq.cpp_backend as cpp
 from saliq import ref
 
@@ -23,11 +23,9 @@ def main() -> int:
     for n, k in SHAPES:
         for bits in (2, 3, 4):
             p0 = random_packed(n, k, bits, 64, torch.float16)
-            args_of = [(p0.qweight, p0.qweight_hi, p0.scales, p0.zeros, bits, 64, k)]
-            args_of += [(p0.qweight.clone(), p0.qweight_hi.clone(), p0.scales.clone(), p0.zeros.clone(), bits, 64, k)
-                        for _ in range(copies_beyond_l2(p0.nbytes()) - 1)]
+            args_of = packed_args_beyond_l2(p0, bits, 64, k)
             W16 = ref.dequantize(*args_of[0]).to(torch.float16)
-            w16 = [W16] + [W16.clone() for _ in range(copies_beyond_l2(nbytes(W16)) - 1)]
+            w16 = tensor_beyond_l2(W16)
             for M in (1, 4, 16):
                 x = torch.randn(M, k, device="cuda", dtype=torch.float16)
                 t16 = graph_time_ms([(lambda w=w: F.linear(x, w)) for w in w16], replays=5, rounds=3)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 import common
 from common import (DEVICE, HAS_GPU, apiq_fake_quant, copies_beyond_l2, copy_bandwidth_gbs, device_name,
-                    fp16_matmul_tflops, graph_time_ms, lwc_inputs, markdown_table, nbytes, random_packed, time_ms)
+                    fp16_matmul_tflops, graph_time_ms, lwc_inputs, markdown_table, nbytes, packed_args_beyond_l2,
+                    random_packed, tensor_beyond_l2, time_ms)
 
 DECODE_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]  # [N, K]
 PREFILL_SHAPES = [(4096, 11008), (11008, 4096)]
@@ -132,11 +133,9 @@ def bench_decode(shapes, bits_list, groups, ms_list, dtype, bw, compile_baseline
                 if g != 64 and (n, k) != (4096, 11008):
                     continue
                 p0 = random_packed(n, k, bits, g, dtype)
-                args_of = [(p0.qweight, p0.qweight_hi, p0.scales, p0.zeros, bits, g, k)]
-                args_of += [(p0.qweight.clone(), p0.qweight_hi.clone(), p0.scales.clone(), p0.zeros.clone(), bits, g, k)
-                            for _ in range(copies_beyond_l2(p0.nbytes()) - 1)]
+                args_of = packed_args_beyond_l2(p0, bits, g, k)
                 W16 = ref.dequantize(*args_of[0]).to(dtype)
-                w16_copies = [W16] + [W16.clone() for _ in range(copies_beyond_l2(nbytes(W16)) - 1)]
+                w16_copies = tensor_beyond_l2(W16)
                 for M in ms_list:
                     log(f"packed_linear {n}x{k} {bits}-bit g{g} M={M} {str(dtype)[6:]}")
                     x = torch.randn(M, k, device=DEVICE, dtype=dtype)
@@ -203,9 +202,8 @@ def _prefill_graph_ms(impl, x, p, args, W16):
     Python-heavy path looks slower there than inside a model's forward, whose kernels queue up). (None, None)
     when the path cannot be captured."""
     try:
-        packed = [args] + [(p.qweight.clone(), p.qweight_hi.clone(), p.scales.clone(), p.zeros.clone(), *args[4:])
-                           for _ in range(copies_beyond_l2(p.nbytes()) - 1)]
-        dense = [W16] + [W16.clone() for _ in range(copies_beyond_l2(nbytes(W16)) - 1)]
+        packed = packed_args_beyond_l2(p, *args[4:])
+        dense = tensor_beyond_l2(W16)
         tg = graph_time_ms([(lambda a=a: impl(x, *a, None)) for a in packed], replays=3, rounds=3)
         tg16 = graph_time_ms([(lambda w=w: F.linear(x, w)) for w in dense], replays=3, rounds=3)
         return tg, tg16
@@ -352,9 +350,7 @@ def bench_sparse(shapes, ms_list, dtype, bw, density: float = 0.005) -> list[dic
         csr_bytes = 8 * nnz + 4 * (n + 1)
         csrs = [csr0] + [tuple(t.clone() for t in csr0) for _ in range(copies_beyond_l2(csr_bytes) - 1)]
         p0 = random_packed(n, k, 2, 64, dtype)
-        pargs = [(p0.qweight, p0.qweight_hi, p0.scales, p0.zeros, 2, 64, k)]
-        pargs += [(p0.qweight.clone(), p0.qweight_hi.clone(), p0.scales.clone(), p0.zeros.clone(), 2, 64, k)
-                  for _ in range(copies_beyond_l2(p0.nbytes()) - 1)]
+        pargs = packed_args_beyond_l2(p0, 2, 64, k)
         for M in ms_list:
             log(f"sparse_addmm {n}x{k} {100 * density:g}% M={M} {str(dtype)[6:]}")
             x = torch.randn(M, k, device=DEVICE, dtype=dtype)
