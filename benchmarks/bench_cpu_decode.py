@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import CPU_COPY_BYTES, copy_bandwidth_gbs, cpu_cache_flush_bytes, write_report_files
+from common import CPU_COPY_BYTES, copy_bandwidth_gbs, cpu_cache_flush_bytes, cpu_model, write_report_files
 
 from saliq import _C
 from saliq import cpp_backend as cpp
@@ -129,7 +128,7 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     sections = set(args.sections.split(","))
     load_before = os.getloadavg()
-    lines = [f"CPU decode GEMV and prefill GEMM, {platform.processor() or platform.machine()}, cpu path "
+    lines = [f"CPU decode GEMV and prefill GEMM, {cpu_model()}, cpu path "
              f"{cpp.cpu_isa()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average before "
              f"{load_before[0]:.2f}", ""]
     records = []
@@ -212,7 +211,7 @@ def main(argv=None):
     lines.append(f"load average after {load_after[0]:.2f}")
     text = "\n".join(lines)
     print(text)
-    meta = {"cpu": platform.processor() or platform.machine(), "cpu_path": cpp.cpu_isa(),
+    meta = {"cpu": cpu_model(), "cpu_path": cpp.cpu_isa(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_before": load_before,
             "load_average_after": load_after, "threads": args.threads}
     write_report_files(text, {"meta": meta, "records": records}, args.out, args.json)

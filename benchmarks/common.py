@@ -310,12 +310,27 @@ def write_report_files(text: str, payload, md_path: Optional[str], json_path: Op
             json.dump(payload, f, indent=1)
 
 
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model (a VM may name only the vendor: "AMD EPYC",
+    family 25 a Zen 3 / Zen 4, 26 a Zen 5); the architecture where that file is missing."""
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor's block is enough
+        return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
 def cpu_bench_header(title: str, threads: int, copy_gbs: float) -> str:
     """The first line of a CPU benchmark's table: what ran, when, on which CPU, threads and OpenMP waiting, saliq's
     SIMD path, and the copy bandwidth the shares divide by."""
     from saliq import cpp_backend as cpp
 
-    return (f"CPU {title}, {datetime.date.today()}, {platform.processor() or platform.machine()}, {threads} threads "
+    return (f"CPU {title}, {datetime.date.today()}, {cpu_model()}, {threads} threads "
             f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), cpu path {cpp.cpu_isa()}, copy "
             f"bandwidth {copy_gbs:.1f} GB/s")
 
