@@ -322,6 +322,27 @@ def test_gemv_cycles_tool_builds_and_runs(tmp_path):
             assert re.search(r"activation digits [0-9.]+ us", out), out
 
 
+def test_loop_mca_tool_finds_a_word_rows_loop():
+    """benchmarks/cpu_loop_mca.py compiles a form as the build does and finds the M = 1 kernel's word-row loop: at
+    2 bits and three digits the AVX2 form's has the 24 dot products of 16 columns x 16 inputs x 3 digits (32 byte
+    products each), and no more."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("g++") is None or shutil.which("c++filt") is None:
+        pytest.skip("no g++ / c++filt on this machine")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_loop_mca.py"), "avx2", "2", "3"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "word row of 16 columns" in out, out
+    assert re.search(r"\b24 vpmaddubsw\b", out), out
+    if shutil.which("llvm-mca"):
+        assert re.search(r"llvm-mca -mcpu=znver3: [0-9.]+ cycles a word row", out), out
+
+
 def test_read_patterns_tool_builds_and_runs(tmp_path):
     """benchmarks/cpu_read_patterns.cpp (`make read-patterns`) compiles and times its four read orders, and refuses
     a shape it cannot lay out, naming what it needs."""
