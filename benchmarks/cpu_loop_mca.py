@@ -2,7 +2,9 @@
 (`g++ -O3 -S`), finds the kernel instance of a bit width and digit count at M = 1 (CPU word order, groups of 64),
 takes its hot loop (the basic block holding the most dot products: one word row of 16 or 64 columns), and prints
 the loop's instructions by mnemonic and, where `llvm-mca` is installed, its model of the loop's cycles and of each
-pipe's load. On the Zen VMs of docs/NOTES.md the model (`-mcpu=znver3`) came within 5-10% of `make gemv-cycles`.
+pipe's load. For the AVX2 form on a Zen 5 VM the model (`-mcpu=znver3`) came within 5% of `make gemv-cycles` (2-bit
+16.5 against 17.3 cycles a word row, 3-bit 28.1 against 29); it has no timing of its own for AVX-VNNI (the VEX
+form's 3-bit loop: 17.1 modelled, 23.3 measured).
 
     python benchmarks/cpu_loop_mca.py avx2 3 3             # FORM BITS DIGITS
     python benchmarks/cpu_loop_mca.py vnni 2 3 --mcpu znver4
