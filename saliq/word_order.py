@@ -9,6 +9,11 @@ at a time:
     word (r, n) at  b0 N + n0 h + (r - b0) w + (n - n0)
     b0 = band floor(r / band), h = min(band, rows - b0), n0 = 16 floor(n / 16), w = min(16, N - n0)
 
+3-bit planes are also re-packed (docs/FORMAT.md, "3-bit codes in the CPU word order"): per word row of 16 inputs, byte
+b of a column's low word holds codes 4b and 4b + 1 whole and the low two bits of code 4b + 3, nibble b of the row's
+16 hi bits code 4b + 2 whole and the third bit of code 4b + 3. The same 48 bits; the integer kernels then take each
+code with one or two operations instead of joining two planes for every code.
+
 A QuantLinear on the CPU keeps its words in this order; its state_dict, `packed` and every other device see
 format v1. The 1-D shape is the marker: a 2-D plane is format v1.
 """
@@ -61,6 +66,60 @@ def _copy_words(v1: torch.Tensor, flat: torch.Tensor, width: int, into_cpu_order
                 v1_part.copy_(cpu_part)
 
 
+def _spread_nibbles(h: torch.Tensor) -> torch.Tensor:
+    """16 bits (int64) -> nibble b in the low half of byte b."""
+    h = (h | (h << 8)) & 0x00FF00FF
+    return (h | (h << 4)) & 0x0F0F0F0F
+
+
+def _gather_nibbles(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of _spread_nibbles: the low half of byte b (the high half zero) -> nibble b of 16 bits."""
+    t = (t | (t >> 4)) & 0x00FF00FF
+    return (t | (t >> 8)) & 0xFFFF
+
+
+def _row_halves(hi: torch.Tensor, rows: int) -> torch.Tensor:
+    """Hi plane [ceil(rows / 2), N] int32 -> each word row's 16 hi bits, [rows, N] int64 (row 2i: bits 0..15 of word
+    i, row 2i + 1: bits 16..31)."""
+    h = hi.to(torch.int64) & 0xFFFFFFFF
+    return torch.stack((h & 0xFFFF, h >> 16), dim=1).reshape(-1, hi.shape[1])[:rows]
+
+
+def _join_halves(h16: torch.Tensor, out: torch.Tensor) -> None:
+    """Inverse of _row_halves, into out [ceil(rows / 2), N] int32."""
+    rows, n = h16.shape
+    if rows % 2:
+        h16 = torch.cat((h16, h16.new_zeros(1, n)))
+    pairs = h16.view(-1, 2, n)
+    out.copy_((pairs[:, 0] | (pairs[:, 1] << 16)).to(torch.int32))
+
+
+def _repack3(lo: torch.Tensor, hi: torch.Tensor, into_cpu_layout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-bit planes in format v1's bit layout <-> the CPU layout, both as [rows, N] / [ceil(rows / 2), N] int32 (new
+    tensors). Format v1: code k of a word row has its low bits at bits 2k..2k+1 of the low word and its third bit at bit
+    k of the row's 16 hi bits. The CPU layout, per byte b (codes c_j of inputs 4b + j): low word byte b = c_0 | c_1 << 3
+    | (c_3 & 3) << 6, hi nibble b = c_2 | (c_3 >> 2) << 3. Either way bits 6-7 of each byte and bit 3 of each nibble
+    stay put; the rest move."""
+    rows, n = lo.shape
+    lo_out, hi_out = torch.empty_like(lo), torch.empty_like(hi)
+    step = max(2, _CHUNK_WORDS // max(1, n) // 2 * 2)  # whole hi words per chunk
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = lo[r0:r1].to(torch.int64) & 0xFFFFFFFF
+        h = _row_halves(hi[r0 // 2:(r1 + 1) // 2], r1 - r0)
+        if into_cpu_layout:
+            s = _spread_nibbles(h)  # v1 hi bits of codes 4b..4b+3 in bits 0..3 of byte b
+            w_new = (w & 0xC3C3C3C3) | ((w & 0x0C0C0C0C) << 1) | ((s & 0x01010101) << 2) | ((s & 0x02020202) << 4)
+            h_new = (h & 0xCCCC) | _gather_nibbles((w >> 4) & 0x03030303)
+        else:
+            s = _spread_nibbles(h)  # c_2 and c_3's third bit in bits 0..3 of byte b
+            w_new = (w & 0xC3C3C3C3) | ((w >> 1) & 0x0C0C0C0C) | ((s & 0x03030303) << 4)
+            h_new = (h & 0xCCCC) | _gather_nibbles(((w >> 2) & 0x01010101) | ((w >> 4) & 0x02020202))
+        lo_out[r0:r1] = w_new.to(torch.int32)
+        _join_halves(h_new, hi_out[r0 // 2:(r1 + 1) // 2])
+    return lo_out, hi_out
+
+
 def plane_to_cpu_order(words: torch.Tensor, width: int) -> torch.Tensor:
     """A plane in format v1, int32 [rows, N], -> the same words in the CPU word order, int32 [rows * N]."""
     out = torch.empty(words.numel(), dtype=words.dtype, device=words.device)
@@ -84,16 +143,18 @@ def is_cpu_order(qweight: torch.Tensor) -> bool:
 
 
 def to_cpu_order(qweight: torch.Tensor, qweight_hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qweight, qweight_hi) in format v1 -> both planes in the CPU word order (new tensors; the empty qweight_hi
-    of 2- and 4-bit as it is)."""
-    widths = plane_widths(bits)
-    lo = plane_to_cpu_order(qweight, widths[0])
-    return lo, plane_to_cpu_order(qweight_hi, 1) if bits == 3 else qweight_hi
+    """(qweight, qweight_hi) in format v1 -> both planes in the CPU word order, 3-bit codes re-packed (new tensors;
+    the empty qweight_hi of 2- and 4-bit as it is)."""
+    if bits != 3:
+        return plane_to_cpu_order(qweight, plane_widths(bits)[0]), qweight_hi
+    lo, hi = _repack3(qweight.contiguous(), qweight_hi.contiguous(), into_cpu_layout=True)
+    return plane_to_cpu_order(lo, 2), plane_to_cpu_order(hi, 1)
 
 
 def to_v1(qweight: torch.Tensor, qweight_hi: torch.Tensor, bits: int, in_features: int,
           out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of to_cpu_order."""
-    widths = plane_widths(bits)
-    lo = plane_to_v1(qweight, widths[0], in_features, out_features)
-    return lo, plane_to_v1(qweight_hi, 1, in_features, out_features) if bits == 3 else qweight_hi
+    lo = plane_to_v1(qweight, plane_widths(bits)[0], in_features, out_features)
+    if bits != 3:
+        return lo, qweight_hi
+    return _repack3(lo, plane_to_v1(qweight_hi, 1, in_features, out_features), into_cpu_layout=False)

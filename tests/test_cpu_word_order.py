@@ -55,6 +55,35 @@ def test_conversion_follows_the_formula_and_round_trips(width, k, n):
     assert torch.equal(word_order.plane_to_v1(flat, width, k, n), words)
 
 
+def cpu_layout_codes(lo, hi, k, n):
+    """The codes of 3-bit planes in the CPU word order, read by docs/FORMAT.md's formula (word by word, plain Python):
+    input 16 r + 4 b + j of column c from byte b of word (r, c) and nibble b of the row's 16 hi bits."""
+    lo_rows, hi_rows = packed_rows(k, 2), packed_rows(k, 1)
+    codes = torch.zeros(n, lo_rows * 16, dtype=torch.int64)
+    for r in range(lo_rows):
+        for c in range(n):
+            w = int(lo[formula_index(r, c, lo_rows, n, 4)]) & 0xFFFFFFFF
+            h = (int(hi[formula_index(r // 2, c, hi_rows, n, 2)]) & 0xFFFFFFFF) >> (16 * (r % 2)) & 0xFFFF
+            for b in range(4):
+                byte, nibble = w >> (8 * b) & 0xFF, h >> (4 * b) & 0xF
+                row = (byte & 7, byte >> 3 & 7, nibble & 7, (byte >> 6) | (nibble >> 1 & 4))
+                for j in range(4):
+                    codes[c, 16 * r + 4 * b + j] = row[j]
+    return codes
+
+
+@pytest.mark.parametrize("k,n", [(64, 16), (48, 5), (208, 19), (16, 3)])
+def test_3bit_codes_follow_the_formula_and_round_trip(k, n):
+    q = torch.randint(0, 8, (n, k), generator=gen(k * n))
+    qw, qh = cpp.pack(q, 3)
+    lo, hi = word_order.to_cpu_order(qw, qh, 3)
+    codes = cpu_layout_codes(lo, hi, k, n)
+    assert torch.equal(codes[:, :k], q) and not codes[:, k:].any()
+    assert all(torch.equal(a, b) for a, b in zip(word_order.to_v1(lo, hi, 3, k, n), (qw, qh)))
+    meta = word_order.to_cpu_order(qw.to("meta"), qh.to("meta"), 3)  # a layer built on the meta device
+    assert [t.shape for t in meta] == [lo.shape, hi.shape]
+
+
 def test_conversion_in_chunks_of_bands(monkeypatch):
     """Long planes convert a run of bands at a time: the runs' seams land on band edges."""
     monkeypatch.setattr(word_order, "_CHUNK_WORDS", 3 * 4 * 48)

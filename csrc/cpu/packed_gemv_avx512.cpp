@@ -44,7 +44,27 @@ void build_tables(const float* x, int64_t k_padded, int bits, float* pair_tables
   }
 }
 
-template <int BITS>
+inline __m512i splat(uint32_t v) { return _mm512_set1_epi32((int)v); }
+
+// word_order.h's cpu3_to_v1 on 16 columns: a word row's words and its 16 hi bits (the low half of h) in the CPU
+// word order's 3-bit layout -> format v1's (the hi bits in the low half)
+inline void cpu3_to_v1_x16(__m512i w, __m512i h, __m512i* w_out, __m512i* h_out) {
+  h = _mm512_and_si512(h, splat(0xFFFF));
+  __m512i s = _mm512_and_si512(_mm512_or_si512(h, _mm512_slli_epi32(h, 8)), splat(0x00FF00FF));
+  s = _mm512_and_si512(_mm512_or_si512(s, _mm512_slli_epi32(s, 4)), splat(0x0F0F0F0F));
+  *w_out = _mm512_or_si512(_mm512_or_si512(_mm512_and_si512(w, splat(0xC3C3C3C3)),
+                                           _mm512_and_si512(_mm512_srli_epi32(w, 1), splat(0x0C0C0C0C))),
+                           _mm512_slli_epi32(_mm512_and_si512(s, splat(0x03030303)), 4));
+  __m512i t = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w, 2), splat(0x01010101)),
+                              _mm512_and_si512(_mm512_srli_epi32(w, 4), splat(0x02020202)));
+  t = _mm512_and_si512(_mm512_or_si512(t, _mm512_srli_epi32(t, 4)), splat(0x00FF00FF));
+  t = _mm512_and_si512(_mm512_or_si512(t, _mm512_srli_epi32(t, 8)), splat(0xFFFF));
+  *h_out = _mm512_or_si512(_mm512_and_si512(h, splat(0xCCCC)), t);
+}
+
+// L3: 3-bit codes in the CPU word order's bits (word_order.h), put back in format v1's bits a pair of word rows
+// (one hi word) at a time, so that the lookups and their sums are those of format v1, bit for bit.
+template <int BITS, bool L3 = false>
 void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_tables, const float* hi_tables) {
   constexpr int NV = kLutVectors;
   __m512 yacc[NV];
@@ -54,6 +74,7 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
     for (int v = 0; v < NV; ++v) acc[v] = acc_b[v] = _mm512_setzero_ps();
     const int64_t r_begin = g * p.group_len / 16;
     const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
+    __m512i w_next[NV], h_v1[NV];  // L3: row r + 1's words and the hi words in format v1's bits, from even r
     for (int64_t r = r_begin; r < r_end; ++r) {
       // In format v1 the block's word rows lie N words apart, a stride the hardware prefetcher follows poorly
       // when the weights come from DRAM (decode of a whole model): fetch kPrefetchRows rows ahead ourselves.
@@ -63,7 +84,21 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
       }
       __m512i w[NV];
       const saliq::PlaneOrder::Row wrow = p.lo.row(p.qweight, r);
-      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
+      if (!L3) {
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
+      } else if ((r & 1) == 0) {  // rows r and r + 1 (zero past the group) and their hi word, in format v1's bits
+        const saliq::PlaneOrder::Row next = p.lo.row(p.qweight, r + 1), hrow = p.hi.row(p.qweight_hi, r >> 1);
+        for (int v = 0; v < NV; ++v) {
+          const __m512i h = _mm512_loadu_si512(hrow.at(n0 + v * 16));
+          const __m512i b = r + 1 < r_end ? _mm512_loadu_si512(next.at(n0 + v * 16)) : _mm512_setzero_si512();
+          __m512i ha, hb;
+          cpu3_to_v1_x16(_mm512_loadu_si512(wrow.at(n0 + v * 16)), h, &w[v], &ha);
+          cpu3_to_v1_x16(b, _mm512_srli_epi32(h, 16), &w_next[v], &hb);
+          h_v1[v] = _mm512_or_si512(ha, _mm512_slli_epi32(hb, 16));
+        }
+      } else {
+        for (int v = 0; v < NV; ++v) w[v] = w_next[v];
+      }
       const float* t = pair_tables + r * 8 * 16;
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
@@ -80,7 +115,7 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
         const int64_t quads = (r + 1 < r_end) ? 8 : 4;
         __m512i h[NV];
         const saliq::PlaneOrder::Row hrow = p.hi.row(p.qweight_hi, r_hi);
-        for (int v = 0; v < NV; ++v) h[v] = _mm512_loadu_si512(hrow.at(n0 + v * 16));
+        for (int v = 0; v < NV; ++v) h[v] = L3 ? h_v1[v] : _mm512_loadu_si512(hrow.at(n0 + v * 16));
         const float* th = hi_tables + r_hi * 8 * 16;
         for (int j = 0; j < quads; ++j) {
           const __m512 table = _mm512_loadu_ps(th + j * 16);
@@ -133,7 +168,8 @@ void lut_columns(const PackedGemvProblem& p, const float* tables, int64_t n0) {
     row.x_group_sum = p.x_group_sum + m * p.G;
     row.y = p.y + m * p.N;
     const float* t = tables + m * per_row;
-    if (p.bits == 3) lut_block<3>(row, n0, t, t + p.k_padded / 2 * 16);
+    if (p.bits == 3 && p.lo.band > 1) lut_block<3, true>(row, n0, t, t + p.k_padded / 2 * 16);
+    else if (p.bits == 3) lut_block<3>(row, n0, t, t + p.k_padded / 2 * 16);
     else lut_block<2>(row, n0, t, nullptr);
   }
 }

@@ -30,7 +30,8 @@ inline uint32_t bf16_bits(float v) {  // exact for values that came from bf16
   return b >> 16;
 }
 
-template <int BITS, int MT>
+// L3: 3-bit codes in the CPU word order's bits (word_order.h), else format v1's.
+template <int BITS, int MT, bool L3 = false>
 void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_t pairs_per_row, int64_t n0,
                 int64_t m0) {
   constexpr int kPerWord = BITS == 4 ? 8 : 16;
@@ -39,6 +40,7 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
   const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 0x000F000F : 0x00030003);
   const __m512i magic = _mm512_set1_epi32(0x43004300);
   const __m512i bit2 = _mm512_set1_epi32(0x00040004);
+  const __m512i code3 = _mm512_set1_epi32(0x00070007);
   __m512 yacc[MT][kVectors];
   for (int m = 0; m < MT; ++m)
     for (int v = 0; v < kVectors; ++v) yacc[m][v] = _mm512_setzero_ps();
@@ -54,11 +56,11 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
       const saliq::PlaneOrder::Row hrow = BITS == 3 ? p.hi.row(p.qweight_hi, r >> 1) : saliq::PlaneOrder::Row{};
       for (int v = 0; v < kVectors; ++v) {
         w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
-        if (BITS == 3) {  // hi bits j and j + 8 of this word row -> bits 2 + j and 18 + j
+        if (BITS == 3) {  // hi bits j and j + 8 of this word row -> bits j and 16 + j (format v1: 2 + j, 18 + j)
           const __m512i hh = _mm512_srli_epi32(_mm512_loadu_si512(hrow.at(n0 + v * 16)), 16 * (int)(r & 1));
           const __m512i spread = _mm512_or_si512(_mm512_and_si512(hh, _mm512_set1_epi32(0xFF)),
                                                  _mm512_slli_epi32(_mm512_and_si512(hh, _mm512_set1_epi32(0xFF00)), 8));
-          h4[v] = _mm512_slli_epi32(spread, 2);
+          h4[v] = L3 ? spread : _mm512_slli_epi32(spread, 2);
         }
       }
       const uint32_t* xp = pairs + r * kPairs;
@@ -66,8 +68,15 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
       for (int j = 0; j < kPairs; ++j) {
         __m512i c[kVectors];
         for (int v = 0; v < kVectors; ++v) {
-          c[v] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(w[v], j * kWidth), mask, magic, 0xEA);  // (a&b)|c
-          if (BITS == 3) c[v] = _mm512_or_si512(c[v], _mm512_and_si512(_mm512_srli_epi32(h4[v], j), bit2));
+          if (L3) {  // inputs j = 4b + i and j + 8: bytes b and b + 2 of w, nibbles b and b + 2 of the hi bits
+            const int b = j >> 2, i = j & 3;
+            const __m512i src = i == 2 ? _mm512_srli_epi32(h4[v], 4 * b) : _mm512_srli_epi32(w[v], 8 * b + (i == 3 ? 6 : 3 * i));
+            c[v] = _mm512_ternarylogic_epi32(src, i == 3 ? mask : code3, magic, 0xEA);  // (a&b)|c
+            if (i == 3) c[v] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(h4[v], 4 * b + 1), bit2, c[v], 0xEA);
+          } else {
+            c[v] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(w[v], j * kWidth), mask, magic, 0xEA);  // (a&b)|c
+            if (BITS == 3) c[v] = _mm512_or_si512(c[v], _mm512_and_si512(_mm512_srli_epi32(h4[v], j), bit2));
+          }
         }
         for (int m = 0; m < MT; ++m) {
           const __m512i xb = _mm512_set1_epi32((int)xp[(m0 + m) * pairs_per_row + j]);
@@ -94,14 +103,14 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
   }
 }
 
-template <int BITS>
+template <int BITS, bool L3 = false>
 void bf16_columns_bits(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_t ppr, int64_t n0) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) bf16_block<BITS, 4>(p, pairs, ppr, n0, m);
+  for (; m + 4 <= p.M; m += 4) bf16_block<BITS, 4, L3>(p, pairs, ppr, n0, m);
   switch (p.M - m) {
-    case 3: bf16_block<BITS, 3>(p, pairs, ppr, n0, m); break;
-    case 2: bf16_block<BITS, 2>(p, pairs, ppr, n0, m); break;
-    case 1: bf16_block<BITS, 1>(p, pairs, ppr, n0, m); break;
+    case 3: bf16_block<BITS, 3, L3>(p, pairs, ppr, n0, m); break;
+    case 2: bf16_block<BITS, 2, L3>(p, pairs, ppr, n0, m); break;
+    case 1: bf16_block<BITS, 1, L3>(p, pairs, ppr, n0, m); break;
     default: break;
   }
 }
@@ -127,7 +136,10 @@ void bf16_columns(const PackedGemvProblem& p, const uint32_t* pairs, int64_t n0)
   const int64_t ppr = p.k_padded / 2;
   switch (p.bits) {
     case 2: bf16_columns_bits<2>(p, pairs, ppr, n0); break;
-    case 3: bf16_columns_bits<3>(p, pairs, ppr, n0); break;
+    case 3:  // the CPU word order re-packs 3-bit codes
+      if (p.lo.band > 1) bf16_columns_bits<3, true>(p, pairs, ppr, n0);
+      else bf16_columns_bits<3>(p, pairs, ppr, n0);
+      break;
     default: bf16_columns_bits<4>(p, pairs, ppr, n0); break;
   }
 }

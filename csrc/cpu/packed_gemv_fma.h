@@ -5,10 +5,11 @@
 // packed word row the codes are unpacked once (shift, mask, convert) and multiplied-added into MT x NV
 // per-group accumulators with x[m, k] broadcast; at each group end y += s * (acc - z * sum_group(x)).
 // Blocks are independent: any thread may compute any block, each output element is written by one block.
+// L3: 3-bit codes in the CPU word order's bits (word_order.h: cpu3_code), else format v1's.
 
 namespace {
 
-template <class V, int BITS, int MT, int NV>
+template <class V, int BITS, int MT, int NV, bool L3 = false>
 inline void fma_block(const saliq::PackedGemvProblem& p, int64_t n0, int64_t m0) {
   using F = typename V::F;
   using I = typename V::I;
@@ -17,6 +18,7 @@ inline void fma_block(const saliq::PackedGemvProblem& p, int64_t n0, int64_t m0)
   constexpr int kWidth = BITS == 4 ? 4 : 2;
   const I mask = V::set1_i((1 << kWidth) - 1);
   const I bit2 = V::set1_i(4);
+  const I code3 = V::set1_i(7);
   F yacc[MT][NV];
   for (int m = 0; m < MT; ++m)
     for (int v = 0; v < NV; ++v) yacc[m][v] = V::zero();
@@ -35,8 +37,10 @@ inline void fma_block(const saliq::PackedGemvProblem& p, int64_t n0, int64_t m0)
       const saliq::PlaneOrder::Row hrow = BITS == 3 ? p.hi.row(p.qweight_hi, r >> 1) : saliq::PlaneOrder::Row{};
       for (int v = 0; v < NV; ++v) {
         w[v] = V::load_i(wrow.at(n0 + v * kL));
-        if (BITS == 3)  // the third bit of k = 16 r + j sits at bit 16 (r & 1) + j of hi word r / 2
-          h[v] = V::sll(V::srl(V::load_i(hrow.at(n0 + v * kL)), 16 * (int)(r & 1)), 2);
+        if (BITS == 3) {  // the third bit of k = 16 r + j sits at bit 16 (r & 1) + j of hi word r / 2
+          h[v] = V::srl(V::load_i(hrow.at(n0 + v * kL)), 16 * (int)(r & 1));
+          if (!L3) h[v] = V::sll(h[v], 2);
+        }
       }
       const int64_t k0 = r * kPerWord;
 #pragma GCC unroll 16
@@ -44,8 +48,17 @@ inline void fma_block(const saliq::PackedGemvProblem& p, int64_t n0, int64_t m0)
         F xb[MT];
         for (int m = 0; m < MT; ++m) xb[m] = V::set1(xrow[m][k0 + j]);
         for (int v = 0; v < NV; ++v) {
-          I c = V::and_i(V::srl(w[v], j * kWidth), mask);
-          if (BITS == 3) c = V::or_i(c, V::and_i(V::srl(h[v], j), bit2));
+          I c;
+          if (L3) {  // code j = 4b + i: byte b of w holds i = 0, 1 and the low bits of 3, nibble b of h 2 and 3's third bit
+            const int b = j >> 2;
+            if ((j & 3) == 0) c = V::and_i(V::srl(w[v], 8 * b), code3);
+            else if ((j & 3) == 1) c = V::and_i(V::srl(w[v], 8 * b + 3), code3);
+            else if ((j & 3) == 2) c = V::and_i(V::srl(h[v], 4 * b), code3);
+            else c = V::or_i(V::and_i(V::srl(w[v], 8 * b + 6), mask), V::and_i(V::srl(h[v], 4 * b + 1), bit2));
+          } else {
+            c = V::and_i(V::srl(w[v], j * kWidth), mask);
+            if (BITS == 3) c = V::or_i(c, V::and_i(V::srl(h[v], j), bit2));
+          }
           const F f = V::cvt(c);
           for (int m = 0; m < MT; ++m) acc[m][v] = V::fma(f, xb[m], acc[m][v]);
         }
@@ -67,14 +80,14 @@ inline void fma_block(const saliq::PackedGemvProblem& p, int64_t n0, int64_t m0)
   }
 }
 
-template <class V, int BITS, int NV>
+template <class V, int BITS, int NV, bool L3 = false>
 inline void fma_columns(const saliq::PackedGemvProblem& p, int64_t n0) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) fma_block<V, BITS, 4, NV>(p, n0, m);
+  for (; m + 4 <= p.M; m += 4) fma_block<V, BITS, 4, NV, L3>(p, n0, m);
   switch (p.M - m) {
-    case 3: fma_block<V, BITS, 3, NV>(p, n0, m); break;
-    case 2: fma_block<V, BITS, 2, NV>(p, n0, m); break;
-    case 1: fma_block<V, BITS, 1, NV>(p, n0, m); break;
+    case 3: fma_block<V, BITS, 3, NV, L3>(p, n0, m); break;
+    case 2: fma_block<V, BITS, 2, NV, L3>(p, n0, m); break;
+    case 1: fma_block<V, BITS, 1, NV, L3>(p, n0, m); break;
     default: break;
   }
 }
@@ -84,7 +97,10 @@ template <class V, int NV>
 inline void fma_columns_any_bits(const saliq::PackedGemvProblem& p, int64_t n0) {
   switch (p.bits) {
     case 2: fma_columns<V, 2, NV>(p, n0); break;
-    case 3: fma_columns<V, 3, NV>(p, n0); break;
+    case 3:  // the CPU word order re-packs 3-bit codes
+      if (p.lo.band > 1) fma_columns<V, 3, NV, true>(p, n0);
+      else fma_columns<V, 3, NV>(p, n0);
+      break;
     default: fma_columns<V, 4, NV>(p, n0); break;
   }
 }

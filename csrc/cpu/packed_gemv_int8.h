@@ -8,8 +8,10 @@
 // 16 inputs, which vpdpbusd multiplies with 4 digits of x (one int32 broadcast, or at M = 1 on AVX2 loaded as 8
 // copies: Int8Activations::replicas) and adds to an int32 lane:
 // shift, and, one dot product per digit for 4 inputs x 16 columns. 3-bit: the hi bits are moved next to the lo
-// codes once per word row (V::spread_hi: vpmultishiftqb on AVX-512, vpshufb and two shifts on AVX2), so each
-// byte fed to the dot product is the whole 3-bit code (V::code3) and 3-bit costs the dot products of 2-bit.
+// codes once per word row (V::spread_hi: vpmultishiftqb on AVX-512, vpshufb and shifts on AVX2), so each byte fed
+// to the dot product is the whole 3-bit code (V::code3) and 3-bit costs the dot products of 2-bit. In the CPU word
+// order the codes are re-packed (word_order.h: byte b holds codes 4b, 4b + 1 whole, the hi nibble 4b + 2), so that
+// V::code3_cpu takes most of them with one or two operations.
 // 4-bit: nibbles (w >> 4j) & 0x0F0F0F0F, k = 2b + j.
 // Per group and digit d the int32 sum acc_d is exact; then per column (int_parts: the top digits joined in int32)
 //   y += s * unit * (sum_d 256^(parts-1-d) acc_d - z * sum_group(Q)),
@@ -97,15 +99,17 @@ inline void int8_panel(const saliq::PackedGemvProblem& p, const saliq::Int8Activ
       for (int v = 0; v < NV; ++v) {
         const int c = v * kL;
         w[v] = V::load_i(w0 + (r - rs) * row_step + (c >> 4) * strip_step + (c & 15));
-        if constexpr (BITS == 3)  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b
-          hx[v] = V::spread_hi(V::load_i(h0 + dh * row_step + (c >> 4) * hi_strip_step + (c & 15)), (int)(r & 1));
+        if constexpr (BITS == 3) {  // nibble b of this row's 16 hi bits -> bits 2..5 of byte b (CPU order: 0..3)
+          const I h = V::load_i(h0 + dh * row_step + (c >> 4) * hi_strip_step + (c & 15));
+          hx[v] = CPU_ORDER ? V::spread_hi_cpu(h, (int)(r & 1)) : V::spread_hi(h, (int)(r & 1));
+        }
       }
 #pragma GCC unroll 4
       for (int j = 0; j < J; ++j) {
         I c[NV];
         for (int v = 0; v < NV; ++v) {
-          if constexpr (BITS == 3)  // (lo code | 4 * hi bit) of k = 4b + j in byte b: the whole 3-bit code
-            c[v] = V::code3(w[v], hx[v], j, mask, code3);
+          if constexpr (BITS == 3)  // the whole 3-bit code of k = 4b + j in byte b
+            c[v] = CPU_ORDER ? V::code3_cpu(w[v], hx[v], j, mask, code3) : V::code3(w[v], hx[v], j, mask, code3);
           else
             c[v] = V::and_i(V::srl(w[v], j * kWidth), mask);
         }

@@ -25,6 +25,27 @@ struct VecInt8Avx2Codes : VecAvx2 {
   static I code3(I w, I hx, int j, I mask, I /*code3*/) {  // (lo code of k = 4b + j) | 4 * (its hi bit)
     return _mm256_or_si256(and_i(srl(w, 2 * j), mask), and_i(srl(hx, j), _mm256_set1_epi32(0x04040404)));
   }
+  // The CPU word order's 3-bit layout (word_order.h): nibble b of the row's 16 hi bits (bits 16 half + 4b of the
+  // column's hi word) -> bits 0..3 of byte b: vpshufb copies hi byte 2 half + b / 2 into byte b, odd bytes take its
+  // high nibble; bits 4..7 are left as they fall (code3_cpu masks them)
+  static I spread_hi_cpu(I h, int half) {
+    const I x = _mm256_shuffle_epi8(
+        h, half ? _mm256_setr_epi8(2, 2, 3, 3, 6, 6, 7, 7, 10, 10, 11, 11, 14, 14, 15, 15, 2, 2, 3, 3, 6, 6, 7, 7, 10,
+                                   10, 11, 11, 14, 14, 15, 15)
+                : _mm256_setr_epi8(0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9, 9, 12, 12, 13, 13, 0, 0, 1, 1, 4, 4, 5, 5, 8, 8, 9,
+                                   9, 12, 12, 13, 13));
+    return _mm256_blendv_epi8(x, _mm256_srli_epi16(x, 4), _mm256_set1_epi16((short)0xFF00));
+  }
+  // code of k = 4b + j in byte b: w's byte holds j = 0, 1 whole and the low bits of 3, hx's nibble 2 and 3's third
+  // bit: one or two operations a code, five for j = 3
+  static I code3_cpu(I w, I hx, int j, I mask, I code3) {
+    switch (j) {
+      case 0: return and_i(w, code3);
+      case 1: return and_i(srl(w, 3), code3);
+      case 2: return and_i(hx, code3);
+      default: return _mm256_or_si256(and_i(srl(w, 6), mask), and_i(srl(hx, 1), _mm256_set1_epi32(0x04040404)));
+    }
+  }
 };
 
 // The 256-bit VNNI forms (VEX and EVEX encodings of one instruction): a dot product is one vpdpbusd into int32,

@@ -21,6 +21,15 @@ inline __m512i spread_hi_shuffle(__m512i h, int half) {
   return _mm512_mask_blend_epi8((__mmask64)0xAAAAAAAAAAAAAAAAULL, _mm512_slli_epi16(x, 2), _mm512_srli_epi16(x, 2));
 }
 
+// The CPU word order's 3-bit layout (word_order.h): nibble b of the row's 16 hi bits (bits 16 half + 4b of the
+// column's hi word) -> bits 0..3 of byte b: vpshufb copies hi byte 2 half + b / 2 into byte b, odd bytes take its
+// high nibble; bits 4..7 are left as they fall (code3_cpu masks them). AVX512BW.
+inline __m512i spread_hi_cpu_shuffle(__m512i h, int half) {
+  const __m512i x = _mm512_shuffle_epi8(h, half ? _mm512_set4_epi32(0x0F0F0E0E, 0x0B0B0A0A, 0x07070606, 0x03030202)
+                                                : _mm512_set4_epi32(0x0D0D0C0C, 0x09090808, 0x05050404, 0x01010000));
+  return _mm512_mask_blend_epi8((__mmask64)0xAAAAAAAAAAAAAAAAULL, x, _mm512_srli_epi16(x, 4));
+}
+
 // Register tiles of the 16-lane forms: kVectorsM1 zmm of columns (64) for M = 1; for M > 1 tiles of up to
 // kTileRows rows of x (tile_rows: no more than kAccumulators) over 64 columns with VNNI at 2 and 4 bits (2 rows at
 // two digits, 1 at three), 32 at 3 bits (4 rows at two digits, 2 at three: int8_columns_bg) and without VNNI
@@ -40,6 +49,18 @@ struct VecInt8Avx512 : VecAvx512 {
                                                       0xE4),
                             code3);
   }
+  // the CPU word order's layout: w's byte holds j = 0, 1 whole and the low bits of 3, the spread hx's nibble 2 and
+  // 3's third bit (for j = 3 one ternary select, one AND)
+  static I code3_cpu(I w, I hx, int j, I mask, I code3) {
+    switch (j) {
+      case 0: return _mm512_and_si512(w, code3);
+      case 1: return _mm512_and_si512(_mm512_srli_epi32(w, 3), code3);
+      case 2: return _mm512_and_si512(hx, code3);
+      default:
+        return _mm512_and_si512(
+            _mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 6), _mm512_srli_epi32(hx, 1), mask, 0xE4), code3);
+    }
+  }
 };
 
 template <bool kVbmi>
@@ -57,6 +78,13 @@ struct VecVnni512 : VecInt8Avx512 {
       return spread_hi_shuffle(h, half);
     }
   }
+  static I spread_hi_cpu(I h, int half) {
+    if constexpr (kVbmi) {  // byte b of column word c = bits 16 half + 4b .. + 7 of hi word c
+      return _mm512_multishift_epi64_epi8(_mm512_set1_epi64(half ? 0x3C3834301C181410LL : 0x2C2824200C080400LL), h);
+    } else {
+      return spread_hi_cpu_shuffle(h, half);
+    }
+  }
 };
 
 struct VecMad512 : VecInt8Avx512 {
@@ -69,6 +97,7 @@ struct VecMad512 : VecInt8Avx512 {
   }
   static I widen16(I a, short f) { return _mm512_madd_epi16(a, _mm512_set1_epi16(f)); }
   static I spread_hi(I h, int half) { return spread_hi_shuffle(h, half); }
+  static I spread_hi_cpu(I h, int half) { return spread_hi_cpu_shuffle(h, half); }
 };
 
 }  // namespace

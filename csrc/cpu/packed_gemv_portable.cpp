@@ -63,6 +63,8 @@ void portable_block(const PackedGemvProblem& p, int64_t n0, int64_t nb) {
         for (int64_t c = 0; c < nb; ++c) {
           w[c] = qw[p.lo.index(r, n0 + c)];
           if (BITS == 3) h[c] = qh[p.hi.index(r >> 1, n0 + c)] >> (16 * (r & 1));
+          // the CPU word order's 3-bit codes back in format v1's bits (word_order.h)
+          if (BITS == 3 && p.lo.band > 1) cpu3_to_v1(w[c], h[c], &w[c], &h[c]);
         }
         for (int j = 0; j < kPerWord; ++j) {
           const float xk = x[r * kPerWord + j];

@@ -27,8 +27,10 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void rows_portable(
       const int64_t k_begin = g * p.group_len, k_end = std::min(k_begin + p.group_len, p.K);
       // groups are whole words except a per-channel group whose K ends inside a word
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kPerWord) {
-        const uint32_t w = qw[p.lo.index(k0 / kPerWord, n)];
-        const uint32_t h = BITS == 3 ? qh[p.hi.index(k0 / 32, n)] >> (k0 % 32) : 0u;
+        uint32_t w = qw[p.lo.index(k0 / kPerWord, n)];
+        uint32_t h = BITS == 3 ? qh[p.hi.index(k0 / 32, n)] >> (k0 % 32) : 0u;
+        // the CPU word order's 3-bit codes back in format v1's bits (word_order.h)
+        if (BITS == 3 && p.lo.band > 1) cpu3_to_v1(w, h, &w, &h);
         const int count = (int)std::min<int64_t>(kPerWord, k_end - k0);
         auto one = [&](int i) {
           uint32_t q = (w >> (i * kWidth)) & ((1u << kWidth) - 1u);

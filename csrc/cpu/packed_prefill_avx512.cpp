@@ -84,11 +84,20 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
   const ScaleType scale_type = p.scale_type;
   const int16_t* const zeros = p.zeros;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i shift = _mm512_mullo_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(kPerWord - 1)),
-                                           _mm512_set1_epi32(kWidth));
-  // 3-bit: the hi word holds 32 inputs; rotating right by (k % 32) - 2 puts the hi bit of input k on bit 2
-  const __m512i rot_lo = _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(30)), _mm512_set1_epi32(31));
-  const __m512i rot_hi = _mm512_add_epi32(lane, _mm512_set1_epi32(14));
+  // L3: 3-bit codes in the CPU word order's bits (word_order.h): input 4b + i of a word row is bits 8b + (0, 3, -,
+  // 6)[i] of its word, joined (i = 3: bits 0..1 kept) or replaced (i = 2) by its nibble b of the row's hi bits
+  constexpr bool L3 = CO && BITS == 3;
+  const __m512i shift =
+      L3 ? _mm512_setr_epi32(0, 3, 0, 6, 8, 11, 0, 14, 16, 19, 0, 22, 24, 27, 0, 30)
+         : _mm512_mullo_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(kPerWord - 1)), _mm512_set1_epi32(kWidth));
+  // 3-bit: the hi word holds 32 inputs; rotating right by (k % 32) - 2 puts the hi bit of input k on bit 2 (L3:
+  // by 4b (i = 2: the nibble's code on bits 0..2) or 4b + 1 (i = 3: its bit 3 on bit 2), 16 more for inputs 16..31)
+  const __m512i rot_lo = L3 ? _mm512_setr_epi32(0, 0, 0, 1, 0, 0, 4, 5, 0, 0, 8, 9, 0, 0, 12, 13)
+                            : _mm512_and_si512(_mm512_add_epi32(lane, _mm512_set1_epi32(30)), _mm512_set1_epi32(31));
+  const __m512i rot_hi = _mm512_add_epi32(L3 ? rot_lo : lane, _mm512_set1_epi32(L3 ? 16 : 14));
+  // the bits a code takes from its word, the rest from the hi word
+  const __m512i from_word = L3 ? _mm512_setr_epi32(-1, -1, 0, 3, -1, -1, 0, 3, -1, -1, 0, 3, -1, -1, 0, 3)
+                               : _mm512_set1_epi32(3);
   const __m512i magic = _mm512_set1_epi32(0x4B000000);
   const __m512 two23 = _mm512_set1_ps(8388608.0f);
   // the codes of 16 inputs of one row as vpermps indices (only bits 0..3 count; the bits above the code's own
@@ -101,7 +110,7 @@ void rows(const PackedGemvProblem& p, int64_t n0, int64_t nt, void* out, int64_t
     const __m512i a = _mm512_srlv_epi32(w, shift);
     if constexpr (BITS == 3) {
       const __m512i h = _mm512_rorv_epi32(_mm512_set1_epi32(*hp), upper ? rot_hi : rot_lo);
-      return _mm512_ternarylogic_epi32(a, h, _mm512_set1_epi32(3), 0xE4);  // c ? a : b
+      return _mm512_ternarylogic_epi32(a, h, from_word, 0xE4);  // c ? a : b
     } else {
       return a;
     }

@@ -5,8 +5,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <utility>
+
 #include "common/quant_math.h"
 #include "cpu/ops.h"
+#include "cpu/word_order.h"
 
 namespace saliq {
 
@@ -153,7 +157,8 @@ static void for_each_code(const int32_t* qw, const int32_t* qh, int bits, int64_
     for (int64_t k = 0; k < k_total; ++k) fn(n, k, code_at(qw, qh, bits, k, n, n_total));
 }
 
-at::Tensor words_to_v1(const at::Tensor& words, int64_t in_features, int width, int64_t n) {
+// A plane in the CPU word order (1-D) copied back to format v1 [rows, n]; a 2-D plane as it is.
+static at::Tensor words_to_v1(const at::Tensor& words, int64_t in_features, int width, int64_t n) {
   if (words.dim() != 1) return words;
   const PlaneOrder o = plane_order(words, in_features, width, n);
   TORCH_CHECK_VALUE(words.numel() == o.rows * n && words.is_contiguous(), "words in the CPU word order must be ",
@@ -168,6 +173,31 @@ at::Tensor words_to_v1(const at::Tensor& words, int64_t in_features, int width, 
   return out;
 }
 
+std::pair<at::Tensor, at::Tensor> planes_to_v1(const at::Tensor& qweight, const at::Tensor& qweight_hi, int bits,
+                                               int64_t in_features, int64_t n) {
+  at::Tensor lo = words_to_v1(qweight, in_features, low_plane_width(bits), n);
+  if (bits != 3 || qweight.dim() != 1) return {lo, bits == 3 ? words_to_v1(qweight_hi, in_features, 1, n) : qweight_hi};
+  at::Tensor hi = words_to_v1(qweight_hi, in_features, 1, n);
+  // the 3-bit codes back in format v1's bits (word_order.h), a pair of word rows (one hi word) at a time
+  uint32_t* w = reinterpret_cast<uint32_t*>(lo.data_ptr<int32_t>());
+  uint32_t* h = reinterpret_cast<uint32_t*>(hi.data_ptr<int32_t>());
+  const int64_t rows = lo.size(0);
+  at::parallel_for(0, hi.size(0), 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t j = 0; j < n; ++j) {
+        uint32_t out_h = 0;
+        for (int64_t r = 2 * q; r < std::min(rows, 2 * q + 2); ++r) {
+          const int half = (int)(r & 1) * 16;
+          uint32_t h16;
+          cpu3_to_v1(w[r * n + j], h[q * n + j] >> half, &w[r * n + j], &h16);
+          out_h |= h16 << half;
+        }
+        h[q * n + j] = out_h;
+      }
+  });
+  return {lo, hi};
+}
+
 at::Tensor unpack_cpu(const at::Tensor& qweight_in, const at::Tensor& qweight_hi_in, int64_t bits,
                       int64_t in_features) {
   check_bits(bits);
@@ -178,8 +208,7 @@ at::Tensor unpack_cpu(const at::Tensor& qweight_in, const at::Tensor& qweight_hi
                     qweight_in.numel(), " words, not a multiple of the ", lo_rows, " word rows of in_features=",
                     in_features);
   const int64_t n1 = qweight_in.dim() == 1 ? qweight_in.numel() / lo_rows : 0;
-  const at::Tensor qweight = words_to_v1(qweight_in, in_features, low_plane_width((int)bits), n1);
-  const at::Tensor qweight_hi = bits == 3 ? words_to_v1(qweight_hi_in, in_features, 1, n1) : qweight_hi_in;
+  const auto [qweight, qweight_hi] = planes_to_v1(qweight_in, qweight_hi_in, (int)bits, in_features, n1);
   TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.scalar_type() == at::kInt, "qweight must be a 2-D int32 tensor");
   TORCH_CHECK_VALUE(qweight.size(0) >= packed_rows(in_features, low_plane_width((int)bits)), "qweight has ",
                     qweight.size(0), " rows, too few for in_features=", in_features);
@@ -208,8 +237,7 @@ at::Tensor dequantize_cpu(const at::Tensor& qweight_in, const at::Tensor& qweigh
   check_packed(qweight_in, qweight_hi_in, scales, zeros, bits, group_size, in_features);
   const int64_t g = group_len_of(group_size, in_features, "dequantize");
   const int64_t n = scales.size(1);
-  const at::Tensor qweight = words_to_v1(qweight_in, in_features, low_plane_width((int)bits), n);
-  const at::Tensor qweight_hi = bits == 3 ? words_to_v1(qweight_hi_in, in_features, 1, n) : qweight_hi_in;
+  const auto [qweight, qweight_hi] = planes_to_v1(qweight_in, qweight_hi_in, (int)bits, in_features, n);
   at::Tensor out = at::empty({n, in_features}, scales.options());
   const int32_t* qwp = qweight.data_ptr<int32_t>();
   const int32_t* qhp = bits == 3 ? qweight_hi.data_ptr<int32_t>() : nullptr;
