@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/packed_gemv.h"
@@ -49,21 +50,25 @@ inline __m512i splat(uint32_t v) { return _mm512_set1_epi32((int)v); }
 // word_order.h's cpu3_to_v1 on 16 columns: a word row's words and its 16 hi bits (the low half of h) in the CPU
 // word order's 3-bit layout -> format v1's (the hi bits in the low half)
 inline void cpu3_to_v1_x16(__m512i w, __m512i h, __m512i* w_out, __m512i* h_out) {
+  // vpternlogd immediates: 0xA8 = (a | b) & c, 0xCA = a ? b : c (bitwise)
   h = _mm512_and_si512(h, splat(0xFFFF));
-  __m512i s = _mm512_and_si512(_mm512_or_si512(h, _mm512_slli_epi32(h, 8)), splat(0x00FF00FF));
-  s = _mm512_and_si512(_mm512_or_si512(s, _mm512_slli_epi32(s, 4)), splat(0x0F0F0F0F));
-  *w_out = _mm512_or_si512(_mm512_or_si512(_mm512_and_si512(w, splat(0xC3C3C3C3)),
-                                           _mm512_and_si512(_mm512_srli_epi32(w, 1), splat(0x0C0C0C0C))),
-                           _mm512_slli_epi32(_mm512_and_si512(s, splat(0x03030303)), 4));
-  __m512i t = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w, 2), splat(0x01010101)),
-                              _mm512_and_si512(_mm512_srli_epi32(w, 4), splat(0x02020202)));
-  t = _mm512_and_si512(_mm512_or_si512(t, _mm512_srli_epi32(t, 4)), splat(0x00FF00FF));
-  t = _mm512_and_si512(_mm512_or_si512(t, _mm512_srli_epi32(t, 8)), splat(0xFFFF));
-  *h_out = _mm512_or_si512(_mm512_and_si512(h, splat(0xCCCC)), t);
+  __m512i s = _mm512_ternarylogic_epi32(h, _mm512_slli_epi32(h, 8), splat(0x00FF00FF), 0xA8);
+  s = _mm512_ternarylogic_epi32(s, _mm512_slli_epi32(s, 4), splat(0x0F0F0F0F), 0xA8);  // nibble b -> byte b
+  const __m512i t = _mm512_ternarylogic_epi32(splat(0xC3C3C3C3), w, _mm512_srli_epi32(w, 1), 0xCA);
+  *w_out = _mm512_ternarylogic_epi32(splat(0xCFCFCFCF), t, _mm512_slli_epi32(s, 4), 0xCA);
+  __m512i u = _mm512_and_si512(
+      _mm512_ternarylogic_epi32(splat(0x01010101), _mm512_srli_epi32(w, 2), _mm512_srli_epi32(w, 4), 0xCA),
+      splat(0x03030303));  // v1's hi bits of codes 4b, 4b + 1 in bits 0, 1 of byte b
+  u = _mm512_ternarylogic_epi32(u, _mm512_srli_epi32(u, 4), splat(0x00FF00FF), 0xA8);
+  u = _mm512_ternarylogic_epi32(u, _mm512_srli_epi32(u, 8), splat(0xFFFF), 0xA8);  // byte b -> nibble b
+  *h_out = _mm512_ternarylogic_epi32(splat(0xCCCC), h, u, 0xCA);
 }
 
-// L3: 3-bit codes in the CPU word order's bits (word_order.h), put back in format v1's bits a pair of word rows
-// (one hi word) at a time, so that the lookups and their sums are those of format v1, bit for bit.
+// L3: 3-bit codes in the CPU word order's bits (word_order.h), put back in format v1's bits kBufRows word rows at
+// a time into a buffer in L1, so that the lookups and their sums are those of format v1, bit for bit (converted in
+// registers between the lookups instead, the conversion's constants and the next row's words spilled: 1.2x slower)
+constexpr int64_t kBufRows = 8;
+
 template <int BITS, bool L3 = false>
 void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_tables, const float* hi_tables) {
   constexpr int NV = kLutVectors;
@@ -74,7 +79,8 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
     for (int v = 0; v < NV; ++v) acc[v] = acc_b[v] = _mm512_setzero_ps();
     const int64_t r_begin = g * p.group_len / 16;
     const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
-    __m512i w_next[NV], h_v1[NV];  // L3: row r + 1's words and the hi words in format v1's bits, from even r
+    alignas(64) int32_t buf_lo[L3 ? kBufRows : 1][NV * 16], buf_hi[L3 ? kBufRows / 2 : 1][NV * 16];
+    int64_t buf_r0 = r_begin;  // the first word row in the buffers
     for (int64_t r = r_begin; r < r_end; ++r) {
       // In format v1 the block's word rows lie N words apart, a stride the hardware prefetcher follows poorly
       // when the weights come from DRAM (decode of a whole model): fetch kPrefetchRows rows ahead ourselves.
@@ -84,20 +90,27 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
       }
       __m512i w[NV];
       const saliq::PlaneOrder::Row wrow = p.lo.row(p.qweight, r);
-      if (!L3) {
-        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
-      } else if ((r & 1) == 0) {  // rows r and r + 1 (zero past the group) and their hi word, in format v1's bits
-        const saliq::PlaneOrder::Row next = p.lo.row(p.qweight, r + 1), hrow = p.hi.row(p.qweight_hi, r >> 1);
-        for (int v = 0; v < NV; ++v) {
-          const __m512i h = _mm512_loadu_si512(hrow.at(n0 + v * 16));
-          const __m512i b = r + 1 < r_end ? _mm512_loadu_si512(next.at(n0 + v * 16)) : _mm512_setzero_si512();
-          __m512i ha, hb;
-          cpu3_to_v1_x16(_mm512_loadu_si512(wrow.at(n0 + v * 16)), h, &w[v], &ha);
-          cpu3_to_v1_x16(b, _mm512_srli_epi32(h, 16), &w_next[v], &hb);
-          h_v1[v] = _mm512_or_si512(ha, _mm512_slli_epi32(hb, 16));
+      if constexpr (L3) {
+        if ((r - r_begin) % kBufRows == 0) {  // the next rows of the group (a pair per hi word, the second zero past
+          buf_r0 = r;                          // the group) in format v1's bits
+          for (int64_t q = r; q < std::min(r_end, r + kBufRows); q += 2) {
+            const saliq::PlaneOrder::Row a = p.lo.row(p.qweight, q), b = p.lo.row(p.qweight, q + 1),
+                                         hr = p.hi.row(p.qweight_hi, q >> 1);
+            for (int v = 0; v < NV; ++v) {
+              const __m512i h = _mm512_loadu_si512(hr.at(n0 + v * 16));
+              const __m512i wb = q + 1 < r_end ? _mm512_loadu_si512(b.at(n0 + v * 16)) : _mm512_setzero_si512();
+              __m512i w0, w1, h0, h1;
+              cpu3_to_v1_x16(_mm512_loadu_si512(a.at(n0 + v * 16)), h, &w0, &h0);
+              cpu3_to_v1_x16(wb, _mm512_srli_epi32(h, 16), &w1, &h1);
+              _mm512_store_si512(buf_lo[q - r] + v * 16, w0);
+              _mm512_store_si512(buf_lo[q - r + 1] + v * 16, w1);
+              _mm512_store_si512(buf_hi[(q - r) / 2] + v * 16, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
+            }
+          }
         }
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_load_si512(buf_lo[r - buf_r0] + v * 16);
       } else {
-        for (int v = 0; v < NV; ++v) w[v] = w_next[v];
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
       }
       const float* t = pair_tables + r * 8 * 16;
 #pragma GCC unroll 8
@@ -115,7 +128,8 @@ void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_
         const int64_t quads = (r + 1 < r_end) ? 8 : 4;
         __m512i h[NV];
         const saliq::PlaneOrder::Row hrow = p.hi.row(p.qweight_hi, r_hi);
-        for (int v = 0; v < NV; ++v) h[v] = L3 ? h_v1[v] : _mm512_loadu_si512(hrow.at(n0 + v * 16));
+        for (int v = 0; v < NV; ++v)
+          h[v] = L3 ? _mm512_load_si512(buf_hi[(r - buf_r0) / 2] + v * 16) : _mm512_loadu_si512(hrow.at(n0 + v * 16));
         const float* th = hi_tables + r_hi * 8 * 16;
         for (int j = 0; j < quads; ++j) {
           const __m512 table = _mm512_loadu_ps(th + j * 16);
