@@ -54,8 +54,8 @@ void build_tables(const float* x, int64_t k_padded, int bits, float* tables) {
   }
 }
 
-template <int BITS>
-void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_tables) {
+// 2-bit: per word row 8 pair lookups (the top of this file), into two add chains per vector.
+void lut_block2(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_tables) {
   constexpr int NV = kLutVectors;
   __m512 yacc[NV];
   for (int v = 0; v < NV; ++v) yacc[v] = _mm512_setzero_ps();
@@ -131,7 +131,7 @@ void lut_block3(const saliq::PackedGemvProblem& p, int64_t n0, const float* tabl
     const int64_t r_begin = g * p.group_len / 16;
     const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
     for (int64_t r = r_begin; r < r_end; ++r) {
-      if (r + kPrefetchRows < (p.K + 15) / 16) {  // as lut_block
+      if (r + kPrefetchRows < (p.K + 15) / 16) {  // as lut_block2
         const char* ahead = reinterpret_cast<const char*>(p.lo.tile_piece(p.qweight, r + kPrefetchRows, n0, NV * 16));
         for (int v = 0; v < NV; ++v) _mm_prefetch(ahead + 64 * v, _MM_HINT_T0);
       }
@@ -196,7 +196,7 @@ void lut_columns(const PackedGemvProblem& p, const float* tables, int64_t n0) {
     row.x_group_sum = p.x_group_sum + m * p.G;
     row.y = p.y + m * p.N;
     const float* t = tables + m * per_row;
-    if (p.bits == 2) lut_block<2>(row, n0, t);
+    if (p.bits == 2) lut_block2(row, n0, t);
     else if (p.lo.band > 1) lut_block3<true>(row, n0, t);
     else lut_block3<false>(row, n0, t);
   }
