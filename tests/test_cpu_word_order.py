@@ -105,6 +105,8 @@ def test_malformed_cpu_order_planes_are_refused():
         cpp.packed_matmul(x, lo[:-1], hi, p.scales, p.zeros, 3, 64, 128, None)
     with pytest.raises(ValueError, match=r"qweight_hi must be int32 \[128\] \(the CPU word order"):
         cpp.packed_matmul(x, lo, p.qweight_hi, p.scales, p.zeros, 3, 64, 128, None)
+    with pytest.raises(ValueError, match=r"qweight_hi must be in the CPU word order \(1-D\) as qweight is"):
+        cpp.unpack(lo, p.qweight_hi, 3, 128)
 
 
 SHAPES = [(64, 128, 64), (48, 320, 64), (37, 96, 32), (130, 256, 128), (40, 100, -1), (33, 4100, -1)]

@@ -102,16 +102,16 @@ void lut_block2(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair
 
 inline __m512i splat(uint32_t v) { return _mm512_set1_epi32((int)v); }
 
-// word_order.h's cpu3_from_v1 on 16 columns: a word row's word and its 16 hi bits (the low half of h) in format
-// v1's bits -> the CPU word order's (its 16 hi bits in the low half)
+// 16 columns of a word row in format v1's 3-bit bits -> the CPU word order's (word_order.h; the inverse of
+// cpu3_to_v1 there): the word, and its 16 hi bits in the low half of h
 inline void cpu3_from_v1_x16(__m512i w, __m512i h, __m512i* w_out, __m512i* h_out) {
   h = _mm512_and_si512(h, splat(0xFFFF));
   __m512i s = _mm512_and_si512(_mm512_or_si512(h, _mm512_slli_epi32(h, 8)), splat(0x00FF00FF));
   s = _mm512_and_si512(_mm512_or_si512(s, _mm512_slli_epi32(s, 4)), splat(0x0F0F0F0F));  // nibble b -> byte b
-  *w_out = _mm512_or_si512(
-      _mm512_or_si512(_mm512_and_si512(w, splat(0xC3C3C3C3)), _mm512_slli_epi32(_mm512_and_si512(w, splat(0x0C0C0C0C)), 1)),
-      _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(s, splat(0x01010101)), 2),
-                      _mm512_slli_epi32(_mm512_and_si512(s, splat(0x02020202)), 4)));
+  const __m512i lo = _mm512_or_si512(_mm512_and_si512(w, splat(0xC3C3C3C3)),
+                                     _mm512_slli_epi32(_mm512_and_si512(w, splat(0x0C0C0C0C)), 1));
+  *w_out = _mm512_or_si512(lo, _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(s, splat(0x01010101)), 2),
+                                               _mm512_slli_epi32(_mm512_and_si512(s, splat(0x02020202)), 4)));
   __m512i u = _mm512_and_si512(_mm512_srli_epi32(w, 4), splat(0x03030303));
   u = _mm512_and_si512(_mm512_or_si512(u, _mm512_srli_epi32(u, 4)), splat(0x00FF00FF));
   u = _mm512_and_si512(_mm512_or_si512(u, _mm512_srli_epi32(u, 8)), splat(0xFFFF));  // byte b -> nibble b

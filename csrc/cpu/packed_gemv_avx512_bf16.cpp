@@ -70,7 +70,8 @@ void bf16_block(const saliq::PackedGemvProblem& p, const uint32_t* pairs, int64_
         for (int v = 0; v < kVectors; ++v) {
           if (L3) {  // inputs j = 4b + i and j + 8: bytes b and b + 2 of w, nibbles b and b + 2 of the hi bits
             const int b = j >> 2, i = j & 3;
-            const __m512i src = i == 2 ? _mm512_srli_epi32(h4[v], 4 * b) : _mm512_srli_epi32(w[v], 8 * b + (i == 3 ? 6 : 3 * i));
+            const __m512i src =
+                i == 2 ? _mm512_srli_epi32(h4[v], 4 * b) : _mm512_srli_epi32(w[v], 8 * b + (i == 3 ? 6 : 3 * i));
             c[v] = _mm512_ternarylogic_epi32(src, i == 3 ? mask : code3, magic, 0xEA);  // (a&b)|c
             if (i == 3) c[v] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(h4[v], 4 * b + 1), bit2, c[v], 0xEA);
           } else {

@@ -5,7 +5,7 @@
 // packed word row the codes are unpacked once (shift, mask, convert) and multiplied-added into MT x NV
 // per-group accumulators with x[m, k] broadcast; at each group end y += s * (acc - z * sum_group(x)).
 // Blocks are independent: any thread may compute any block, each output element is written by one block.
-// L3: 3-bit codes in the CPU word order's bits (word_order.h: cpu3_code), else format v1's.
+// L3: 3-bit codes in the CPU word order's bits (word_order.h), else format v1's.
 
 namespace {
 
@@ -49,7 +49,7 @@ inline void fma_block(const saliq::PackedGemvProblem& p, int64_t n0, int64_t m0)
         for (int m = 0; m < MT; ++m) xb[m] = V::set1(xrow[m][k0 + j]);
         for (int v = 0; v < NV; ++v) {
           I c;
-          if (L3) {  // code j = 4b + i: byte b of w holds i = 0, 1 and the low bits of 3, nibble b of h 2 and 3's third bit
+          if (L3) {  // code 4b + i: byte b of w holds i = 0, 1 and 3's low bits, nibble b of h 2 and 3's third bit
             const int b = j >> 2;
             if ((j & 3) == 0) c = V::and_i(V::srl(w[v], 8 * b), code3);
             else if ((j & 3) == 1) c = V::and_i(V::srl(w[v], 8 * b + 3), code3);

@@ -177,6 +177,8 @@ std::pair<at::Tensor, at::Tensor> planes_to_v1(const at::Tensor& qweight, const 
                                                int64_t in_features, int64_t n) {
   at::Tensor lo = words_to_v1(qweight, in_features, low_plane_width(bits), n);
   if (bits != 3 || qweight.dim() != 1) return {lo, bits == 3 ? words_to_v1(qweight_hi, in_features, 1, n) : qweight_hi};
+  TORCH_CHECK_VALUE(qweight_hi.dim() == 1, "qweight_hi must be in the CPU word order (1-D) as qweight is, got ",
+                    qweight_hi.sizes());
   at::Tensor hi = words_to_v1(qweight_hi, in_features, 1, n);
   // the 3-bit codes back in format v1's bits (word_order.h), a pair of word rows (one hi word) at a time
   uint32_t* w = reinterpret_cast<uint32_t*>(lo.data_ptr<int32_t>());

@@ -7,7 +7,7 @@
 // time: word (r, n) at b0 N + n0 h + (r - b0) w + (n - n0), with b0 = band floor(r / band), h = min(band,
 // rows - b0) the band's rows, n0 = 16 floor(n / 16), w = min(16, N - n0) the strip's columns. A tile of whole
 // strips then reads a band as one run. band = 1 is format v1 itself, so every kernel takes both. 3-bit codes are
-// also re-packed in the CPU word order (cpu3_code below), so that a kernel tells the two by the band alone.
+// also re-packed in the CPU word order (the layout below), so that a kernel tells the two by the band alone.
 #pragma once
 
 #include <stdint.h>
@@ -89,15 +89,6 @@ constexpr int64_t cpu_order_band(int width) { return 64 / (32 / width); }
 // of the row's 16 hi bits h (bits 16 (r & 1) .. of hi word r / 2) code 4b + 2 whole and the third bit of 4b + 3:
 //   w byte b = c0 | c1 << 3 | (c3 & 3) << 6,   h nibble b = c2 | (c3 >> 2) << 3   (c_j: the code of input 4b + j)
 // so an integer kernel takes each code with one or two operations (format v1 joins 2 + 1 bits for every code).
-inline uint32_t cpu3_code(uint32_t w, uint32_t h, int j) {
-  const uint32_t byte = w >> (8 * (j >> 2)), nibble = h >> (4 * (j >> 2));
-  switch (j & 3) {
-    case 0: return byte & 7u;
-    case 1: return (byte >> 3) & 7u;
-    case 2: return nibble & 7u;
-    default: return ((byte >> 6) & 3u) | ((nibble >> 1) & 4u);
-  }
-}
 
 // 16 bits -> nibble b in the low half of byte b, and back (the high halves zero)
 inline uint32_t spread_nibbles(uint32_t h) {
@@ -110,13 +101,8 @@ inline uint32_t gather_nibbles(uint32_t t) {
   return (t | (t >> 8)) & 0xFFFFu;
 }
 
-// One word row of 3-bit codes, format v1's bits <-> the CPU word order's: the low word and the row's 16 hi bits.
-// Bits 6-7 of each byte and bit 3 of each nibble stay put.
-inline void cpu3_from_v1(uint32_t w, uint32_t h, uint32_t* w_out, uint32_t* h_out) {
-  const uint32_t s = spread_nibbles(h);
-  *w_out = (w & 0xC3C3C3C3u) | ((w & 0x0C0C0C0Cu) << 1) | ((s & 0x01010101u) << 2) | ((s & 0x02020202u) << 4);
-  *h_out = (h & 0xCCCCu) | gather_nibbles((w >> 4) & 0x03030303u);
-}
+// One word row of 3-bit codes, the CPU word order's bits -> format v1's: the low word and the row's 16 hi bits.
+// Bits 6-7 of each byte and bit 3 of each nibble stay put (saliq/word_order.py converts both ways).
 inline void cpu3_to_v1(uint32_t w, uint32_t h, uint32_t* w_out, uint32_t* h_out) {
   const uint32_t s = spread_nibbles(h);
   *w_out = (w & 0xC3C3C3C3u) | ((w >> 1) & 0x0C0C0C0Cu) | ((s & 0x03030303u) << 4);
