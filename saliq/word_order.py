@@ -107,12 +107,11 @@ def _repack3(lo: torch.Tensor, hi: torch.Tensor, into_cpu_layout: bool) -> tuple
         r1 = min(rows, r0 + step)
         w = lo[r0:r1].to(torch.int64) & 0xFFFFFFFF
         h = _row_halves(hi[r0 // 2:(r1 + 1) // 2], r1 - r0)
-        if into_cpu_layout:
-            s = _spread_nibbles(h)  # v1 hi bits of codes 4b..4b+3 in bits 0..3 of byte b
+        s = _spread_nibbles(h)  # nibble b of the row's hi bits in bits 0..3 of byte b
+        if into_cpu_layout:  # s: format v1's third bits of codes 4b .. 4b + 3
             w_new = (w & 0xC3C3C3C3) | ((w & 0x0C0C0C0C) << 1) | ((s & 0x01010101) << 2) | ((s & 0x02020202) << 4)
             h_new = (h & 0xCCCC) | _gather_nibbles((w >> 4) & 0x03030303)
-        else:
-            s = _spread_nibbles(h)  # c_2 and c_3's third bit in bits 0..3 of byte b
+        else:  # s: c_2 and c_3's third bit
             w_new = (w & 0xC3C3C3C3) | ((w >> 1) & 0x0C0C0C0C) | ((s & 0x03030303) << 4)
             h_new = (h & 0xCCCC) | _gather_nibbles(((w >> 2) & 0x01010101) | ((w >> 4) & 0x02020202))
         lo_out[r0:r1] = w_new.to(torch.int32)
