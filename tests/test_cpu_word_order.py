@@ -84,6 +84,19 @@ def test_3bit_codes_follow_the_formula_and_round_trip(k, n):
     assert [t.shape for t in meta] == [lo.shape, hi.shape]
 
 
+@pytest.mark.parametrize("k,n", [(64, 16), (48, 5), (1040, 37), (16, 3)])
+def test_3bit_repack_in_cpp_matches_torch(k, n):
+    """The C++ re-pack (the CPU, when built) and the torch one (any device) give the same words, both ways."""
+    words = torch.randint(-2**31, 2**31 - 1, (packed_rows(k, 2) + packed_rows(k, 1), n), generator=gen(k + n))
+    lo, hi = words.to(torch.int32).split([packed_rows(k, 2), packed_rows(k, 1)])
+    for into_cpu_layout in (True, False):
+        expected = word_order._repack3_torch(lo.contiguous(), hi.contiguous(), into_cpu_layout)
+        got = cpp._C.repack3(lo.contiguous(), hi.contiguous(), into_cpu_layout)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), into_cpu_layout
+    with pytest.raises(ValueError, match=r"hi must be a 2-D int32 CPU tensor \[2, 16\]"):
+        cpp._C.repack3(torch.zeros(4, 16, dtype=torch.int32), torch.zeros(3, 16, dtype=torch.int32), True)
+
+
 def test_conversion_in_chunks_of_bands(monkeypatch):
     """Long planes convert a run of bands at a time: the runs' seams land on band edges."""
     monkeypatch.setattr(word_order, "_CHUNK_WORDS", 3 * 4 * 48)

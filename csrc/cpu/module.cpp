@@ -18,6 +18,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "saliq C++ / CUDA kernels";
   m.def("pack", &saliq::pack_cpu, "pack integers [N, K] into format v1 (CPU)");
   m.def("unpack", &saliq::unpack_cpu, "format v1 -> uint8 [N, K] (CPU)");
+  m.def("repack3", &saliq::repack3_cpu, py::arg("lo"), py::arg("hi"), py::arg("into_cpu_layout"),
+        "3-bit planes in format v1: their bits <-> the CPU word order's layout (CPU)");
   m.def("dequantize", &saliq::dequantize_cpu, "format v1 -> W [N, K] in the scales' dtype (CPU)");
   m.def("packed_matmul", &saliq::packed_matmul_cpu, "x W^T + bias with W in format v1 (CPU)");
   m.def("quant_linear", &saliq::quant_linear_cpu,

@@ -3,6 +3,7 @@
 // Work split: OpenMP over word rows (pack) or over blocks of 16 output rows n (unpack, dequantize).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -173,6 +174,66 @@ static at::Tensor words_to_v1(const at::Tensor& words, int64_t in_features, int 
   return out;
 }
 
+// 3-bit planes [rows, n] / [ceil(rows / 2), n] (contiguous) between format v1's bits and the CPU word order's
+// (word_order.h), a hi word (two word rows) at a time, each loop along n vectorised;
+// in place when the outputs are the inputs.
+template <bool INTO_CPU_LAYOUT>
+static void repack3_rows(const uint32_t* w, const uint32_t* h, uint32_t* w_out, uint32_t* h_out, int64_t rows,
+                         int64_t n) {
+  const auto convert = [](uint32_t word, uint32_t h16, uint32_t* word_out, uint32_t* h16_out) {
+    if (INTO_CPU_LAYOUT) cpu3_from_v1(word, h16, word_out, h16_out);
+    else cpu3_to_v1(word, h16, word_out, h16_out);
+  };
+  at::parallel_for(0, (rows + 1) / 2, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t r = 2 * q;
+      // each j reads its own words before it writes them (in place too): no dependence between iterations
+      if (r + 1 < rows) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t hw = h[q * n + j];
+          uint32_t a, b, ha, hb;
+          convert(w[r * n + j], hw, &a, &ha);
+          convert(w[(r + 1) * n + j], hw >> 16, &b, &hb);
+          w_out[r * n + j] = a;
+          w_out[(r + 1) * n + j] = b;
+          h_out[q * n + j] = ha | (hb << 16);
+        }
+      } else {  // the last word row, alone in its hi word
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          uint32_t a, ha;
+          convert(w[r * n + j], h[q * n + j], &a, &ha);
+          w_out[r * n + j] = a;
+          h_out[q * n + j] = ha;
+        }
+      }
+    }
+  });
+}
+
+static void repack3_rows(const uint32_t* w, const uint32_t* h, uint32_t* w_out, uint32_t* h_out, int64_t rows,
+                         int64_t n, bool into_cpu_layout) {
+  if (into_cpu_layout) repack3_rows<true>(w, h, w_out, h_out, rows, n);
+  else repack3_rows<false>(w, h, w_out, h_out, rows, n);
+}
+
+std::tuple<at::Tensor, at::Tensor> repack3_cpu(const at::Tensor& lo, const at::Tensor& hi, bool into_cpu_layout) {
+  TORCH_CHECK_VALUE(lo.dim() == 2 && lo.scalar_type() == at::kInt && lo.device().is_cpu(),
+                    "lo must be a 2-D int32 CPU tensor, got ", lo.scalar_type(), " ", lo.sizes());
+  const int64_t rows = lo.size(0), n = lo.size(1);
+  TORCH_CHECK_VALUE(hi.dim() == 2 && hi.scalar_type() == at::kInt && hi.device().is_cpu() &&
+                        hi.size(0) == (rows + 1) / 2 && hi.size(1) == n,
+                    "hi must be a 2-D int32 CPU tensor [", (rows + 1) / 2, ", ", n, "], got ", hi.sizes());
+  const at::Tensor l = lo.contiguous(), h = hi.contiguous();
+  at::Tensor lo_out = at::empty_like(l), hi_out = at::empty_like(h);
+  repack3_rows(reinterpret_cast<const uint32_t*>(l.data_ptr<int32_t>()),
+               reinterpret_cast<const uint32_t*>(h.data_ptr<int32_t>()),
+               reinterpret_cast<uint32_t*>(lo_out.data_ptr<int32_t>()),
+               reinterpret_cast<uint32_t*>(hi_out.data_ptr<int32_t>()), rows, n, into_cpu_layout);
+  return {lo_out, hi_out};
+}
+
 std::pair<at::Tensor, at::Tensor> planes_to_v1(const at::Tensor& qweight, const at::Tensor& qweight_hi, int bits,
                                                int64_t in_features, int64_t n) {
   at::Tensor lo = words_to_v1(qweight, in_features, low_plane_width(bits), n);
@@ -180,23 +241,10 @@ std::pair<at::Tensor, at::Tensor> planes_to_v1(const at::Tensor& qweight, const 
   TORCH_CHECK_VALUE(qweight_hi.dim() == 1, "qweight_hi must be in the CPU word order (1-D) as qweight is, got ",
                     qweight_hi.sizes());
   at::Tensor hi = words_to_v1(qweight_hi, in_features, 1, n);
-  // the 3-bit codes back in format v1's bits (word_order.h), a pair of word rows (one hi word) at a time
+  // the 3-bit codes back in format v1's bits, in place (lo and hi are new tensors)
   uint32_t* w = reinterpret_cast<uint32_t*>(lo.data_ptr<int32_t>());
   uint32_t* h = reinterpret_cast<uint32_t*>(hi.data_ptr<int32_t>());
-  const int64_t rows = lo.size(0);
-  at::parallel_for(0, hi.size(0), 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q)
-      for (int64_t j = 0; j < n; ++j) {
-        uint32_t out_h = 0;
-        for (int64_t r = 2 * q; r < std::min(rows, 2 * q + 2); ++r) {
-          const int half = (int)(r & 1) * 16;
-          uint32_t h16;
-          cpu3_to_v1(w[r * n + j], h[q * n + j] >> half, &w[r * n + j], &h16);
-          out_h |= h16 << half;
-        }
-        h[q * n + j] = out_h;
-      }
-  });
+  repack3_rows(w, h, w, h, lo.size(0), n, false);
   return {lo, hi};
 }
 

@@ -101,8 +101,13 @@ inline uint32_t gather_nibbles(uint32_t t) {
   return (t | (t >> 8)) & 0xFFFFu;
 }
 
-// One word row of 3-bit codes, the CPU word order's bits -> format v1's: the low word and the row's 16 hi bits.
-// Bits 6-7 of each byte and bit 3 of each nibble stay put (saliq/word_order.py converts both ways).
+// One word row of 3-bit codes, format v1's bits <-> the CPU word order's: the low word and the row's 16 hi bits.
+// Bits 6-7 of each byte and bit 3 of each nibble stay put.
+inline void cpu3_from_v1(uint32_t w, uint32_t h, uint32_t* w_out, uint32_t* h_out) {
+  const uint32_t s = spread_nibbles(h);
+  *w_out = (w & 0xC3C3C3C3u) | ((w & 0x0C0C0C0Cu) << 1) | ((s & 0x01010101u) << 2) | ((s & 0x02020202u) << 4);
+  *h_out = (h & 0xCCCCu) | gather_nibbles((w >> 4) & 0x03030303u);
+}
 inline void cpu3_to_v1(uint32_t w, uint32_t h, uint32_t* w_out, uint32_t* h_out) {
   const uint32_t s = spread_nibbles(h);
   *w_out = (w & 0xC3C3C3C3u) | ((w >> 1) & 0x0C0C0C0Cu) | ((s & 0x03030303u) << 4);
