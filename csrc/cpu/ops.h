@@ -76,11 +76,11 @@ PackedGemvProblem packed_problem(const at::Tensor& qweight, const at::Tensor& qw
 int64_t packed_columns(const at::Tensor& qweight, const at::Tensor& scales);
 // Where a plane's words lie: band 1 (format v1) for a 2-D tensor, the CPU word order's bands for a 1-D one.
 PlaneOrder plane_order(const at::Tensor& words, int64_t in_features, int width, int64_t n);
-// Both planes in the CPU word order (1-D) copied back to format v1 ([rows, n], 3-bit codes in format v1's bits);
-// 2-D planes as they are.
 // 3-bit planes in format v1 ([rows, n] / [ceil(rows / 2), n]) with their bits re-packed into the CPU word order's
 // layout (into_cpu_layout) or back (word_order.h); saliq/word_order.py orders the words.
 std::tuple<at::Tensor, at::Tensor> repack3_cpu(const at::Tensor& lo, const at::Tensor& hi, bool into_cpu_layout);
+// Both planes in the CPU word order (1-D) copied back to format v1 ([rows, n], 3-bit codes in format v1's bits);
+// 2-D planes as they are.
 std::pair<at::Tensor, at::Tensor> planes_to_v1(const at::Tensor& qweight, const at::Tensor& qweight_hi, int bits,
                                                int64_t in_features, int64_t n);
 

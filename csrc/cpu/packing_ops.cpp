@@ -175,8 +175,8 @@ static at::Tensor words_to_v1(const at::Tensor& words, int64_t in_features, int 
 }
 
 // 3-bit planes [rows, n] / [ceil(rows / 2), n] (contiguous) between format v1's bits and the CPU word order's
-// (word_order.h), a hi word (two word rows) at a time, each loop along n vectorised;
-// in place when the outputs are the inputs.
+// (word_order.h), a hi word (two word rows) at a time, each loop along n vectorised; in place when the outputs are
+// the inputs.
 template <bool INTO_CPU_LAYOUT>
 static void repack3_rows(const uint32_t* w, const uint32_t* h, uint32_t* w_out, uint32_t* h_out, int64_t rows,
                          int64_t n) {
