@@ -22,6 +22,9 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+// word_order.h's 3-bit conversion, a template defined outside this target, is instantiated on 16-lane vectors by the
+// LUT kernel and inlined there; no copy of it compiled without AVX-512 is called, so GCC's ABI note does not apply
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "cpu/vec_avx512.h"
 #include "cpu/packed_gemv_fma.h"
@@ -54,14 +57,18 @@ void build_tables(const float* x, int64_t k_padded, int bits, float* tables) {
   }
 }
 
-// 2-bit: per word row 8 pair lookups (the top of this file), into two add chains per vector.
-void lut_block2(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair_tables) {
+// One row of x over 64 columns: per word row, 2-bit 8 pair lookups, 3-bit 12 (the top of this file), into two add
+// chains per vector. CO (3-bit): the words in the CPU word order; else format v1's, re-packed per word row into the
+// CPU word order's layout (word_order.h) first.
+template <int BITS, bool CO = true>
+void lut_block(const saliq::PackedGemvProblem& p, int64_t n0, const float* tables) {
+  using U32x16 = uint32_t __attribute__((vector_size(64)));  // word_order.h's conversion on 16 lanes
   constexpr int NV = kLutVectors;
   __m512 yacc[NV];
   for (int v = 0; v < NV; ++v) yacc[v] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.G; ++g) {
-    __m512 acc[NV], acc_b[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = acc_b[v] = _mm512_setzero_ps();
+    __m512 acc[2][NV];
+    for (int v = 0; v < NV; ++v) acc[0][v] = acc[1][v] = _mm512_setzero_ps();
     const int64_t r_begin = g * p.group_len / 16;
     const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
     for (int64_t r = r_begin; r < r_end; ++r) {
@@ -74,86 +81,39 @@ void lut_block2(const saliq::PackedGemvProblem& p, int64_t n0, const float* pair
       __m512i w[NV];
       const saliq::PlaneOrder::Row wrow = p.lo.row(p.qweight, r);
       for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
-      const float* t = pair_tables + r * 8 * 16;
+      if constexpr (BITS == 2) {
+        const float* t = tables + r * 8 * 16;
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
-        const __m512 table = _mm512_loadu_ps(t + j * 16);
-        for (int v = 0; v < NV; ++v) {
-          // even j into acc, odd j into acc_b: two independent add chains per vector
-          const __m512 val = _mm512_permutexvar_ps(_mm512_srli_epi32(w[v], 4 * j), table);
-          if (j & 1) acc_b[v] = _mm512_add_ps(acc_b[v], val);
-          else acc[v] = _mm512_add_ps(acc[v], val);
+        for (int j = 0; j < 8; ++j) {
+          const __m512 table = _mm512_loadu_ps(t + j * 16);
+          for (int v = 0; v < NV; ++v)  // even j into acc[0], odd j into acc[1]
+            acc[j & 1][v] = _mm512_add_ps(acc[j & 1][v], _mm512_permutexvar_ps(_mm512_srli_epi32(w[v], 4 * j), table));
         }
-      }
-    }
-    for (int v = 0; v < NV; ++v) {
-      const int64_t idx = g * p.N + n0 + v * 16;
-      const __m512 s = VecAvx512::load_scales(p.scales, p.scale_type, idx);
-      const __m512 z = VecAvx512::load_zeros(p.zeros + idx);
-      const __m512 xs = _mm512_set1_ps(p.x_group_sum[g]);
-      yacc[v] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, _mm512_add_ps(acc[v], acc_b[v])), yacc[v]);
-    }
-  }
-  for (int v = 0; v < NV; ++v) {
-    const __m512 b = p.bias ? _mm512_loadu_ps(p.bias + n0 + v * 16) : _mm512_setzero_ps();
-    _mm512_storeu_ps(p.y + n0 + v * 16, _mm512_add_ps(yacc[v], b));
-  }
-}
-
-inline __m512i splat(uint32_t v) { return _mm512_set1_epi32((int)v); }
-
-// 16 columns of a word row in format v1's 3-bit bits -> the CPU word order's (word_order.h; the inverse of
-// cpu3_to_v1 there): the word, and its 16 hi bits in the low half of h
-inline void cpu3_from_v1_x16(__m512i w, __m512i h, __m512i* w_out, __m512i* h_out) {
-  h = _mm512_and_si512(h, splat(0xFFFF));
-  __m512i s = _mm512_and_si512(_mm512_or_si512(h, _mm512_slli_epi32(h, 8)), splat(0x00FF00FF));
-  s = _mm512_and_si512(_mm512_or_si512(s, _mm512_slli_epi32(s, 4)), splat(0x0F0F0F0F));  // nibble b -> byte b
-  const __m512i lo = _mm512_or_si512(_mm512_and_si512(w, splat(0xC3C3C3C3)),
-                                     _mm512_slli_epi32(_mm512_and_si512(w, splat(0x0C0C0C0C)), 1));
-  *w_out = _mm512_or_si512(lo, _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(s, splat(0x01010101)), 2),
-                                               _mm512_slli_epi32(_mm512_and_si512(s, splat(0x02020202)), 4)));
-  __m512i u = _mm512_and_si512(_mm512_srli_epi32(w, 4), splat(0x03030303));
-  u = _mm512_and_si512(_mm512_or_si512(u, _mm512_srli_epi32(u, 4)), splat(0x00FF00FF));
-  u = _mm512_and_si512(_mm512_or_si512(u, _mm512_srli_epi32(u, 8)), splat(0xFFFF));  // byte b -> nibble b
-  *h_out = _mm512_or_si512(_mm512_and_si512(h, splat(0xCCCC)), u);
-}
-
-// 3-bit: per word row and 4 inputs 4b..4b+3 three lookups (the top of this file), into two add chains per vector.
-// CO: the words in the CPU word order; else format v1's, re-packed per word row into the CPU word order's layout.
-template <bool CO>
-void lut_block3(const saliq::PackedGemvProblem& p, int64_t n0, const float* tables) {
-  constexpr int NV = kLutVectors;
-  __m512 yacc[NV];
-  for (int v = 0; v < NV; ++v) yacc[v] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.G; ++g) {
-    __m512 acc[2][NV];
-    for (int v = 0; v < NV; ++v) acc[0][v] = acc[1][v] = _mm512_setzero_ps();
-    const int64_t r_begin = g * p.group_len / 16;
-    const int64_t r_end = ((g + 1) * p.group_len + 15) / 16;
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      if (r + kPrefetchRows < (p.K + 15) / 16) {  // as lut_block2
-        const char* ahead = reinterpret_cast<const char*>(p.lo.tile_piece(p.qweight, r + kPrefetchRows, n0, NV * 16));
-        for (int v = 0; v < NV; ++v) _mm_prefetch(ahead + 64 * v, _MM_HINT_T0);
-      }
-      __m512i w[NV], h[NV];
-      const saliq::PlaneOrder::Row wrow = p.lo.row(p.qweight, r), hrow = p.hi.row(p.qweight_hi, r >> 1);
-      for (int v = 0; v < NV; ++v) {
-        w[v] = _mm512_loadu_si512(wrow.at(n0 + v * 16));
-        h[v] = _mm512_srli_epi32(_mm512_loadu_si512(hrow.at(n0 + v * 16)), 16 * (int)(r & 1));
-        if (!CO) cpu3_from_v1_x16(w[v], h[v], &w[v], &h[v]);
-      }
-      const float* t = tables + r * 4 * kQuad3;
+      } else {
+        __m512i h[NV];
+        const saliq::PlaneOrder::Row hrow = p.hi.row(p.qweight_hi, r >> 1);
+        for (int v = 0; v < NV; ++v) {
+          h[v] = _mm512_srli_epi32(_mm512_loadu_si512(hrow.at(n0 + v * 16)), 16 * (int)(r & 1));
+          if (!CO) {
+            U32x16 wv = (U32x16)w[v], hv = (U32x16)h[v];
+            saliq::cpu3_from_v1(wv, hv, &wv, &hv);
+            w[v] = (__m512i)wv;
+            h[v] = (__m512i)hv;
+          }
+        }
+        const float* t = tables + r * 4 * kQuad3;
 #pragma GCC unroll 4
-      for (int b = 0; b < 4; ++b) {
-        const __m512 t1 = _mm512_loadu_ps(t + b * kQuad3), t2 = _mm512_loadu_ps(t + b * kQuad3 + 16);
-        const __m512 t3 = _mm512_loadu_ps(t + b * kQuad3 + 32);
-        for (int v = 0; v < NV; ++v) {
-          acc[0][v] = _mm512_add_ps(acc[0][v], _mm512_permutexvar_ps(_mm512_srli_epi32(w[v], 8 * b), t1));
-          acc[1][v] = _mm512_add_ps(acc[1][v], _mm512_permutexvar_ps(_mm512_srli_epi32(w[v], 8 * b + 4), t2));
-          acc[b & 1][v] = _mm512_add_ps(acc[b & 1][v], _mm512_permutexvar_ps(_mm512_srli_epi32(h[v], 4 * b), t3));
-          // each vector's sums in order: GCC otherwise issued a row's lookups first and spilled their results
-          // (M = 1, 4096 x 11008, weights in cache: 2.2-2.5 ms against 0.72-0.78)
-          __asm__("" : "+v"(acc[0][v]), "+v"(acc[1][v]));
+        for (int b = 0; b < 4; ++b) {
+          const __m512 t1 = _mm512_loadu_ps(t + b * kQuad3), t2 = _mm512_loadu_ps(t + b * kQuad3 + 16);
+          const __m512 t3 = _mm512_loadu_ps(t + b * kQuad3 + 32);
+          for (int v = 0; v < NV; ++v) {
+            acc[0][v] = _mm512_add_ps(acc[0][v], _mm512_permutexvar_ps(_mm512_srli_epi32(w[v], 8 * b), t1));
+            acc[1][v] = _mm512_add_ps(acc[1][v], _mm512_permutexvar_ps(_mm512_srli_epi32(w[v], 8 * b + 4), t2));
+            acc[b & 1][v] = _mm512_add_ps(acc[b & 1][v], _mm512_permutexvar_ps(_mm512_srli_epi32(h[v], 4 * b), t3));
+            // each vector's sums in order: GCC otherwise issued a row's lookups first and spilled their results
+            // (M = 1, 4096 x 11008, weights in cache: 2.2-2.5 ms against 0.72-0.78)
+            __asm__("" : "+v"(acc[0][v]), "+v"(acc[1][v]));
+          }
         }
       }
     }
@@ -162,8 +122,7 @@ void lut_block3(const saliq::PackedGemvProblem& p, int64_t n0, const float* tabl
       const __m512 s = VecAvx512::load_scales(p.scales, p.scale_type, idx);
       const __m512 z = VecAvx512::load_zeros(p.zeros + idx);
       const __m512 xs = _mm512_set1_ps(p.x_group_sum[g]);
-      const __m512 sum = _mm512_add_ps(acc[0][v], acc[1][v]);
-      yacc[v] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, sum), yacc[v]);
+      yacc[v] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, _mm512_add_ps(acc[0][v], acc[1][v])), yacc[v]);
     }
   }
   for (int v = 0; v < NV; ++v) {
@@ -196,9 +155,9 @@ void lut_columns(const PackedGemvProblem& p, const float* tables, int64_t n0) {
     row.x_group_sum = p.x_group_sum + m * p.G;
     row.y = p.y + m * p.N;
     const float* t = tables + m * per_row;
-    if (p.bits == 2) lut_block2(row, n0, t);
-    else if (p.lo.band > 1) lut_block3<true>(row, n0, t);
-    else lut_block3<false>(row, n0, t);
+    if (p.bits == 2) lut_block<2>(row, n0, t);
+    else if (p.lo.band > 1) lut_block<3>(row, n0, t);
+    else lut_block<3, false>(row, n0, t);
   }
 }
 

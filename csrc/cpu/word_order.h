@@ -90,28 +90,38 @@ constexpr int64_t cpu_order_band(int width) { return 64 / (32 / width); }
 //   w byte b = c0 | c1 << 3 | (c3 & 3) << 6,   h nibble b = c2 | (c3 >> 2) << 3   (c_j: the code of input 4b + j)
 // so an integer kernel takes each code with one or two operations (format v1 joins 2 + 1 bits for every code).
 
-// 16 bits -> nibble b in the low half of byte b, and back (the high halves zero)
-inline uint32_t spread_nibbles(uint32_t h) {
+// 16 bits -> nibble b in the low half of byte b, and back (the high halves zero). T: uint32_t, or a GCC vector of
+// uint32_t for a kernel's lanes (the same operators and constants).
+// (A kernel compiled for AVX-512 instantiates them on 64-byte vectors and inlines them; GCC's note that a copy built
+// without AVX-512 would pass those differently concerns a copy never called. packed_gemv_avx512.cpp says the same.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <class T>
+inline T spread_nibbles(T h) {
   h &= 0xFFFFu;
   h = (h | (h << 8)) & 0x00FF00FFu;
   return (h | (h << 4)) & 0x0F0F0F0Fu;
 }
-inline uint32_t gather_nibbles(uint32_t t) {
+template <class T>
+inline T gather_nibbles(T t) {
   t = (t | (t >> 4)) & 0x00FF00FFu;
   return (t | (t >> 8)) & 0xFFFFu;
 }
 
 // One word row of 3-bit codes, format v1's bits <-> the CPU word order's: the low word and the row's 16 hi bits.
 // Bits 6-7 of each byte and bit 3 of each nibble stay put.
-inline void cpu3_from_v1(uint32_t w, uint32_t h, uint32_t* w_out, uint32_t* h_out) {
-  const uint32_t s = spread_nibbles(h);
+template <class T>
+inline void cpu3_from_v1(T w, T h, T* w_out, T* h_out) {
+  const T s = spread_nibbles(h);
   *w_out = (w & 0xC3C3C3C3u) | ((w & 0x0C0C0C0Cu) << 1) | ((s & 0x01010101u) << 2) | ((s & 0x02020202u) << 4);
   *h_out = (h & 0xCCCCu) | gather_nibbles((w >> 4) & 0x03030303u);
 }
-inline void cpu3_to_v1(uint32_t w, uint32_t h, uint32_t* w_out, uint32_t* h_out) {
-  const uint32_t s = spread_nibbles(h);
+template <class T>
+inline void cpu3_to_v1(T w, T h, T* w_out, T* h_out) {
+  const T s = spread_nibbles(h);
   *w_out = (w & 0xC3C3C3C3u) | ((w >> 1) & 0x0C0C0C0Cu) | ((s & 0x03030303u) << 4);
   *h_out = (h & 0xCCCCu) | gather_nibbles(((w >> 2) & 0x01010101u) | ((w >> 4) & 0x02020202u));
 }
+#pragma GCC diagnostic pop
 
 }  // namespace saliq
