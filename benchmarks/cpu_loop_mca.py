@@ -86,8 +86,10 @@ def main(argv=None) -> int:
         asm = asm_path.read_text()
         rows_per_group = 8 if args.bits == 4 else 4
         loop, columns = None, 0
-        for symbol, body in functions(asm).items():
-            name = subprocess.run(["c++filt", symbol], capture_output=True, text=True, check=True).stdout
+        bodies = functions(asm)
+        names = subprocess.run(["c++filt"], input="\n".join(bodies), capture_output=True, text=True,
+                               check=True).stdout.splitlines()  # one c++filt for every symbol
+        for (symbol, body), name in zip(bodies.items(), names):
             m = INSTANCE.search(name)
             if m is None or m.group(7) != "true":
                 continue
