@@ -272,6 +272,30 @@ class QuantLinear(nn.Module):
         self._set_word_order(False)  # a state dict holds format v1; finish_loading (the post hook) orders it again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    # A pickle (torch.save of a whole module, copy.deepcopy) holds format v1 as a checkpoint does: the CPU word
+    # order is the running build's own layout, and a later build may lay its words out differently.
+    _PICKLED_V1 = "_saliq_pickled_format_v1"
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if word_order.is_cpu_order(self.qweight):
+            state["_buffers"] = dict(state["_buffers"])
+            state["_buffers"]["qweight"], state["_buffers"]["qweight_hi"] = self._words_v1()
+        state[self._PICKLED_V1] = True
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        pickled_v1 = state.pop(self._PICKLED_V1, False)
+        super().__setstate__(state)
+        if not pickled_v1 and self.spec.bits == 3 and word_order.is_cpu_order(self.qweight):
+            # pickled by an earlier saliq in its CPU word order: the 3-bit layout of that order changed, and the
+            # words do not say which one they are in
+            raise ValueError("this 3-bit QuantLinear was pickled by an earlier saliq in its in-memory CPU word "
+                             "order, whose 3-bit layout has changed since: load the model's saliq checkpoint "
+                             "instead (saliq.hf.load_model)")
+        self._use_cpu_word_order_on_cpu()
+
     def refresh_sparse(self) -> None:
         """Recompute the corrections value - What at the reserved positions (after the buffers were loaded)."""
         if not self.reserved:

@@ -208,3 +208,34 @@ def test_state_dict_and_moves_give_format_v1(bits):
     assert half.qweight.dim() == 1 and torch.equal(half.packed.qweight, v1.qweight)
     meta = _packed_layer(bits).to("meta")
     assert meta.qweight.shape == v1.qweight.shape and meta.qweight_hi.shape == v1.qweight_hi.shape
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pickles_hold_format_v1(bits, tmp_path):
+    """torch.save of a whole module and copy.deepcopy carry format v1, as checkpoints do, and come back in the CPU
+    word order with the same outputs; a 3-bit layer pickled in an earlier build's CPU order is refused."""
+    import copy
+    import pickle
+    from saliq import word_order
+    ql = _packed_layer(bits, lora=True)
+    x = torch.randn(3, 320)
+    y = ql(x)
+    state = ql.__getstate__()
+    assert state["_buffers"]["qweight"].dim() == 2 and torch.equal(state["_buffers"]["qweight"], ql.packed.qweight)
+    assert word_order.is_cpu_order(ql.qweight)  # pickling leaves the layer as it was
+    torch.save(torch.nn.Sequential(ql), tmp_path / "m.pt")
+    for back in (torch.load(tmp_path / "m.pt", weights_only=False)[0], copy.deepcopy(ql)):
+        assert word_order.is_cpu_order(back.qweight)
+        assert torch.equal(back(x), y)
+    old = dict(state, _buffers=dict(state["_buffers"], qweight=ql.qweight, qweight_hi=ql.qweight_hi))
+    del old[QuantLinear._PICKLED_V1]  # what a build before this format marker pickled
+    earlier = QuantLinear.__new__(QuantLinear)
+    if bits == 3:
+        with pytest.raises(ValueError, match="pickled by an earlier saliq"):
+            earlier.__setstate__(old)
+    else:  # the 2- and 4-bit CPU order is the one those builds used
+        earlier.__setstate__(old)
+        assert torch.equal(earlier(x), y)
+    assert torch.equal(pickle.loads(pickle.dumps(ql))(x), y)  # plain pickle too
+    if torch.cuda.is_available():
+        assert copy.deepcopy(ql.cuda()).qweight.dim() == 2  # a layer on the GPU keeps format v1
