@@ -343,6 +343,27 @@ def test_loop_mca_tool_finds_a_word_rows_loop():
         assert re.search(r"llvm-mca -mcpu=znver3: [0-9.]+ cycles a word row", out), out
 
 
+def test_loop_mca_table_counts_a_word_rows_bytes():
+    """The table's bytes per word row of 16 columns (groups of 64, M = 1): 2-bit codes 64 bytes, 3-bit 96 with the
+    hi plane, plus a quarter of a group's scales (fp32 with three digits, 16-bit with two) and int16 zero points;
+    and the tool asks for a form when it is given neither one nor --table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import cpu_loop_mca
+    finally:
+        sys.path.pop(0)
+    assert [cpu_loop_mca.row_bytes(b, d) for b, d in ((2, 3), (2, 2), (3, 3), (3, 2), (4, 2))] == [88, 80, 120, 112,
+                                                                                                   136]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_loop_mca.py")], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "--table" in run.stderr
+
+
 def test_read_patterns_tool_builds_and_runs(tmp_path):
     """benchmarks/cpu_read_patterns.cpp (`make read-patterns`) compiles and times its four read orders, and refuses
     a shape it cannot lay out, naming what it needs."""
