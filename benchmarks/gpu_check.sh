@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `make gpu-check`: everything a machine with a GPU should run, in one go, with the machine's own python as it is
 # (no virtualenv, no downloads). Builds saliq._C (for this GPU's target only), runs the tensor-core probe
-# (benchmarks/probes), writes the GPU report (benchmarks/results/<date>-<device>.md and .json) while nothing else
-# runs, then runs the GPU tests of the CUDA kernels and the Triton tests natively, side by side (they check
-# results, not time). Each step runs even when an earlier one failed; the exit status says whether all passed.
-# Logs go to $LOGS (default benchmarks/results/logs). About 5-6 minutes on an H100 / H200.
+# (benchmarks/probes), writes the GPU report (benchmarks/results/<date>-<device>.md and .json) and the decode
+# kernel's code-form A/B ($LOGS/decode_codes.md) while nothing else runs, then runs the GPU tests of the CUDA
+# kernels and the Triton tests natively, side by side (they check results, not time). Each step runs even when an
+# earlier one failed; the exit status says whether all passed. Logs go to $LOGS (default benchmarks/results/logs).
+# About 6-7 minutes on an H100 / H200.
 set -u
 PY=${PY:-python3}
 LOGS=${LOGS:-benchmarks/results/logs}
@@ -33,6 +34,9 @@ if command -v nvcc >/dev/null; then  # a few seconds: whether the tensor cores t
     "$LOGS/mma_subnormals"
 fi
 step report timeout ${REPORT_TIMEOUT:-360} $PY benchmarks/gpu_report.py --out benchmarks/results ${REPORT_ARGS:-}
+# the decode kernel's two code forms at M = 1 (packed fma / subnormals) against ref and side by side: decides the
+# default (csrc/cuda/decode_mma.cu, g_codes); timed too, so before the tests
+step decode-codes timeout ${CODES_TIMEOUT:-120} $PY benchmarks/decode_codes.py --out "$LOGS/decode_codes.md"
 # Test workers: one OpenMP thread and no inductor compile pool each (16 workers on 16 cores;
 # the CUDA suite reached 100% on an H200 twice and then did not exit within its timeout).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}

@@ -181,7 +181,7 @@ def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, budget):
     tool = find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump to inspect the binary")
-    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1E")
+    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1ELb0E")
     assert sass, f"no sm_90a fp16 {bits}-bit decode_mma_kernel (M = 1, fast path) in {cpp._C.__file__}"
     loop = _hot_loop(sass)
     loads = sum("LDG.E.NA.128" in t for t in loop) // (2 if bits == 3 else 1)  # 3-bit: plus the 1-bit plane
@@ -189,6 +189,28 @@ def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, budget):
     pairs = loads * 4 * (8 if bits != 4 else 4)  # 4 words per load, code pairs per word
     count = lambda op: sum(t.split()[0 if not t.startswith("@") else 1].startswith(op) for t in loop)  # noqa: E731
     assert count("HFMA2") <= pairs * (2 if bits == 3 else 1), "more than one packed fma per code pair"
+    assert count("HMMA") == loads * 3 * (4 if bits != 4 else 2), "unexpected mma count"
+    assert not any(op in t for t in loop for op in ("LDL", "STL")), "registers spilled to local memory"
+    assert len(loop) / loads <= budget, f"{len(loop) / loads:.0f} instructions per 16-byte load > {budget}"
+
+
+@needs_toolkit
+@pytest.mark.parametrize("bits,budget", [(2, 118), (4, 86)])
+def test_subnormal_codes_drop_the_packed_fmas(bits, budget):
+    """The decode kernel's subnormal-code instance (fp16, M = 1, whole shapes; cuda_decode_mma_set_codes(1)), read
+    from its sm_90a SASS: no packed fma in the hot loop, the same mmas as the default decode, no local memory, and
+    at most `budget` instructions per 16-byte load (counted 113 at 2 bits and 81 at 4 bits, against 129 and 91 for
+    the packed-fma decode)."""
+    tool = find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to inspect the binary")
+    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1ELb1E")
+    assert sass, f"no sm_90a fp16 {bits}-bit subnormal-code decode_mma_kernel in {cpp._C.__file__}"
+    loop = _hot_loop(sass)
+    loads = sum("LDG.E.NA.128" in t for t in loop)
+    assert loads >= 1, "the packed words are not loaded 16 bytes at a time, bypassing L1"
+    count = lambda op: sum(t.split()[0 if not t.startswith("@") else 1].startswith(op) for t in loop)  # noqa: E731
+    assert count("HFMA2") == 0, "a packed fma left in the subnormal-code loop"
     assert count("HMMA") == loads * 3 * (4 if bits != 4 else 2), "unexpected mma count"
     assert not any(op in t for t in loop for op in ("LDL", "STL")), "registers spilled to local memory"
     assert len(loop) / loads <= budget, f"{len(loop) / loads:.0f} instructions per 16-byte load > {budget}"

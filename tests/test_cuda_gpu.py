@@ -172,6 +172,65 @@ def test_decode_kernel_strided_x_and_every_warp_count(bits, dtype):
         assert_close_rel(out, expected, TOL[dtype], f"warps={warps}")
 
 
+@pytest.fixture
+def decode_codes():
+    """Sets how the decode kernel feeds codes at M = 1 (cuda_decode_mma_set_codes); restores it afterwards."""
+    previous = cpp._C.cuda_decode_mma_set_codes(0)
+    yield lambda codes: cpp._C.cuda_decode_mma_set_codes(codes)
+    cpp._C.cuda_decode_mma_set_codes(previous)
+
+
+@pytest.mark.parametrize("codes", [0, 1])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,k", [(32, 1024), (64, 1024), (128, 1024), (-1, 1024), (64, 448), (32, 96)])
+@pytest.mark.parametrize("n", [96, 37])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_kernel_code_forms_match_ref(decode_codes, codes, bits, group_size, k, n, dtype):
+    """Both ways of feeding codes to the tensor cores (0: a packed fma per pair, 1: fp16 subnormals at M = 1,
+    2 and 4 bits; the other cases keep the first) against ref, whole shapes and ragged ones (N = 37, K not a
+    multiple of a step), with the launcher's warps and with 1, 3 and 16; deterministic. Codes 1 is exact only
+    where the tensor cores take subnormal operands (benchmarks/probes/mma_subnormals.cu)."""
+    decode_codes(codes)
+    p = random_packed(n, k, bits, group_size, dtype, seed=bits * 7 + n + codes)
+    for m in (1, 5):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        bias = torch.randn(n, device="cuda").to(dtype)
+        args = (x, p["qweight"], p["qweight_hi"], p["scales"], p["zeros"], bits, group_size, k, bias)
+        expected = ref.packed_matmul(*args)
+        for warps in (0, 1, 3, 16):
+            poison()
+            out = cpp.cuda_packed_matmul(*args, warps=warps)
+            assert_close_rel(out, expected, TOL[dtype], f"M={m} warps={warps}")
+            assert torch.equal(out, cpp.cuda_packed_matmul(*args, warps=warps)), "not deterministic"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_subnormal_codes_exact_on_integer_inputs(decode_codes, bits):
+    """Codes 1 with every product and sum exact in fp32 (small-integer x, power-of-two scales, M = 1): the same
+    bits as the reference, so a code the tensor cores flushed or misplaced fails here."""
+    decode_codes(1)
+    n, k, g = 64, 512, 64
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = 2.0 ** torch.randint(-6, -2, (n, k // g), generator=gen).float()
+    zeros = torch.randint(-200, 200, (n, k // g), generator=gen).float()
+    p = packing.pack_weight(q, scales, zeros, QuantSpec(bits=bits, group_size=g), dtype=torch.float16)
+    t = {k_: v.cuda() for k_, v in p.tensors().items()}
+    x = torch.randint(-4, 5, (1, k), generator=gen).to(torch.float16).cuda()
+    args = (x, t["qweight"], t["qweight_hi"], t["scales"], t["zeros"], bits, g, k, None)
+    expected = ref.packed_matmul(x.float(), *args[1:3], t["scales"].float(), *args[4:])
+    assert torch.equal(cpp.cuda_packed_matmul(*args).float(), expected.half().float())
+
+
+def test_decode_codes_setting_is_checked():
+    previous = cpp._C.cuda_decode_mma_set_codes(0)
+    try:
+        with pytest.raises(ValueError, match="codes must be 0"):
+            cpp._C.cuda_decode_mma_set_codes(2)
+    finally:
+        cpp._C.cuda_decode_mma_set_codes(previous)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_decode_kernel_exact_on_integer_inputs(bits):
     """Small-integer x and scales that are powers of two make every product and sum exact in fp32: the kernel

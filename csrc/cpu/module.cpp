@@ -74,6 +74,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_decode_mma_warps", [](bool bf16, int64_t M, int64_t K, int64_t N, int64_t group_len, int64_t bits) {
     return saliq_cuda_decode_mma_warps(bf16 ? SALIQ_BF16 : SALIQ_F16, M, K, N, group_len, (int)bits);
   }, "warps per CTA the decode kernel chooses for this shape on the current GPU");
+  m.def("cuda_decode_mma_set_codes", [](int64_t codes) {
+    const int previous = saliq_cuda_decode_mma_set_codes((int)codes);
+    TORCH_CHECK_VALUE(previous >= 0, "codes must be 0 (packed-fma decode) or 1 (subnormal codes), got ", codes);
+    return previous;
+  }, "how the decode kernel feeds 2/4-bit codes at M = 1 with fp16 x: 0 a packed fma per code pair (default), "
+     "1 fp16 subnormals; returns the previous setting (process-wide, for the benchmark and tests)");
   m.def("cuda_dequantize", &saliq::dequantize_cuda, "W [N, K] = (q - z) * s from format v1, into out when given");
   m.def("cuda_fake_quant_lwc_fwd", &saliq::fake_quant_lwc_fwd_cuda);
   m.def("cuda_fake_quant_lwc_bwd", &saliq::fake_quant_lwc_bwd_cuda);

@@ -9,6 +9,10 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
+// How the M = 1 fp16 kernel turns 2- and 4-bit codes into mma operands: 0 the magic-number decode (a packed fma
+// per pair), 1 subnormal codes (decode_mma.cuh, SUB); saliq_cuda_decode_mma_set_codes.
+int g_codes = 0;
+
 int multiprocessors() {
   static int cached[kMaxDevices] = {0};
   int device = 0;
@@ -61,7 +65,8 @@ int decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int64_t K, int6
   const bool fast = flags == (kVecWeights | kVecX) && N % kColumns == 0 && K % step_k == 0 && offsets_fit;
   Launch a{x, (int)M, ldx, K, N, shift, groups, qweight, qweight_hi, scales, bias, zeros,
            sp_rowptr, sp_cols, sp_vals, lora_t, lora_B, (int)lora_r, lora_scale,
-           y, flags, warps, multiprocessors(), fast, reinterpret_cast<cudaStream_t>(stream), query_warps};
+           y, flags, warps, multiprocessors(), fast, g_codes == 1, reinterpret_cast<cudaStream_t>(stream),
+           query_warps};
   const bool bf16 = dtype == SALIQ_BF16;
   switch (bits) {
     case 2: return launch_b2(a, bf16);
@@ -90,4 +95,11 @@ extern "C" int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int6
                              static_cast<const int32_t*>(p), p, static_cast<const int16_t*>(p), nullptr, nullptr,
                              nullptr, nullptr, nullptr, nullptr, 0, 0.0f, nullptr, 0, 0, &warps);
   return err == 0 ? warps : -err;
+}
+
+extern "C" int saliq_cuda_decode_mma_set_codes(int codes) {
+  if (codes != 0 && codes != 1) return -1;
+  const int previous = g_codes;
+  g_codes = codes;
+  return previous;
 }

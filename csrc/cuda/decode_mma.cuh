@@ -21,6 +21,14 @@
 // saliq/ref.py computes (q - z) * s. 2/3-bit groups of 32 span half a step: the step is then issued twice
 // with x masked to the lanes of each group (NG = 2).
 //
+// Subnormal codes (SUB: fp16 x, M = 1, 2- and 4-bit; chosen by saliq_cuda_decode_mma_set_codes until measured):
+// a code pair masked in place, with no magic exponent, is the fp16 pair c q 2^-24 (c = 2^pos), a subnormal that
+// the tensor cores multiply exactly if they take subnormal operands (benchmarks/probes/mma_subnormals.cu): the
+// packed fma per pair goes. The pairs of one mma share a position (pairs i and i + kSub, the word shifted by 0 and
+// by 8 bits), each position sums into an accumulator of its own, and the group's epilogue scales each by 2^24 / c:
+// four more instructions per output and group against 32 fewer packed fmas a step (2-bit), so only at M = 1,
+// where a lane holds 4 outputs.
+//
 // The warps' fp32 partial sums meet in shared memory and are added in warp order: no atomics, no
 // workspace, one launch whose only output is y, so it is deterministic and capturable in a CUDA graph. What
 // QuantLinear adds to the product (its reserved weights x Sp^T, its LoRA term) joins in that epilogue, before
@@ -179,6 +187,27 @@ __device__ __forceinline__ void decode_word(uint32_t word, uint32_t hs, uint32_t
   }
 }
 
+// SUB: pair P masked in place, shifted by 8 bits from pair kSub on, so that pairs P and P + kSub share position
+// (P % kSub) W; the value is the fp16 subnormal pair c q 2^-24 (2-bit: c <= 64, 4-bit: c <= 16, inside the
+// mantissa).
+template <int W, int P, int KSUB> struct SubSlot {
+  static constexpr int shift = P < KSUB ? 0 : 8;
+  static constexpr int pos = (P % KSUB) * W;
+  static constexpr uint32_t mask = (((1u << W) - 1u) << pos) * 0x00010001u;
+  static_assert(pos + W <= 10, "a code must stay inside the fp16 mantissa");
+};
+
+template <int BITS, int P = 0>
+__device__ __forceinline__ void decode_word_sub(uint32_t word, uint32_t* out) {
+  constexpr int kPairs = BITS == 4 ? 4 : 8;
+  static_assert(BITS != 3, "3-bit codes take the magic-number decode");
+  if constexpr (P < kPairs) {
+    using S = SubSlot<BITS, P, kPairs / 2>;
+    out[P] = (word >> S::shift) & S::mask;
+    decode_word_sub<BITS, P + 1>(word, out);
+  }
+}
+
 // ------------------------------------------------------------------ loads
 __device__ __forceinline__ uint4 load_words(const uint32_t* __restrict__ base, int64_t row, int64_t rows, int64_t N,
                                             int64_t col0, bool vec) {
@@ -261,7 +290,7 @@ template <int MT> constexpr int tiles_of() { return MT == 2 ? 2 : 1; }
 // Steps whose loads a warp issues together: fewer with two 8-row tiles of x, which need twice the registers.
 template <int MT> constexpr int unroll_for() { return MT == 2 ? 2 : 4; }
 
-template <typename T, int BITS, int MT, int NG, bool FAST>
+template <typename T, int BITS, int MT, int NG, bool FAST, bool SUB>
 __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     decode_mma_kernel(const uint16_t* __restrict__ x, int M, int64_t ldx, int64_t K, int64_t N, int group_shift,
                       int64_t groups, const uint32_t* __restrict__ qweight, const uint32_t* __restrict__ qweight_hi,
@@ -277,6 +306,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
   constexpr int U = unroll_for<MT>();
   constexpr uint32_t kOnes = Dt<T>::kOnes;
   static_assert(NG == 1 || BITS != 4, "4-bit steps never span two groups");
+  static_assert(!SUB || (MT == 0 && BITS != 3 && sizeof(T) == 2 && Dt<T>::kMant == 10), "SUB: fp16, M = 1, 2/4-bit");
+  constexpr int kClasses = SUB ? kSub : 1;  // accumulators per tile: one per code position (SUB)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -366,33 +397,38 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
           const uint32_t h = c == 0 ? hv[u].x : c == 1 ? hv[u].y : c == 2 ? hv[u].z : hv[u].w;
           hs = prmt(h, 0u, spread_sel);
         }
-        decode_word<T, BITS>(w[c], hs, wp[c]);
+        if constexpr (SUB) decode_word_sub<BITS>(w[c], wp[c]);
+        else decode_word<T, BITS>(w[c], hs, wp[c]);
       }
 
 #pragma unroll
       for (int gi = 0; gi < NG; ++gi) {
         // NG == 2: lanes t = 0, 1 hold the first group's word rows, t = 2, 3 the second's
         const uint32_t keep = (NG == 1 || (t >> 1) == gi) ? 0xFFFFFFFFu : 0u;
-        float d[kTiles][2][4], dx[kTiles][4];
+        float d[kTiles][2][kClasses][4], dx[kTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kTiles; ++mt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             dx[mt][e] = 0.0f;
-            d[mt][0][e] = 0.0f;
-            d[mt][1][e] = 0.0f;
+#pragma unroll
+            for (int cl = 0; cl < kClasses; ++cl) {
+              d[mt][0][cl][e] = 0.0f;
+              d[mt][1][cl][e] = 0.0f;
+            }
           }
         }
 #pragma unroll
         for (int i = 0; i < kSub; ++i) {
+          // the two code pairs of this mma (SUB: pairs of one position, which owns accumulator i)
+          const int pa = SUB ? i : 2 * i, pb = SUB ? i + kSub : 2 * i + 1, cl = SUB ? i : 0;
 #pragma unroll
           for (int mt = 0; mt < kTiles; ++mt) {
-            const uint32_t b0 = xp[mt][2 * i] & keep, b1 = xp[mt][2 * i + 1] & keep;
+            const uint32_t b0 = xp[mt][pa] & keep, b1 = xp[mt][pb] & keep;
             mma<T>(dx[mt], kOnes, kOnes, kOnes, kOnes, b0, b1);  // sum of x over the same k
 #pragma unroll
             for (int j = 0; j < 2; ++j)
-              mma<T>(d[mt][j], wp[2 * j][2 * i], wp[2 * j + 1][2 * i], wp[2 * j][2 * i + 1], wp[2 * j + 1][2 * i + 1],
-                     b0, b1);
+              mma<T>(d[mt][j][cl], wp[2 * j][pa], wp[2 * j + 1][pa], wp[2 * j][pb], wp[2 * j + 1][pb], b0, b1);
           }
         }
         // y += s (sum q x - z sum x), per column; element e of tile j is column 2j + e / 2, row 2t + e % 2
@@ -409,7 +445,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
             for (int e = 0; e < 4; ++e) {
               if (MT == 0 && (e & 1)) continue;  // M = 1: odd rows of x are padding
               const int c = 2 * j + (e >> 1);
-              acc[mt][j][e] = fmaf(s[c], fmaf(-z[c], dx[mt][e & 1], d[mt][j][e]), acc[mt][j][e]);
+              if constexpr (SUB) {  // sum q x = 2^24 sum_i d_i / c_i, c_i = 2^(BITS i)
+                float v = -z[c] * dx[mt][e & 1];
+#pragma unroll
+                for (int cl = 0; cl < kClasses; ++cl)
+                  v = fmaf(d[mt][j][cl][e], __int_as_float((127 + 24 - BITS * cl) << 23), v);
+                acc[mt][j][e] = fmaf(s[c], v, acc[mt][j][e]);
+              } else {
+                acc[mt][j][e] = fmaf(s[c], fmaf(-z[c], dx[mt][e & 1], d[mt][j][0][e]), acc[mt][j][e]);
+              }
             }
       }
     }
@@ -488,6 +532,7 @@ struct Launch {
   void* y;
   int flags, warps, sms;
   bool fast;
+  bool subnormal;  // SUB codes where the instance exists (fp16, M = 1, 2/4-bit); saliq_cuda_decode_mma_set_codes
   cudaStream_t stream;
   int* query_warps;  // non-null: store the warps per CTA this call would use, launch nothing
 };
@@ -511,9 +556,9 @@ inline int choose_warps(int64_t ctas, int regs, int sms, int64_t useful) {
   return chosen;
 }
 
-template <typename T, int BITS, int MT, int NG, bool FAST>
+template <typename T, int BITS, int MT, int NG, bool FAST, bool SUB = false>
 int launch_typed(const Launch& a) {
-  const auto kernel = decode_mma_kernel<T, BITS, MT, NG, FAST>;
+  const auto kernel = decode_mma_kernel<T, BITS, MT, NG, FAST, SUB>;
   const int64_t ctas = (a.N + kColumns - 1) / kColumns;
   int warps = a.warps;
   if (warps <= 0) {
@@ -543,6 +588,9 @@ int launch_typed(const Launch& a) {
 
 template <typename T, int BITS, int NG, bool FAST>
 int launch_rows(const Launch& a) {
+  if constexpr (BITS != 3 && Dt<T>::kMant == 10) {
+    if (a.M == 1 && a.subnormal) return launch_typed<T, BITS, 0, NG, FAST, true>(a);
+  }
   if (a.M == 1) return launch_typed<T, BITS, 0, NG, FAST>(a);
   return a.M > 8 ? launch_typed<T, BITS, 2, NG, FAST>(a) : launch_typed<T, BITS, 1, NG, FAST>(a);
 }

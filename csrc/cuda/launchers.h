@@ -38,6 +38,12 @@ int saliq_cuda_decode_mma(const void* x, int dtype, int64_t M, int64_t ldx, int6
                           float lora_scale, void* y, int warps, intptr_t stream);
 // The warps per CTA saliq_cuda_decode_mma chooses for this shape on the current device (negative: -error).
 int saliq_cuda_decode_mma_warps(int dtype, int64_t M, int64_t K, int64_t N, int64_t group_len, int bits);
+// How the decode kernel feeds 2- and 4-bit codes to the tensor cores at M = 1 with fp16 x from now on: 0 (the
+// default) exact fp16 integers made by a packed fma per code pair, 1 the codes masked in place as fp16 subnormals
+// (exact only where the tensor cores take subnormal operands: benchmarks/probes/mma_subnormals.cu). Returns the
+// previous setting, or -1 (nothing changed) for another value. Process-wide and not thread-safe: for the
+// benchmark and tests that compare the two.
+int saliq_cuda_decode_mma_set_codes(int codes);
 
 // out[N, K] = (q - z) * s from packed format v1 (saliq/ref.py dequantize): fp32 arithmetic, one rounding to
 // out_dtype. scales [G, N] in scale_dtype; out contiguous; group_len: the group size, or K for one group.
