@@ -217,6 +217,19 @@ def test_subnormal_codes_drop_the_packed_fmas(bits, budget):
 
 
 @needs_toolkit
+def test_decode_codes_setting_is_checked():
+    """_C.cuda_decode_mma_set_codes takes 0 or 1, returns the previous setting and names what it allows."""
+    previous = cpp._C.cuda_decode_mma_set_codes(1)
+    try:
+        assert cpp._C.cuda_decode_mma_set_codes(0) == 1
+        with pytest.raises(ValueError, match="codes must be 0"):
+            cpp._C.cuda_decode_mma_set_codes(2)
+        assert cpp._C.cuda_decode_mma_set_codes(0) == 0  # a refused value changes nothing
+    finally:
+        cpp._C.cuda_decode_mma_set_codes(previous)
+
+
+@needs_toolkit
 def test_the_tensor_core_probe_compiles(tmp_path):
     """benchmarks/probes/mma_subnormals.cu, which make gpu-check runs, builds for sm_90 (here: compiled only)."""
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "probes",

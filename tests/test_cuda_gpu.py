@@ -222,15 +222,6 @@ def test_subnormal_codes_exact_on_integer_inputs(decode_codes, bits):
     assert torch.equal(cpp.cuda_packed_matmul(*args).float(), expected.half().float())
 
 
-def test_decode_codes_setting_is_checked():
-    previous = cpp._C.cuda_decode_mma_set_codes(0)
-    try:
-        with pytest.raises(ValueError, match="codes must be 0"):
-            cpp._C.cuda_decode_mma_set_codes(2)
-    finally:
-        cpp._C.cuda_decode_mma_set_codes(previous)
-
-
 @pytest.mark.parametrize("bits", [2, 3])
 def test_decode_kernel_exact_on_integer_inputs(bits):
     """Small-integer x and scales that are powers of two make every product and sum exact in fp32: the kernel
