@@ -136,7 +136,8 @@ def candidates(M: int, group: int, K: int) -> list[dict]:
     if is_interpreter():
         # few, large programs: the interpreter pays per program and per loop step, not per element
         if M <= 8:
-            return [_cfg("gemv", BM=bm, BN=64, BK=min(128, group if group > 0 else 128), SK=2)]
+            # BLOCK_K a power of two (tl.arange): a per-channel group of K = 100 takes 128, scales per element
+            return [_cfg("gemv", BM=bm, BN=64, BK=min(128, next_pow2(group) if group > 0 else 128), SK=2)]
         if M <= 16:
             return [_cfg("gemm", BM=16, BN=64, BK=64, SK=2)]
         return [_cfg("gemm", BM=min(64, bm), BN=64, BK=64, SK=1)]
