@@ -2,6 +2,8 @@
 against saliq/ref.py (the specification) on fresh random inputs with odd shapes, its outputs NaN-poisoned first.
 A backend is tested here by being registered (cpp on the CPU, triton under its interpreter without a GPU, triton
 and cuda on a GPU); the per-backend suites (test_cpp_*, tests/kernels, test_cuda_gpu) go deeper into each."""
+import itertools
+
 import pytest
 import torch
 
@@ -87,8 +89,10 @@ def _packed(n, k, bits, group_size, dtype, device):
     return tuple(t.to(device) for t in (p.qweight, p.qweight_hi, p.scales, p.zeros)) + (bits, group_size, k)
 
 
-# (N, K, group size): whole groups, a ragged per-channel row, groups of 32
-SHAPES = [(37, 192, 64), (5, 100, -1), (16, 96, 32)]
+# (N, K, group size): whole groups, a ragged per-channel row, groups of 32, and several column blocks of groups of 128
+SHAPES = [(37, 192, 64), (5, 100, -1), (16, 96, 32), (300, 640, 128)]
+# every shape with every dtype and bit width
+GRID = list(itertools.product(SHAPES, DTYPES, (2, 3, 4)))
 
 
 def _fake_quant_inputs(n, k, g, dtype, device):
@@ -104,7 +108,7 @@ def _fake_quant_inputs(n, k, g, dtype, device):
 @pytest.mark.parametrize("device,backend", _backends("fake_quant_lwc_fwd"))
 def test_fake_quant_lwc_fwd(device, backend):
     cases = []
-    for (n, k, g), dtype, bits in zip(SHAPES * 3, DTYPES * 3, (2, 3, 4) * 3):
+    for (n, k, g), dtype, bits in GRID:
         W, hi, lo, S, delta = _fake_quant_inputs(n, k, g, dtype, device)
         for sym, with_s in ((False, True), (True, False)):
             args = (W, hi, lo, S if with_s else None, delta if with_s else None, bits, g, sym)
@@ -115,7 +119,7 @@ def test_fake_quant_lwc_fwd(device, backend):
 @pytest.mark.parametrize("device,backend", _backends("fake_quant_lwc_bwd"))
 def test_fake_quant_lwc_bwd(device, backend):
     cases = []
-    for (n, k, g), dtype, bits in zip(SHAPES * 3, DTYPES * 3, (3, 4, 2) * 3):
+    for (n, k, g), dtype, bits in GRID:
         W, hi, lo, S, delta = _fake_quant_inputs(n, k, g, dtype, device)
         grad_what = torch.randn(n, k, device=device).to(dtype)
         grad_reg = torch.tensor(0.7, device=device)
@@ -129,7 +133,7 @@ def test_fake_quant_lwc_bwd(device, backend):
 @pytest.mark.parametrize("device,backend", _backends("saliency_sq_error"))
 def test_saliency_sq_error(device, backend):
     cases = []
-    for shape, dtype in zip(((37, 101), (3, 5, 7), (1000,)), DTYPES):
+    for shape, dtype in itertools.product(((37, 101), (3, 5, 7), (1000,)), DTYPES):
         A = torch.randn(shape, device=device).to(dtype)
         B = torch.randn(shape, device=device).to(dtype)
         S = torch.rand(shape, device=device)
@@ -146,19 +150,18 @@ def _x_and_bias(m, n, k, dtype, device, with_bias):
 @pytest.mark.parametrize("device,backend", _backends("packed_matmul"))
 def test_packed_matmul(device, backend):
     cases = []
-    for (n, k, g), dtype in zip(SHAPES, DTYPES):
-        for bits in (2, 3, 4):
-            packed = _packed(n, k, bits, g, dtype, device)
-            for m in (1, 5, 40):  # decode, batched decode, prefill
-                x, bias = _x_and_bias(m, n, k, dtype, device, with_bias=m != 5)
-                cases.append((f"M={m} {n}x{k} g{g} {bits}-bit {dtype}", dtype, (x, *packed, bias)))
+    for (n, k, g), dtype, bits in GRID:
+        packed = _packed(n, k, bits, g, dtype, device)
+        for m in (1, 5, 40):  # decode, batched decode, prefill
+            x, bias = _x_and_bias(m, n, k, dtype, device, with_bias=m != 5)
+            cases.append((f"M={m} {n}x{k} g{g} {bits}-bit {dtype}", dtype, (x, *packed, bias)))
     _check("packed_matmul", device, backend, cases)
 
 
 @pytest.mark.parametrize("device,backend", _backends("dequantize"))
 def test_dequantize(device, backend):
     cases = [(f"{n}x{k} g{g} {bits}-bit {dtype}", dtype, _packed(n, k, bits, g, dtype, device))
-             for (n, k, g), dtype in zip(SHAPES, DTYPES) for bits in (2, 3, 4)]
+             for (n, k, g), dtype, bits in GRID]
     _check("dequantize", device, backend, cases)
 
 
@@ -183,7 +186,7 @@ def test_unpack(device, backend):
 @pytest.mark.parametrize("device,backend", _backends("dense_linear"))
 def test_dense_linear(device, backend):
     cases = []
-    for (n, k, _), dtype in zip(SHAPES, DTYPES):
+    for (n, k, _), dtype in itertools.product(SHAPES, DTYPES):
         weight = torch.randn(n, k, device=device).to(dtype)
         for m in (1, 4, 33):
             x, bias = _x_and_bias(m, n, k, dtype, device, with_bias=m != 4)
@@ -194,7 +197,7 @@ def test_dense_linear(device, backend):
 @pytest.mark.parametrize("device,backend", _backends("sparse_addmm"))
 def test_sparse_addmm(device, backend):
     cases = []
-    for (n, k, _), dtype in zip(SHAPES, DTYPES):
+    for (n, k, _), dtype in itertools.product(SHAPES, DTYPES):
         for m in (1, 6):
             counts = torch.randint(0, 4, (n,))
             counts[0] = 0  # an empty row
