@@ -62,7 +62,7 @@ GEMV_CYCLES_SRC := benchmarks/cpu_gemv_cycles.cpp csrc/cpu/packed_gemv_portable.
 	csrc/cpu/cpu_features.cpp
 build/cpu_gemv_cycles: $(GEMV_CYCLES_SRC) benchmarks/cpu_clock.h $(CSRC)
 	mkdir -p build
-	g++ -O3 -std=c++17 -fopenmp-simd -Icsrc $(GEMV_CYCLES_SRC) -o $@
+	g++ -O3 -std=c++17 -fopenmp-simd -Wno-psabi -Icsrc $(GEMV_CYCLES_SRC) -o $@
 
 gemv-cycles: build/cpu_gemv_cycles
 	@for form in avx2 avx2vnni vnni novbmi mad; do for bits in 2 3; do for digits in 3 2; do \

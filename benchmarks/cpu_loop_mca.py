@@ -86,7 +86,7 @@ def row_bytes(bits: int, digits: int) -> int:
 
 def compile_form(form: str, tmp: Path) -> str:
     asm_path = tmp / f"{form}.s"
-    subprocess.run(["g++", "-O3", "-std=c++17", "-fopenmp-simd", "-Icsrc", "-S", "-o", str(asm_path),
+    subprocess.run(["g++", "-O3", "-std=c++17", "-fopenmp-simd", "-Wno-psabi", "-Icsrc", "-S", "-o", str(asm_path),
                     FORMS[form][0]], cwd=ROOT, check=True)
     return asm_path.read_text()
 

@@ -22,9 +22,6 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
-// word_order.h's 3-bit conversion, a template defined outside this target, is instantiated on 16-lane vectors by the
-// LUT kernel and inlined there; no copy of it compiled without AVX-512 is called, so GCC's ABI note does not apply
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "cpu/vec_avx512.h"
 #include "cpu/packed_gemv_fma.h"

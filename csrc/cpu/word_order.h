@@ -92,10 +92,8 @@ constexpr int64_t cpu_order_band(int width) { return 64 / (32 / width); }
 
 // 16 bits -> nibble b in the low half of byte b, and back (the high halves zero). T: uint32_t, or a GCC vector of
 // uint32_t for a kernel's lanes (the same operators and constants).
-// (A kernel compiled for AVX-512 instantiates them on 64-byte vectors and inlines them; GCC's note that a copy built
-// without AVX-512 would pass those differently concerns a copy never called. packed_gemv_avx512.cpp says the same.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
+// (A kernel compiled for AVX-512 instantiates them on 64-byte vectors and inlines them: the build passes -Wno-psabi,
+// build_ext_config.py says why.)
 template <class T>
 inline T spread_nibbles(T h) {
   h &= 0xFFFFu;
@@ -122,6 +120,5 @@ inline void cpu3_to_v1(T w, T h, T* w_out, T* h_out) {
   *w_out = (w & 0xC3C3C3C3u) | ((w >> 1) & 0x0C0C0C0Cu) | ((s & 0x03030303u) << 4);
   *h_out = (h & 0xCCCCu) | gather_nibbles(((w >> 2) & 0x01010101u) | ((w >> 4) & 0x02020202u));
 }
-#pragma GCC diagnostic pop
 
 }  // namespace saliq
