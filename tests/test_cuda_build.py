@@ -178,20 +178,28 @@ def test_decode_kernel_hot_loop_holds_its_instruction_budget(bits, budget):
     bytes per code, sat at 141 when it reached 46% of copy bandwidth at 8192x28672 on an H200 and at 129 since
     its loads need no predicate (3-bit 222 -> 211, 4-bit 92 -> 91); the budgets are today's counts plus a small
     margin, so a change that adds work to the loop fails here first."""
+    loop, loads, count = _decode_hot_loop(bits, subnormal=False)
+    pairs = loads * 4 * (8 if bits != 4 else 4)  # 4 words per load, code pairs per word
+    assert count("HFMA2") <= pairs * (2 if bits == 3 else 1), "more than one packed fma per code pair"
+    assert len(loop) / loads <= budget, f"{len(loop) / loads:.0f} instructions per 16-byte load > {budget}"
+
+
+def _decode_hot_loop(bits, subnormal):
+    """The hot loop of the fp16 decode kernel's M = 1 whole-shape instance (sm_90a SASS), its 16-byte loads of packed
+    words, and a counter of its instructions by prefix; checked on the way: 16-byte loads that bypass L1, 3 mmas per
+    16 k of the 4 columns, no local memory."""
     tool = find_cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump to inspect the binary")
-    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1ELb0E")
-    assert sass, f"no sm_90a fp16 {bits}-bit decode_mma_kernel (M = 1, fast path) in {cpp._C.__file__}"
+    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1ELb{int(subnormal)}E")
+    assert sass, f"no sm_90a fp16 {bits}-bit decode_mma_kernel (M = 1, fast path, SUB={subnormal}) in {cpp._C.__file__}"
     loop = _hot_loop(sass)
     loads = sum("LDG.E.NA.128" in t for t in loop) // (2 if bits == 3 else 1)  # 3-bit: plus the 1-bit plane
     assert loads >= 1, "the packed words are not loaded 16 bytes at a time, bypassing L1"
-    pairs = loads * 4 * (8 if bits != 4 else 4)  # 4 words per load, code pairs per word
     count = lambda op: sum(t.split()[0 if not t.startswith("@") else 1].startswith(op) for t in loop)  # noqa: E731
-    assert count("HFMA2") <= pairs * (2 if bits == 3 else 1), "more than one packed fma per code pair"
     assert count("HMMA") == loads * 3 * (4 if bits != 4 else 2), "unexpected mma count"
     assert not any(op in t for t in loop for op in ("LDL", "STL")), "registers spilled to local memory"
-    assert len(loop) / loads <= budget, f"{len(loop) / loads:.0f} instructions per 16-byte load > {budget}"
+    return loop, loads, count
 
 
 @needs_toolkit
@@ -201,18 +209,8 @@ def test_subnormal_codes_drop_the_packed_fmas(bits, budget):
     from its sm_90a SASS: no packed fma in the hot loop, the same mmas as the default decode, no local memory, and
     at most `budget` instructions per 16-byte load (counted 113 at 2 bits and 81 at 4 bits, against 129 and 91 for
     the packed-fma decode)."""
-    tool = find_cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump to inspect the binary")
-    sass = _sass_of(tool, "sm_90a", f"decode_mma_kernelI6__halfLi{bits}ELi0ELi1ELb1ELb1E")
-    assert sass, f"no sm_90a fp16 {bits}-bit subnormal-code decode_mma_kernel in {cpp._C.__file__}"
-    loop = _hot_loop(sass)
-    loads = sum("LDG.E.NA.128" in t for t in loop)
-    assert loads >= 1, "the packed words are not loaded 16 bytes at a time, bypassing L1"
-    count = lambda op: sum(t.split()[0 if not t.startswith("@") else 1].startswith(op) for t in loop)  # noqa: E731
+    loop, loads, count = _decode_hot_loop(bits, subnormal=True)
     assert count("HFMA2") == 0, "a packed fma left in the subnormal-code loop"
-    assert count("HMMA") == loads * 3 * (4 if bits != 4 else 2), "unexpected mma count"
-    assert not any(op in t for t in loop for op in ("LDL", "STL")), "registers spilled to local memory"
     assert len(loop) / loads <= budget, f"{len(loop) / loads:.0f} instructions per 16-byte load > {budget}"
 
 

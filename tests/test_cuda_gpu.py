@@ -209,34 +209,32 @@ def test_subnormal_codes_exact_on_integer_inputs(decode_codes, bits):
     """Codes 1 with every product and sum exact in fp32 (small-integer x, power-of-two scales, M = 1): the same
     bits as the reference, so a code the tensor cores flushed or misplaced fails here."""
     decode_codes(1)
+    args, expected = exact_integer_case(bits, m=1, seed=4)
+    assert torch.equal(cpp.cuda_packed_matmul(*args).float(), expected)
+
+
+def exact_integer_case(bits, m, seed, device="cuda"):
+    """Arguments of a decode call whose products and sums are all exact in fp32 (small-integer x, power-of-two
+    scales, zero points far outside [0, Q]), and the reference's fp16 result as fp32."""
     n, k, g = 64, 512, 64
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 1 << bits, (n, k), generator=gen)
     scales = 2.0 ** torch.randint(-6, -2, (n, k // g), generator=gen).float()
     zeros = torch.randint(-200, 200, (n, k // g), generator=gen).float()
     p = packing.pack_weight(q, scales, zeros, QuantSpec(bits=bits, group_size=g), dtype=torch.float16)
-    t = {k_: v.cuda() for k_, v in p.tensors().items()}
-    x = torch.randint(-4, 5, (1, k), generator=gen).to(torch.float16).cuda()
+    t = {k_: v.to(device) for k_, v in p.tensors().items()}
+    x = torch.randint(-4, 5, (m, k), generator=gen).to(torch.float16).to(device)
     args = (x, t["qweight"], t["qweight_hi"], t["scales"], t["zeros"], bits, g, k, None)
     expected = ref.packed_matmul(x.float(), *args[1:3], t["scales"].float(), *args[4:])
-    assert torch.equal(cpp.cuda_packed_matmul(*args).float(), expected.half().float())
+    return args, expected.half().float()
 
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_decode_kernel_exact_on_integer_inputs(bits):
     """Small-integer x and scales that are powers of two make every product and sum exact in fp32: the kernel
     must then equal the reference bit for bit (no lost term, no wrong code, zero points far outside [0, Q])."""
-    n, k, g = 64, 512, 64
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randint(0, 1 << bits, (n, k), generator=gen)
-    scales = 2.0 ** torch.randint(-6, -2, (n, k // g), generator=gen).float()
-    zeros = torch.randint(-200, 200, (n, k // g), generator=gen).float()
-    p = packing.pack_weight(q, scales, zeros, QuantSpec(bits=bits, group_size=g), dtype=torch.float16)
-    t = {k_: v.cuda() for k_, v in p.tensors().items()}
-    x = torch.randint(-4, 5, (2, k), generator=gen).to(torch.float16).cuda()
-    args = (x, t["qweight"], t["qweight_hi"], t["scales"], t["zeros"], bits, g, k, None)
-    expected = ref.packed_matmul(x.float(), *args[1:3], t["scales"].float(), *args[4:])
-    assert torch.equal(cpp.cuda_packed_matmul(*args).float(), expected.half().float())
+    args, expected = exact_integer_case(bits, m=2, seed=3)
+    assert torch.equal(cpp.cuda_packed_matmul(*args).float(), expected)
 
 
 def test_decode_call_is_one_kernel_and_graph_capturable():
