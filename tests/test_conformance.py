@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from conftest import TOLERANCE, rel_err
+from conftest import assert_close
 from saliq import backends, packing, ref
-from saliq.spec import QuantSpec
+from test_cpp_backend import random_packed
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,9 +54,7 @@ def _same(out, expected, dtype, what):
     if not expected.is_floating_point():
         assert torch.equal(out.cpu(), expected.cpu()), f"{what}: integers differ"
         return
-    assert torch.isfinite(out).all(), f"{what}: non-finite values (an element left unwritten?)"
-    err = rel_err(out.cpu(), expected.cpu())
-    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e}"
+    assert_close(out, expected, dtype, what)
 
 
 def _serves(op, backend, args) -> bool:
@@ -80,12 +78,8 @@ def _check(op, device, backend, cases):
 
 
 def _packed(n, k, bits, group_size, dtype, device):
-    spec = QuantSpec(bits=bits, group_size=group_size)
-    groups = spec.num_groups(k)
-    q = torch.randint(0, 1 << bits, (n, k))
-    scales = (torch.rand(n, groups) + 0.5) * 0.02
-    zeros = torch.randint(-3, (1 << bits) + 3, (n, groups)).float()  # some outside [0, Q]
-    p = packing.pack_weight(q, scales, zeros, spec, dtype=dtype)
+    """A packed weight's arguments on `device` (test_cpp_backend.random_packed, drawn from this test's seed)."""
+    p = random_packed(n, k, bits, group_size, dtype, seed=int(torch.randint(1 << 30, ())))
     return tuple(t.to(device) for t in (p.qweight, p.qweight_hi, p.scales, p.zeros)) + (bits, group_size, k)
 
 
